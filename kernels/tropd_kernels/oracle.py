@@ -1,0 +1,77 @@
+"""Naive reference: full-vocabulary log_softmax in fp32, gradients by autograd.
+
+The test oracle and the benchmark baseline. It materialises [N, V] tensors on purpose and shares
+no code with the streaming backends, so agreement between them means something.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .contract import IGNORE_INDEX, TeacherTopK, TokenTerms
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+
+
+def teacher_topk_oracle(logits: torch.Tensor, targets: torch.Tensor, k: int, temperature: float = 1.0) -> TeacherTopK:
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        valid = targets != IGNORE_INDEX
+        top = logp.topk(k, dim=-1)
+        tgt = logp.gather(1, targets.clamp(min=0).long().unsqueeze(1)).squeeze(1)
+        v2 = valid.unsqueeze(1)
+        return TeacherTopK(
+            ids=torch.where(v2, top.indices, 0),
+            logprobs=torch.where(v2, top.values, 0.0),
+            target_logprob=torch.where(valid, tgt, 0.0),
+            entropy=torch.where(valid, _entropy(logp), 0.0),
+        )
+
+
+def token_terms_oracle(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher: TeacherTopK,
+    temperature: float = 1.0,
+    fkl_mode: str = "paper",
+    logprob_floor: float | None = None,
+    fkl_cover: float | None = None,
+) -> TokenTerms:
+    """Differentiable with respect to `logits` through ordinary autograd."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    valid = targets != IGNORE_INDEX
+    logprob = logp.gather(1, targets.clamp(min=0).long().unsqueeze(1)).squeeze(1)
+    lp_k = logp.gather(1, teacher.ids)
+
+    q = teacher.logprobs.exp()
+    keep = q > 0
+    if fkl_cover is not None:
+        mass_before = torch.cumsum(q, dim=1) - q
+        keep = keep & (mass_before < fkl_cover)
+    q = torch.where(keep, q, 0.0)
+    q_sum = q.sum(1)
+    student_mass = torch.where(keep, lp_k.exp(), 0.0).sum(1)
+
+    lp_in = lp_k if logprob_floor is None else torch.clamp(lp_k, min=logprob_floor)
+    if fkl_mode == "renorm":
+        qn = q / q_sum.unsqueeze(1)
+        fkl = torch.where(keep, qn * (torch.where(keep, qn, 1.0).log() - lp_in), 0.0).sum(1)
+    else:
+        log_q = torch.where(keep, teacher.logprobs, 0.0)
+        fkl = torch.where(keep, q * (log_q - lp_in), 0.0).sum(1)
+        if fkl_mode == "tail":
+            q_tail = (1 - q_sum).clamp(min=0)
+            s_tail = (1 - student_mass).clamp(min=1e-12)
+            tail = q_tail * (torch.where(q_tail > 0, q_tail, 1.0).log() - s_tail.log())
+            fkl = fkl + tail
+
+    zero = torch.zeros((), device=logits.device)
+    return TokenTerms(
+        logprob=torch.where(valid, logprob, zero),
+        fkl=torch.where(valid, fkl, zero),
+        entropy=torch.where(valid, _entropy(logp.detach()), zero),
+        topk_mass=torch.where(valid, student_mass.detach(), zero),
+    )

@@ -1,0 +1,68 @@
+"""Per-token student terms from the vocabulary pass: log-prob, top-k forward KL and its variants.
+
+Everything here works on [N] and [N, k] tensors (the vocabulary dimension was reduced before), so
+plain autograd gives the exact gradients of ALGORITHM.md section 1; they reach the logits through
+the fused backward of the vocabulary pass as d/d lse and d/d gathered logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .contract import TokenTerms
+
+TAIL_FLOOR = 1e-12  # smallest student tail mass used inside log(s_tail)
+
+
+def kept_entries(teacher_logprobs: torch.Tensor, fkl_cover: float | None) -> torch.Tensor:
+    """Which of the teacher's top-k entries enter the FKL: nonzero mass, within the coverage prefix."""
+    q = teacher_logprobs.exp()
+    keep = q > 0
+    if fkl_cover is not None:
+        mass_before = torch.cumsum(q, dim=1) - q
+        keep &= mass_before < fkl_cover
+    return keep
+
+
+def student_terms(
+    lse: torch.Tensor,
+    gathered: torch.Tensor,
+    entropy: torch.Tensor,
+    valid: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    fkl_mode: str,
+    logprob_floor: float | None,
+    fkl_cover: float | None,
+) -> TokenTerms:
+    """gathered holds z / T at the teacher's k ids followed by the target id."""
+    # Ignored rows are neutralised on the inputs, so no inf or NaN can leak into their gradients.
+    lse = torch.where(valid, lse, 0.0)
+    gathered = torch.where(valid.unsqueeze(1), gathered, 0.0)
+    teacher_logprobs = torch.where(valid.unsqueeze(1), teacher_logprobs, 0.0)
+
+    logprobs = gathered - lse.unsqueeze(1)
+    logprob, lp_k = logprobs[:, -1], logprobs[:, :-1]
+
+    keep = kept_entries(teacher_logprobs, fkl_cover)
+    log_q = torch.where(keep, teacher_logprobs, 0.0)
+    q = torch.where(keep, log_q.exp(), 0.0)
+    q_sum = q.sum(1)
+    student_mass = torch.where(keep, lp_k.exp(), 0.0).sum(1)
+
+    lp_in = lp_k if logprob_floor is None else torch.clamp(lp_k, min=logprob_floor)
+    if fkl_mode == "renorm":
+        log_norm = q_sum.clamp(min=torch.finfo(torch.float32).tiny).log().unsqueeze(1)
+        q, log_q = q / log_norm.exp(), log_q - log_norm
+    fkl = torch.where(keep, q * (log_q - lp_in), 0.0).sum(1)
+    if fkl_mode == "tail":
+        q_tail = (1 - q_sum).clamp(min=0)
+        s_tail = (1 - student_mass).clamp(min=TAIL_FLOOR)
+        log_q_tail = torch.where(q_tail > 0, q_tail, 1.0).log()
+        fkl = fkl + q_tail * (log_q_tail - s_tail.log())
+
+    return TokenTerms(
+        logprob=torch.where(valid, logprob, 0.0),
+        fkl=torch.where(valid, fkl, 0.0),
+        entropy=torch.where(valid, entropy, 0.0),
+        topk_mass=torch.where(valid, student_mass.detach(), 0.0),
+    )

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="tropd-ds",
+    version="0.1.0",
+    description="Trust Region On-Policy Distillation (TrOPD) for large language models under DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tropd_ds", "tropd_ds.*"]) + ["tropd_kernels"],
+    package_dir={"tropd_kernels": "kernels/tropd_kernels"},
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "triton>=3.2,<4; platform_system == 'Linux'",
+        "deepspeed>=0.19.8,<0.20",
+        "transformers>=5.0,<6",
+        "datasets>=4.0,<6",
+        "safetensors>=0.5,<1",
+        "tokenizers>=0.21,<1",
+        "pyyaml>=6,<7",
+        "tqdm>=4.66,<5",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={"dev": ["pytest>=8,<10", "ruff>=0.6"], "liger": ["liger-kernel>=0.8"]},
+)
