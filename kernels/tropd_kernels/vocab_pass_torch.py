@@ -36,17 +36,22 @@ def forward(
     for start in range(0, n, step):
         rows = slice(start, start + step)
         z = _scaled(logits[rows], temperature)
-        row_lse = torch.logsumexp(z, dim=1)
-        lse[rows] = row_lse
-        row_lse = torch.where(torch.isinf(row_lse), 0.0, row_lse)  # rows with no finite logit
+        # Work relative to the row max (like log_softmax): log p of a dominant token stays exact.
+        row_max = z.amax(dim=1, keepdim=True)
+        row_max = torch.where(torch.isinf(row_max), 0.0, row_max)  # rows with no finite logit
+        logp = z - row_max
+        p = logp.exp()
+        total = p.sum(1, keepdim=True)
+        log_sum = total.log()
+        lse[rows] = (row_max + log_sum).squeeze(1)
+        logp -= log_sum
+        p /= total
+        entropy[rows] = -torch.nansum(logp.mul_(p), dim=1)  # -inf * 0 at masked entries counts as 0
         gathered[rows] = z.gather(1, gather_ids[rows])
         if topk:
             top = z.topk(topk, dim=1)
             top_vals[rows] = top.values
             top_ids[rows] = top.indices
-        p = z - row_lse.unsqueeze(1)
-        p.exp_()
-        entropy[rows] = torch.special.entr(p).sum(1)
     return lse, gathered, entropy, top_vals, top_ids
 
 

@@ -111,11 +111,16 @@ def backward(logits, lse, gather_ids, grad_lse, grad_gathered, temperature, out=
         same = ids[:, :-1] == ids[:, -1:]
         g_gat[:, :-1] += torch.where(same, g_gat[:, -1:], 0.0)
         ids[:, -1] = torch.where(same.any(1), -1, ids[:, -1])
+    # The interpreter truncates fp32 -> bf16/fp16 stores instead of rounding to nearest as GPUs do:
+    # there, write fp32 and let torch round.
+    target = out if out.dtype == torch.float32 or logits.is_cuda else torch.empty(out.shape, device=out.device)
     if n:
         _backward_kernel[(n,)](
-            logits, logits.stride(0), out, out.stride(0), vocab, float(temperature),
+            logits, logits.stride(0), target, target.stride(0), vocab, float(temperature),
             lse.contiguous(), grad_lse.float().contiguous(), ids.contiguous(), g_gat.contiguous(), ids.shape[1],
             BLOCK=_block_size(vocab), GP=triton.next_power_of_2(ids.shape[1]),
-            READ_BACK=out.dtype == torch.float32, num_warps=8,
+            READ_BACK=target.dtype == torch.float32, num_warps=8,
         )
+    if target is not out:
+        out.copy_(target)
     return out
