@@ -24,7 +24,9 @@ from .contract import (
 from .topk_fkl import student_terms
 
 BACKENDS = ("triton", "torch")
-HIDDEN_CHUNK_BYTES = 256 * 2**20  # one fp32 [chunk, V] block of logits in the _from_hidden variants
+# One fp32 [chunk, V] block of logits in the _from_hidden variants: large on GPUs, where the matmul
+# needs big tiles to reach its throughput; smaller on CPUs, where it does not.
+HIDDEN_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 64 * 2**20}
 
 
 def _triton_usable_on(device: torch.device) -> bool:
@@ -177,12 +179,13 @@ def _project(h, w_mm, bias):
     return logits if bias is None else logits.add_(bias.float())
 
 
-def _chunk_rows(vocab: int, chunk_size: int | None) -> int:
+def _chunk_rows(vocab: int, chunk_size: int | None, device: torch.device) -> int:
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size!r}: expected None or an integer >= 1")
         return chunk_size
-    return max(1, HIDDEN_CHUNK_BYTES // (4 * vocab))
+    budget = HIDDEN_CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    return max(1, budget // (4 * vocab))
 
 
 class _HiddenVocabReduce(torch.autograd.Function):
@@ -251,7 +254,7 @@ def teacher_topk_from_hidden(
     check_k(k, weight.shape[0])
     temperature = check_temperature(temperature)
     impl = _backend_module(resolve_backend(backend, hidden.device))
-    rows = _chunk_rows(weight.shape[0], chunk_size)
+    rows = _chunk_rows(weight.shape[0], chunk_size, hidden.device)
     n = hidden.shape[0]
     dev = hidden.device
     lse, target_logit, entropy = (torch.empty(n, device=dev) for _ in range(3))
@@ -290,7 +293,7 @@ def token_terms_from_hidden(
     temperature = check_temperature(temperature)
     check_fkl_options(fkl_mode, logprob_floor, fkl_cover)
     impl = _backend_module(resolve_backend(backend, hidden.device))
-    rows = _chunk_rows(weight.shape[0], chunk_size)
+    rows = _chunk_rows(weight.shape[0], chunk_size, hidden.device)
     lse, gathered, entropy = _HiddenVocabReduce.apply(
         hidden, weight, bias, _student_gather_ids(targets, teacher), temperature, impl, rows
     )

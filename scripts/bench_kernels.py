@@ -1,0 +1,262 @@
+#!/usr/bin/env python
+"""Kernel microbenchmarks: time (median of repeats after warm-up) and peak working memory.
+
+Implementations: the naive oracle, the torch backend, the Triton backend (CUDA only) and, when
+liger-kernel is installed and a GPU is present, Liger's fused linear JSD (its closest operation).
+Operations: `token_terms` (logits input, forward+backward), `teacher_topk` (forward) and
+`token_terms_from_hidden` (forward+backward with d/d hidden and d/d weight).
+
+Peak working memory is the peak beyond the inputs and the gradient buffers that backward must
+return. On CUDA it comes from torch.cuda.max_memory_allocated; on CPU from the process's peak
+resident set size (VmHWM), reset before each measurement through /proc/self/clear_refs.
+
+    python scripts/bench_kernels.py --preset cpu --out bench_out/cpu
+    python scripts/bench_kernels.py --preset gpu --out bench_out/gpu
+
+writes RESULTS.json and RESULTS.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import tropd_kernels as tk
+
+PRESETS = {
+    # (op, N, V, k, d, dtype)
+    "cpu": [
+        ("token_terms", 1024, 32000, 64, 0, "float32"),
+        ("token_terms", 4096, 32000, 64, 0, "float32"),
+        ("teacher_topk", 4096, 32000, 64, 0, "float32"),
+        ("token_terms_from_hidden", 1024, 32000, 64, 256, "float32"),
+        ("token_terms_from_hidden", 4096, 32000, 64, 256, "float32"),
+        ("token_terms_from_hidden", 8192, 32000, 64, 256, "float32"),
+    ],
+    "gpu": [
+        (op, n, v, 64, 0, "bfloat16")
+        for op in ("token_terms", "teacher_topk")
+        for n in (4096, 16384)
+        for v in (32000, 128256, 151936)
+    ]
+    + [
+        ("token_terms_from_hidden", n, v, 64, d, "bfloat16")
+        for n, v, d in ((8192, 128256, 4096), (16384, 128256, 4096), (16384, 151936, 4096), (8192, 128256, 8192))
+    ],
+}
+# Physical limits of an H100 SXM (ANCHORS.md): used for the floors in the GPU table.
+HBM_BYTES_PER_S = 3.35e12
+BF16_FLOPS = 800e12
+
+
+def implementations(op: str, device: str) -> list[str]:
+    impls = ["oracle", "torch"]
+    if device == "cuda":
+        impls.append("triton")
+        if op == "token_terms_from_hidden":
+            try:
+                import liger_kernel  # noqa: F401
+
+                impls.append("liger_fused_linear_jsd")
+            except ImportError:
+                pass
+    return impls
+
+
+def synthetic_teacher(n, vocab, k, device, g) -> tk.TeacherTopK:
+    """k distinct ids per row and decreasing log-probs, made without any [N, V] temporary."""
+    offset = torch.randint(0, vocab, (n, 1), generator=g)
+    ids = (offset + torch.arange(k) * max(1, vocab // k)) % vocab
+    logprobs = torch.log_softmax(torch.randn(n, k + 1, generator=g) * 2, dim=1)[:, :k].sort(1, descending=True).values
+    zeros = torch.zeros(n)
+    return tk.TeacherTopK(ids.to(device), logprobs.to(device), zeros.to(device), zeros.to(device))
+
+
+def make_inputs(op, n, vocab, k, d, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    dt = getattr(torch, dtype)
+    targets = torch.randint(0, vocab, (n,), generator=g).to(device)
+    teacher = synthetic_teacher(n, vocab, k, device, g)
+    if op == "token_terms_from_hidden":
+        weight = (torch.randn(vocab, d, generator=g) / d**0.5).to(dt).to(device)
+        hidden = torch.randn(n, d, generator=g).to(dt).to(device)
+        t_hidden = torch.randn(n, d, generator=g).to(dt).to(device)
+        return dict(hidden=hidden, weight=weight, t_hidden=t_hidden, targets=targets, teacher=teacher)
+    logits = torch.empty(n, vocab, dtype=dt, device=device)
+    for start in range(0, n, 256):  # filled in slices: no [N, V] fp32 temporary
+        logits[start : start + 256] = torch.randn(min(256, n - start), vocab, generator=g).mul_(2).to(dt)
+    return dict(logits=logits, targets=targets, teacher=teacher)
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def reset_peak_rss() -> int:
+    """Reset the peak RSS to the current RSS (Linux) and return the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def runner(op, impl, inputs, k):
+    """A closure doing one forward (+ backward) and dropping its results."""
+    t = inputs["targets"]
+    if op == "teacher_topk":
+        logits = inputs["logits"]
+        if impl == "oracle":
+            return lambda: tk.teacher_topk_oracle(logits, t, k)
+        return lambda: tk.teacher_topk(logits, t, k, backend=impl)
+    if op == "token_terms":
+        logits, teacher = inputs["logits"].requires_grad_(), inputs["teacher"]
+
+        def run():
+            if impl == "oracle":
+                terms = tk.token_terms_oracle(logits, t, teacher, fkl_mode="tail")
+            else:
+                terms = tk.token_terms(logits, t, teacher, fkl_mode="tail", backend=impl)
+            (terms.logprob + terms.fkl).sum().backward()
+            logits.grad = None
+
+        return run
+    hidden, weight, teacher = inputs["hidden"].requires_grad_(), inputs["weight"].requires_grad_(), inputs["teacher"]
+
+    def run():
+        if impl == "oracle":
+            terms = tk.token_terms_oracle(hidden @ weight.t(), t, teacher, fkl_mode="tail")
+            loss = (terms.logprob + terms.fkl).sum()
+        elif impl == "liger_fused_linear_jsd":
+            from liger_kernel.transformers import LigerFusedLinearJSD
+
+            loss = LigerFusedLinearJSD(jsd_beta=0.0)(hidden, weight, inputs["t_hidden"], weight, t)
+        else:
+            terms = tk.token_terms_from_hidden(hidden, weight, t, teacher, fkl_mode="tail", backend=impl)
+            loss = (terms.logprob + terms.fkl).sum()
+        loss.backward()
+        hidden.grad = weight.grad = None
+
+    return run
+
+
+def grad_bytes(op, n, vocab, d, dtype) -> int:
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    if op == "token_terms":
+        return n * vocab * size
+    if op == "token_terms_from_hidden":
+        return (n * d + vocab * d) * size
+    return 0
+
+
+def measure(op, impl, n, vocab, k, d, dtype, device, warmup, repeats) -> dict:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    inputs = make_inputs(op, n, vocab, k, d, dtype, device)
+    run = runner(op, impl, inputs, k)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = reset_peak_rss()
+    times = []
+    for i in range(warmup + repeats):
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _status_kib("VmHWM") * 1024 - base
+    working = max(0, peak - grad_bytes(op, n, vocab, d, dtype))
+    return dict(op=op, impl=impl, N=n, V=vocab, k=k, d=d, dtype=dtype, device=device,
+                median_ms=1e3 * statistics.median(times), working_mib=working / 2**20)
+
+
+def floor_ms(row) -> float | None:
+    size = 2 if row["dtype"] in ("bfloat16", "float16") else 4
+    nv = row["N"] * row["V"]
+    if row["op"] == "teacher_topk":
+        return 1e3 * nv * size / HBM_BYTES_PER_S
+    if row["op"] == "token_terms":
+        return 1e3 * 3 * nv * size / HBM_BYTES_PER_S  # read (fwd), read + write (bwd)
+    return 1e3 * 3 * 2 * row["N"] * row["d"] * row["V"] / BF16_FLOPS  # three matmuls at least
+
+
+def table(rows, device) -> str:
+    head = "| op | N | V | k | d | dtype | impl | fwd+bwd ms | vs oracle | working MiB | vs oracle |"
+    if device == "cuda":
+        head += " H100 floor ms |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ref = next((o for o in rows if o["impl"] == "oracle" and all(o[x] == r[x] for x in ("op", "N", "V", "k", "d"))), None)
+        if "error" in r:
+            lines.append(f"| {r['op']} | {r['N']} | {r['V']} | {r['k']} | {r['d']} | {r['dtype']} | {r['impl']} | error: {r['error']} |")
+            continue
+        t_ratio = f"{r['median_ms'] / ref['median_ms']:.2f}x" if ref and "median_ms" in ref else "-"
+        m_ratio = f"{r['working_mib'] / ref['working_mib']:.3f}x" if ref and ref.get("working_mib") else "-"
+        line = (f"| {r['op']} | {r['N']} | {r['V']} | {r['k']} | {r['d']} | {r['dtype']} | {r['impl']} | "
+                f"{r['median_ms']:.1f} | {t_ratio} | {r['working_mib']:.1f} | {m_ratio} |")
+        if device == "cuda":
+            line += f" {floor_ms(r):.2f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default=None, help="run only cases whose op contains this text")
+    args = ap.parse_args()
+    if args.preset not in PRESETS:
+        ap.error(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
+    device = "cuda" if args.preset == "gpu" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("--preset gpu needs a CUDA device; use --preset cpu here")
+    rows = []
+    cases = [c for c in PRESETS[args.preset] if args.only is None or args.only in c[0]]
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    work = [(c, impl) for c in cases for impl in implementations(c[0], device)]
+    progress = tqdm(work, desc="bench", unit="case") if tqdm else work
+    for (op, n, vocab, k, d, dtype), impl in progress:
+        case = dict(op=op, impl=impl, n=n, vocab=vocab, k=k, d=d, dtype=dtype)
+        try:
+            row = measure(**case, device=device, warmup=args.warmup, repeats=args.repeats)
+        except (RuntimeError, ImportError, TypeError) as exc:
+            row = dict(op=op, impl=impl, N=n, V=vocab, k=k, d=d, dtype=dtype, device=device, error=str(exc)[:200])
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(row)
+
+    machine = dict(
+        platform=platform.platform(), processor=platform.processor(), torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        gpu=torch.cuda.get_device_name() if device == "cuda" else None,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "RESULTS.json").write_text(json.dumps(dict(machine=machine, rows=rows), indent=2))
+    md = f"Machine: {json.dumps(machine)}\n\nCommand: `python {' '.join(sys.argv)}`\n\n{table(rows, device)}\n"
+    (args.out / "RESULTS.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

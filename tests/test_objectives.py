@@ -1,0 +1,270 @@
+"""Objectives of ALGORITHM.md section 2: hand-made cases, each asserting one property."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tropd_kernels as tk
+from tropd_ds.objectives import OBJECTIVES, draw_prefix_len, loss_fn, max_prefix_len
+
+
+def hand_case(n=12, seed=0, all_trusted=False):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(n, generator=g) * 4 - 0.1
+    lp_t = lp + (torch.rand(n, generator=g) * 2 if all_trusted else torch.randn(n, generator=g) * 3)
+    terms = tk.TokenTerms(
+        logprob=lp.clone().requires_grad_(),
+        fkl=(torch.rand(n, generator=g) * 2).requires_grad_(),
+        entropy=torch.rand(n, generator=g) * 3,
+        topk_mass=torch.rand(n, generator=g),
+    )
+    teacher = tk.TeacherTopK(
+        ids=torch.zeros(n, 4, dtype=torch.long),
+        logprobs=torch.zeros(n, 4),
+        target_logprob=lp_t,
+        entropy=torch.rand(n, generator=g) * 1.6,
+    )
+    sampled = torch.ones(n, dtype=torch.bool)
+    prefix = torch.zeros(n, dtype=torch.bool)
+    return terms, teacher, sampled, prefix
+
+
+def grads(out, terms):
+    lp, fkl = torch.autograd.grad(out.loss, [terms.logprob, terms.fkl], allow_unused=True)
+    return (torch.zeros_like(terms.logprob) if lp is None else lp), (torch.zeros_like(terms.fkl) if fkl is None else fkl)
+
+
+def test_tropd_with_every_token_trusted_equals_opd():
+    terms, teacher, sampled, prefix = hand_case(all_trusted=True)
+    g = torch.Generator().manual_seed(0)
+    tropd = loss_fn("tropd")(terms, teacher, sampled, prefix, 0, 10, g)
+    opd = loss_fn("opd")(terms, teacher, sampled, prefix, 0, 10)
+    assert tropd.metrics["trust_fraction"] == 1.0
+    torch.testing.assert_close(tropd.loss, opd.loss)
+    for a, b in zip(grads(tropd, terms), grads(opd, terms)):
+        torch.testing.assert_close(a, b)
+
+
+def test_expected_trust_equals_mean_of_bernoulli_draws():
+    terms, teacher, sampled, prefix = hand_case(n=8, seed=3)
+    expected = loss_fn("tropd", trust_mode="expected")(terms, teacher, sampled, prefix, 0, 10).loss
+    bern = loss_fn("tropd", trust_mode="bernoulli")
+    g = torch.Generator().manual_seed(1)
+    draws = torch.stack([bern(terms, teacher, sampled, prefix, 0, 10, g).loss.detach() for _ in range(4000)])
+    stderr = draws.std() / math.sqrt(len(draws))
+    assert abs(float(draws.mean() - expected)) < 4 * float(stderr) + 1e-6
+    assert draws.std() > 0  # the draws really vary
+
+
+def test_bernoulli_trust_is_reproducible_with_a_seeded_generator():
+    terms, teacher, sampled, prefix = hand_case(seed=4)
+    obj = loss_fn("tropd")
+    a = obj(terms, teacher, sampled, prefix, 0, 10, torch.Generator().manual_seed(7)).loss
+    b = obj(terms, teacher, sampled, prefix, 0, 10, torch.Generator().manual_seed(7)).loss
+    assert torch.equal(a, b)
+
+
+def test_tokens_where_teacher_beats_student_are_always_trusted():
+    terms, teacher, sampled, prefix = hand_case(seed=5)
+    out = loss_fn("tropd", trust_mode="threshold", trust_tau=1.0)(terms, teacher, sampled, prefix, 0, 10)
+    r = teacher.target_logprob - terms.logprob.detach()
+    assert out.metrics["trust_fraction"] == pytest.approx(float((r >= 0).float().mean()))
+
+
+def test_outlier_fkl_gradient_equals_autograd_on_the_formula():
+    """All tokens outliers (threshold trust at 1, teacher below student): loss = mean FKL_t through the kernels."""
+    g = torch.Generator().manual_seed(0)
+    n, vocab, k = 9, 301, 8
+    student = torch.randn(n, vocab, generator=g) * 2
+    teacher_logits = torch.randn(n, vocab, generator=g) * 2
+    targets = student.argmax(1)  # student's favourite token: the teacher likes it less
+    teacher = tk.teacher_topk(teacher_logits, targets, k)
+    teacher = teacher._replace(target_logprob=torch.full((n,), -30.0))
+    z = student.clone().requires_grad_()
+    terms = tk.token_terms(z, targets, teacher, logprob_floor=-10.0)
+    sampled, prefix = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    out = loss_fn("tropd", trust_mode="threshold", trust_tau=1.0, logprob_floor=-10.0)(terms, teacher, sampled, prefix, 0, 1)
+    assert out.metrics["trust_fraction"] == 0.0
+    out.loss.backward()
+    # the formula, written out: sum_{v in K} q (log q - max(lp_S(v), floor)), token mean
+    z2 = student.clone().requires_grad_()
+    lp_s = torch.log_softmax(z2, 1).gather(1, teacher.ids).clamp(min=-10.0)
+    q = teacher.logprobs.exp()
+    (q * (teacher.logprobs - lp_s)).sum(1).mean().backward()
+    torch.testing.assert_close(z.grad, z2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_clip_outlier_equals_single_stage_reopold_with_the_same_floor():
+    terms, teacher, sampled, prefix = hand_case(seed=6)
+    lam = 0.3
+    c = math.log(lam / (1 - lam))
+    clip = loss_fn("clip_outlier", tau=c)(terms, teacher, sampled, prefix, 5, 10)
+    reo = loss_fn("reopold", reopold_lambda=lam, reopold_stages=1)(terms, teacher, sampled, prefix, 5, 10)
+    torch.testing.assert_close(clip.loss, reo.loss)
+    for a, b in zip(grads(clip, terms), grads(reo, terms)):
+        torch.testing.assert_close(a, b)
+    assert clip.metrics["fraction_clipped"] > 0  # the floor really bites in this case
+
+
+def test_mask_outlier_drops_exactly_the_tokens_below_tau():
+    terms, teacher, sampled, prefix = hand_case(seed=7)
+    out = loss_fn("mask_outlier", tau=-1.0)(terms, teacher, sampled, prefix, 0, 1)
+    r = teacher.target_logprob - terms.logprob.detach()
+    g_lp, _ = grads(out, terms)
+    assert torch.all((g_lp == 0) == (r <= -1.0))
+    torch.testing.assert_close(g_lp[r > -1.0], -r[r > -1.0] / len(r))
+
+
+def test_eopd_adds_fkl_only_where_teacher_entropy_exceeds_threshold():
+    terms, teacher, sampled, prefix = hand_case(seed=8)
+    eopd = loss_fn("eopd")(terms, teacher, sampled, prefix, 0, 1)
+    opd = loss_fn("opd")(terms, teacher, sampled, prefix, 0, 1)
+    gate = teacher.entropy > 0.8
+    assert 0 < int(gate.sum()) < len(gate)
+    torch.testing.assert_close(eopd.loss - opd.loss, terms.fkl[gate].sum() / len(gate))
+    _, g_fkl = grads(eopd, terms)
+    assert torch.all((g_fkl != 0) == gate)
+    assert loss_fn("eopd").kernel_options() == dict(k=16, fkl_mode="renorm", logprob_floor=None, fkl_cover=None)
+
+
+def test_reopold_changes_its_token_selection_at_the_switch_step():
+    terms, teacher, sampled, prefix = hand_case(n=40, seed=9)
+    obj = loss_fn("reopold")
+    before = obj(terms, teacher, sampled, prefix, 49, 100)
+    after = obj(terms, teacher, sampled, prefix, 50, 100)
+    r = teacher.target_logprob - terms.logprob.detach()
+    c = math.log(0.2 / 0.8)
+    assert before.metrics["fraction_selected"] == pytest.approx(float((r >= c).float().mean()))
+    assert after.metrics["fraction_selected"] == pytest.approx(0.5)  # top 50% by student entropy
+    g_before, _ = grads(obj(terms, teacher, sampled, prefix, 49, 100), terms)
+    g_after, _ = grads(after, terms)
+    assert not torch.equal(g_before != 0, g_after != 0)
+    top = torch.zeros(40, dtype=torch.bool)
+    top[terms.entropy.topk(20).indices] = True
+    assert torch.all((g_after != 0) == top)
+
+
+def test_entropy_opd_trains_only_the_highest_entropy_fifth():
+    terms, teacher, sampled, prefix = hand_case(n=20, seed=10)
+    out = loss_fn("entropy_opd")(terms, teacher, sampled, prefix, 0, 1)
+    g_lp, _ = grads(out, terms)
+    top4 = terms.entropy.topk(4).indices
+    assert set((g_lp != 0).nonzero().squeeze(1).tolist()) == set(top4.tolist())
+
+
+def test_fkl_topk_with_tail_mode_is_never_negative():
+    g = torch.Generator().manual_seed(1)
+    teacher_logits = torch.randn(30, 500, generator=g) * 3
+    targets = torch.randint(0, 500, (30,), generator=g)
+    teacher = tk.teacher_topk(teacher_logits, targets, 8)
+    obj = loss_fn("fkl_topk", fkl_mode="tail", k=8)
+    for scale in (0.5, 1.5, 3.0):  # students flatter and sharper than the teacher
+        terms = tk.token_terms(teacher_logits * scale, targets, teacher, **{k: v for k, v in obj.kernel_options().items() if k != "k"})
+        assert terms.fkl.min() >= -1e-6
+        out = obj(terms, teacher, torch.ones(30, dtype=torch.bool), torch.zeros(30, dtype=torch.bool), 0, 1)
+        assert out.loss >= 0
+
+
+def test_guidance_tokens_receive_exactly_beta_times_minus_logprob():
+    terms, teacher, sampled, prefix = hand_case(n=10, seed=11)
+    prefix = torch.zeros(10, dtype=torch.bool)
+    prefix[:4] = True
+    sampled = ~prefix
+    out = loss_fn("tropd", beta=0.01, trust_mode="expected")(terms, teacher, sampled, prefix, 0, 1)
+    g_lp, g_fkl = grads(out, terms)
+    torch.testing.assert_close(g_lp[:4], torch.full((4,), -0.01 / 10))
+    assert torch.all(g_fkl[:4] == 0)  # no FKL, no trust mask on prefix tokens
+    torch.testing.assert_close(torch.tensor(out.metrics["loss_guidance"]), (0.01 * -terms.logprob[:4]).sum().detach() / 10)
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_micro_batches_with_the_global_token_count_sum_to_the_full_batch_gradient(name):
+    terms, teacher, sampled, prefix = hand_case(n=24, seed=12)
+    prefix = torch.zeros(24, dtype=torch.bool)
+    prefix[::5] = True
+    sampled = ~prefix
+    kwargs = {"trust_mode": "expected"} if name == "tropd" else {}
+    obj = loss_fn(name, **kwargs)
+    step, total = (70, 100) if name == "reopold" else (0, 1)
+    r = teacher.target_logprob - terms.logprob.detach()
+    stats = obj.batch_statistics(terms.entropy, r, sampled, step, total)
+    full = obj(terms, teacher, sampled, prefix, step, total, **stats)
+    g_full = grads(full, terms)
+    g_sum = [torch.zeros(24), torch.zeros(24)]
+    for part in (slice(0, 7), slice(7, 24)):
+        sub_terms = tk.TokenTerms(*(t[part] for t in terms))
+        sub_teacher = tk.TeacherTopK(*(t[part] for t in teacher))
+        out = obj(sub_terms, sub_teacher, sampled[part], prefix[part], step, total, token_count=24, **stats)
+        lp_g, fkl_g = torch.autograd.grad(out.loss, [terms.logprob, terms.fkl], allow_unused=True)
+        g_sum[0] += 0 if lp_g is None else lp_g
+        g_sum[1] += 0 if fkl_g is None else fkl_g
+    for a, b in zip(g_sum, g_full):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_batch_without_sampled_tokens_gives_a_zero_loss_that_backpropagates(name):
+    terms, teacher, _, _ = hand_case(n=6, seed=13)
+    none = torch.zeros(6, dtype=torch.bool)
+    out = loss_fn(name)(terms, teacher, none, none, 0, 1, torch.Generator().manual_seed(0))
+    assert out.loss.item() == 0 and not math.isnan(out.loss.item())
+    out.loss.backward()
+    assert terms.logprob.grad is None or not torch.isnan(terms.logprob.grad).any()
+
+
+def test_ppo_ratio_with_old_logprobs_equal_to_current_gives_the_plain_gradient():
+    terms, teacher, sampled, prefix = hand_case(seed=14)
+    plain = loss_fn("opd")(terms, teacher, sampled, prefix, 0, 1)
+    ppo = loss_fn("opd", ppo_clip=0.2)(terms, teacher, sampled, prefix, 0, 1, old_logprob=terms.logprob.detach())
+    torch.testing.assert_close(grads(plain, terms)[0], grads(ppo, terms)[0])
+    with pytest.raises(ValueError, match="old_logprob is None"):
+        loss_fn("opd", ppo_clip=0.2)(terms, teacher, sampled, prefix, 0, 1)
+
+
+def test_k_and_coverage_schedules():
+    obj = loss_fn("tropd", k=64, k_end=16, fkl_cover=0.9, cover_end=0.5)
+    assert obj.kernel_options(0, 100)["k"] == 64 and obj.kernel_options(100, 100)["k"] == 16
+    assert obj.kernel_options(50, 100)["fkl_cover"] == pytest.approx(0.7)
+
+
+def test_guidance_schedule_is_cosine_from_l_max_to_zero_and_draws_are_seeded():
+    assert max_prefix_len(0, 200, 100) == 100
+    assert max_prefix_len(100, 200, 100) == 50
+    assert max_prefix_len(200, 200, 100) == 0
+    lens = [max_prefix_len(s, 200, 100) for s in range(201)]
+    assert all(a >= b for a, b in zip(lens, lens[1:]))
+    a = [draw_prefix_len(10, 200, 100, 40, torch.Generator().manual_seed(3)) for _ in range(3)]
+    assert len(set(a)) == 1
+    g = torch.Generator().manual_seed(0)
+    draws = [draw_prefix_len(10, 200, 100, 40, g) for _ in range(500)]
+    assert min(draws) == 0 and max(draws) == 40  # capped by the response length
+    assert all(draw_prefix_len(200, 200, 100, 40, g) == 0 for _ in range(20))
+
+
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        ("jsd", {}, r"objective name='jsd': expected one of opd, tropd"),
+        ("tropd", {"betta": 0.1}, r"unknown option 'betta'"),
+        ("opd", {"beta": 0.1}, r"option 'beta' does not apply to objective 'opd'"),
+        ("tropd", {"beta": -0.1}, r"beta=-0.1: expected a number >= 0"),
+        ("reopold", {"reopold_lambda": 1.0}, r"reopold_lambda=1.0: expected a number in \(0, 1\)"),
+        ("reopold", {"reopold_lambda": 0.0}, r"reopold_lambda=0.0"),
+        ("entropy_opd", {"entropy_fraction": 0.0}, r"entropy_fraction=0.0: expected a number in \(0, 1\]"),
+        ("entropy_opd", {"entropy_fraction": 1.5}, r"entropy_fraction=1.5"),
+        ("mask_outlier", {"tau": float("nan")}, r"tau=nan: expected a number"),
+        ("tropd", {"trust_mode": "always"}, r"trust_mode='always': expected one of bernoulli, expected, threshold"),
+        ("tropd", {"outlier": "drop"}, r"outlier='drop'"),
+        ("tropd", {"k": 0}, r"k=0: expected an integer >= 1"),
+        ("tropd", {"fkl_cover": 1.2}, r"fkl_cover=1.2"),
+        ("tropd", {"cover_end": 0.5}, r"cover_end is set but fkl_cover is None"),
+        ("reopold", {"reopold_stages": 3}, r"reopold_stages=3: expected 1 or 2"),
+        ("opd", {"ppo_clip": 1.5}, r"ppo_clip=1.5"),
+    ],
+)
+def test_bad_options_name_the_option_the_value_and_what_is_accepted(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        loss_fn(name, **options)
