@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -27,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-
 import tropd_kernels as tk
 
 PRESETS = {
@@ -40,12 +40,7 @@ PRESETS = {
         ("token_terms_from_hidden", 4096, 32000, 64, 256, "float32"),
         ("token_terms_from_hidden", 8192, 32000, 64, 256, "float32"),
     ],
-    "gpu": [
-        (op, n, v, 64, 0, "bfloat16")
-        for op in ("token_terms", "teacher_topk")
-        for n in (4096, 16384)
-        for v in (32000, 128256, 151936)
-    ]
+    "gpu": [(op, n, v, 64, 0, "bfloat16") for op in ("token_terms", "teacher_topk") for n in (4096, 16384) for v in (32000, 128256, 151936)]
     + [
         ("token_terms_from_hidden", n, v, 64, d, "bfloat16")
         for n, v, d in ((8192, 128256, 4096), (16384, 128256, 4096), (16384, 151936, 4096), (8192, 128256, 8192))
@@ -181,8 +176,7 @@ def measure(op, impl, n, vocab, k, d, dtype, device, warmup, repeats) -> dict:
     else:
         peak = _status_kib("VmHWM") * 1024 - base
     working = max(0, peak - grad_bytes(op, n, vocab, d, dtype))
-    return dict(op=op, impl=impl, N=n, V=vocab, k=k, d=d, dtype=dtype, device=device,
-                median_ms=1e3 * statistics.median(times), working_mib=working / 2**20)
+    return dict(op=op, impl=impl, N=n, V=vocab, k=k, d=d, dtype=dtype, device=device, median_ms=1e3 * statistics.median(times), working_mib=working / 2**20)
 
 
 def floor_ms(row) -> float | None:
@@ -207,8 +201,10 @@ def table(rows, device) -> str:
             continue
         t_ratio = f"{r['median_ms'] / ref['median_ms']:.2f}x" if ref and "median_ms" in ref else "-"
         m_ratio = f"{r['working_mib'] / ref['working_mib']:.3f}x" if ref and ref.get("working_mib") else "-"
-        line = (f"| {r['op']} | {r['N']} | {r['V']} | {r['k']} | {r['d']} | {r['dtype']} | {r['impl']} | "
-                f"{r['median_ms']:.1f} | {t_ratio} | {r['working_mib']:.1f} | {m_ratio} |")
+        line = (
+            f"| {r['op']} | {r['N']} | {r['V']} | {r['k']} | {r['d']} | {r['dtype']} | {r['impl']} | "
+            f"{r['median_ms']:.1f} | {t_ratio} | {r['working_mib']:.1f} | {m_ratio} |"
+        )
         if device == "cuda":
             line += f" {floor_ms(r):.2f} |"
         lines.append(line)
@@ -226,6 +222,10 @@ def main() -> None:
     if args.preset not in PRESETS:
         ap.error(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
     device = "cuda" if args.preset == "gpu" else "cpu"
+    if device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # Make glibc return every freed block over 64 KiB to the OS, so that the peak RSS counts
+        # each measurement's own allocations instead of reusing memory freed earlier.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--preset gpu needs a CUDA device; use --preset cpu here")
     rows = []
@@ -247,7 +247,9 @@ def main() -> None:
         rows.append(row)
 
     machine = dict(
-        platform=platform.platform(), processor=platform.processor(), torch=torch.__version__,
+        platform=platform.platform(),
+        processor=platform.processor(),
+        torch=torch.__version__,
         threads=torch.get_num_threads(),
         gpu=torch.cuda.get_device_name() if device == "cuda" else None,
     )

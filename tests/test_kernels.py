@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import tropd_kernels as tk
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -192,9 +191,7 @@ def test_from_hidden_matches_oracle_on_projected_logits(backend, dtype, with_bia
     refs = [t.float().clone().requires_grad_() for t in leaves]
     ob = ours[2] if with_bias else None
     rb = refs[2] if with_bias else None
-    got = tk.token_terms_from_hidden(
-        ours[0], ours[1], targets, teacher_ref, temp, "tail", -8.0, None, ob, chunk_size=8, backend=backend
-    )
+    got = tk.token_terms_from_hidden(ours[0], ours[1], targets, teacher_ref, temp, "tail", -8.0, None, ob, chunk_size=8, backend=backend)
     want = tk.token_terms_oracle(logits_of(refs[0], refs[1], rb), targets, teacher_ref, temp, "tail", -8.0, None)
     for name in got._fields:
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5, msg=name)

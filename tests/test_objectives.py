@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 import tropd_kernels as tk
+
 from tropd_ds.objectives import OBJECTIVES, draw_prefix_len, loss_fn, max_prefix_len
 
 

@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-
 from tropd_kernels import TeacherTopK, TokenTerms
 
 OBJECTIVES = ("opd", "tropd", "mask_outlier", "clip_outlier", "reopold", "entropy_opd", "eopd", "fkl_topk")
@@ -298,9 +297,7 @@ def loss_fn(name: str, **options) -> Objective:
         raise ValueError(f"unknown option {unknown[0]!r} for objective {name!r}: accepted options are {', '.join(sorted(APPLIES[name]))}")
     foreign = sorted(set(options) - APPLIES[name])
     if foreign:
-        raise ValueError(
-            f"option {foreign[0]!r} does not apply to objective {name!r}: accepted options are {', '.join(sorted(APPLIES[name]))}"
-        )
+        raise ValueError(f"option {foreign[0]!r} does not apply to objective {name!r}: accepted options are {', '.join(sorted(APPLIES[name]))}")
     opts = {**DEFAULTS, **OVERRIDES.get(name, {}), **options}
     _validate(name, opts)
     return Objective(name, opts)

@@ -7,7 +7,6 @@ forces one. `oracle` holds the naive full-softmax reference.
 """
 
 from .contract import IGNORE_INDEX, TeacherTopK, TokenTerms
-from .oracle import teacher_topk_oracle, token_terms_oracle
 from .ops import (
     BACKENDS,
     resolve_backend,
@@ -16,6 +15,7 @@ from .ops import (
     token_terms,
     token_terms_from_hidden,
 )
+from .oracle import teacher_topk_oracle, token_terms_oracle
 
 __all__ = [
     "BACKENDS",

@@ -17,8 +17,8 @@ from .contract import (
     check_fkl_options,
     check_k,
     check_logits_targets,
-    check_teacher,
     check_targets,
+    check_teacher,
     check_temperature,
 )
 from .topk_fkl import student_terms
@@ -90,18 +90,14 @@ def _student_gather_ids(targets: torch.Tensor, teacher: TeacherTopK) -> torch.Te
     return torch.cat([teacher.ids, targets.clamp(min=0).long().unsqueeze(1)], dim=1)
 
 
-def teacher_topk(
-    logits: torch.Tensor, targets: torch.Tensor, k: int, temperature: float = 1.0, *, backend: str | None = None
-) -> TeacherTopK:
+def teacher_topk(logits: torch.Tensor, targets: torch.Tensor, k: int, temperature: float = 1.0, *, backend: str | None = None) -> TeacherTopK:
     """Reduce teacher logits [N, V] to a TeacherTopK in one streaming pass per row."""
     check_logits_targets(logits, targets)
     check_k(k, logits.shape[1])
     temperature = check_temperature(temperature)
     impl = _backend_module(resolve_backend(backend, logits.device))
     with torch.no_grad():
-        lse, gathered, entropy, top_vals, top_ids = impl.forward(
-            logits.detach(), targets.clamp(min=0).long().unsqueeze(1), temperature, topk=k
-        )
+        lse, gathered, entropy, top_vals, top_ids = impl.forward(logits.detach(), targets.clamp(min=0).long().unsqueeze(1), temperature, topk=k)
     return _teacher_result(targets, lse, gathered[:, 0], entropy, top_vals, top_ids)
 
 
@@ -134,9 +130,7 @@ def token_terms(
     check_fkl_options(fkl_mode, logprob_floor, fkl_cover)
     impl = _backend_module(resolve_backend(backend, logits.device))
     lse, gathered, entropy = _VocabReduce.apply(logits, _student_gather_ids(targets, teacher), temperature, impl)
-    return student_terms(
-        lse, gathered, entropy, targets != IGNORE_INDEX, teacher.logprobs, fkl_mode, logprob_floor, fkl_cover
-    )
+    return student_terms(lse, gathered, entropy, targets != IGNORE_INDEX, teacher.logprobs, fkl_mode, logprob_floor, fkl_cover)
 
 
 # ----------------------------------------------------------------------------- from hidden states
@@ -221,9 +215,7 @@ class _HiddenVocabReduce(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.rows):
             sl = slice(start, start + ctx.rows)
             logits = _project(hidden[sl], w_mm, bias)
-            g = ctx.backend.backward(
-                logits, safe_lse[sl], gather_ids[sl], grad_lse[sl], grad_gathered[sl], ctx.temperature, out=logits
-            )
+            g = ctx.backend.backward(logits, safe_lse[sl], gather_ids[sl], grad_lse[sl], grad_gathered[sl], ctx.temperature, out=logits)
             if need_h:
                 grad_h[sl] = _mm_fp32(g.to(w_mm.dtype), w_mm)
             if need_w:
@@ -294,9 +286,5 @@ def token_terms_from_hidden(
     check_fkl_options(fkl_mode, logprob_floor, fkl_cover)
     impl = _backend_module(resolve_backend(backend, hidden.device))
     rows = _chunk_rows(weight.shape[0], chunk_size, hidden.device)
-    lse, gathered, entropy = _HiddenVocabReduce.apply(
-        hidden, weight, bias, _student_gather_ids(targets, teacher), temperature, impl, rows
-    )
-    return student_terms(
-        lse, gathered, entropy, targets != IGNORE_INDEX, teacher.logprobs, fkl_mode, logprob_floor, fkl_cover
-    )
+    lse, gathered, entropy = _HiddenVocabReduce.apply(hidden, weight, bias, _student_gather_ids(targets, teacher), temperature, impl, rows)
+    return student_terms(lse, gathered, entropy, targets != IGNORE_INDEX, teacher.logprobs, fkl_mode, logprob_floor, fkl_cover)

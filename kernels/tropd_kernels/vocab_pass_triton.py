@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 def _block_size(vocab: int) -> int:
     cap = 4096 if torch.cuda.is_available() else 8192  # the interpreter prefers few, wide blocks
     return min(triton.next_power_of_2(vocab), cap)
@@ -21,8 +22,12 @@ def _block_size(vocab: int) -> int:
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, stride_x, vocab, temperature,
-    lse_ptr, ent_ptr,
+    x_ptr,
+    stride_x,
+    vocab,
+    temperature,
+    lse_ptr,
+    ent_ptr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -53,9 +58,20 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    x_ptr, stride_x, g_ptr, stride_g, vocab, temperature,
-    lse_ptr, glse_ptr, ids_ptr, ggat_ptr, n_gather,
-    BLOCK: tl.constexpr, GP: tl.constexpr, READ_BACK: tl.constexpr,
+    x_ptr,
+    stride_x,
+    g_ptr,
+    stride_g,
+    vocab,
+    temperature,
+    lse_ptr,
+    glse_ptr,
+    ids_ptr,
+    ggat_ptr,
+    n_gather,
+    BLOCK: tl.constexpr,
+    GP: tl.constexpr,
+    READ_BACK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -89,8 +105,14 @@ def forward(logits: torch.Tensor, gather_ids: torch.Tensor, temperature: float, 
     entropy = torch.empty(n, device=dev)
     if n:
         _forward_kernel[(n,)](
-            logits, logits.stride(0), vocab, float(temperature), lse, entropy,
-            BLOCK=_block_size(vocab), num_warps=8,
+            logits,
+            logits.stride(0),
+            vocab,
+            float(temperature),
+            lse,
+            entropy,
+            BLOCK=_block_size(vocab),
+            num_warps=8,
         )
     gathered = logits.gather(1, gather_ids).float() / temperature
     top_vals = top_ids = None
@@ -116,10 +138,21 @@ def backward(logits, lse, gather_ids, grad_lse, grad_gathered, temperature, out=
     target = out if out.dtype == torch.float32 or logits.is_cuda else torch.empty(out.shape, device=out.device)
     if n:
         _backward_kernel[(n,)](
-            logits, logits.stride(0), target, target.stride(0), vocab, float(temperature),
-            lse.contiguous(), grad_lse.float().contiguous(), ids.contiguous(), g_gat.contiguous(), ids.shape[1],
-            BLOCK=_block_size(vocab), GP=triton.next_power_of_2(ids.shape[1]),
-            READ_BACK=target.dtype == torch.float32, num_warps=8,
+            logits,
+            logits.stride(0),
+            target,
+            target.stride(0),
+            vocab,
+            float(temperature),
+            lse.contiguous(),
+            grad_lse.float().contiguous(),
+            ids.contiguous(),
+            g_gat.contiguous(),
+            ids.shape[1],
+            BLOCK=_block_size(vocab),
+            GP=triton.next_power_of_2(ids.shape[1]),
+            READ_BACK=target.dtype == torch.float32,
+            num_warps=8,
         )
     if target is not out:
         out.copy_(target)
