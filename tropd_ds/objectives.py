@@ -233,10 +233,10 @@ class Objective:
             n_s = max(float(s.sum()), 1.0)
             metrics.update(
                 trust_fraction=float(m.sum()) / n_s,
-                loss_trusted=float(trusted.sum()) / denom,
-                loss_outlier=float(outlier.sum()) / denom,
-                loss_guidance=float(guidance.sum()) / denom,
-                outlier_fkl_mean=float(((1 - m) * terms.fkl * s).sum() / max(float(((1 - m) * s).sum()), 1e-12)),
+                loss_trusted=float(trusted.detach().sum()) / denom,
+                loss_outlier=float(outlier.detach().sum()) / denom,
+                loss_guidance=float(guidance.detach().sum()) / denom,
+                outlier_fkl_mean=float(((1 - m) * terms.fkl.detach() * s).sum()) / max(float(((1 - m) * s).sum()), 1e-12),
             )
         elif name == "mask_outlier":
             keep = (r > self.tau).float() * s

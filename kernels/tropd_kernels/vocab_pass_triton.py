@@ -45,9 +45,9 @@ def _forward_kernel(
         m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
         shift = tl.where(m == neg_inf, 0.0, m - m_ref)
         alpha = tl.exp(m - m_ref)
-        d = z - m_ref
-        e = tl.exp(d)
-        a = alpha * (a + s * shift) + tl.sum(tl.where(z == neg_inf, 0.0, e * d), 0)
+        e = tl.exp(z - m_ref)
+        d = tl.where(z == neg_inf, 0.0, z - m_ref)  # e is 0 there: no -inf * 0
+        a = alpha * (a + s * shift) + tl.sum(e * d, 0)
         s = alpha * s + tl.sum(e, 0)
         m = m_new
     m_ref = tl.where(m == neg_inf, 0.0, m)
