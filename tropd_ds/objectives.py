@@ -146,9 +146,6 @@ class Objective:
             cover = cover + (self.cover_end - cover) * frac
         return dict(k=k, fkl_mode=self.fkl_mode, logprob_floor=self.logprob_floor, fkl_cover=cover)
 
-    def uses_fkl(self) -> bool:
-        return self.name in ("eopd", "fkl_topk") or (self.name == "tropd" and self.outlier == "fkl")
-
     def batch_statistics(self, entropy: torch.Tensor, log_ratio: torch.Tensor, sampled: torch.Tensor, step: int, total_steps: int) -> dict:
         """Global selection statistics from the whole batch (gather entropy and r across ranks first)."""
         stats = {}
