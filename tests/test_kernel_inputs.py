@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def good():
-    logits = torch.randn(4, 50)
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     targets = torch.tensor([1, 2, -100, 49])
     return logits, targets, tk.teacher_topk(logits, targets, 5)
 
@@ -43,7 +43,10 @@ def good():
         (lambda x, t, te: tk.token_terms(x, t, te._replace(logprobs=te.logprobs[:, :3])), r"teacher.logprobs has shape"),
         (lambda x, t, te: tk.token_terms(x, t, te._replace(logprobs=te.logprobs.half())), r"teacher.logprobs.dtype"),
         (lambda x, t, te: tk.token_terms(x, t, te._replace(entropy=te.entropy[:1])), r"teacher.entropy has shape"),
-        (lambda x, t, te: tk.token_terms(x[:, :40], t.clamp(max=39), te), r"teacher.ids holds ids outside \[0, 40\)"),
+        (
+            lambda x, t, te: tk.token_terms(x[:, :40], t.clamp(max=39), te._replace(ids=te.ids * 0 + torch.arange(36, 41))),
+            r"teacher.ids holds ids outside \[0, 40\)",
+        ),
         (lambda x, t, te: tk.token_terms(x, t, te._replace(ids=te.ids[:, [0, 0, 1, 2, 3]])), r"repeats an id"),
         (lambda x, t, te: tk.token_terms(x, t, tuple(te)), r"teacher is a tuple: expected a TeacherTopK"),
         (lambda x, t, te: tk.token_terms(x, t, te, backend="cuda"), r"backend='cuda'.*expected one of triton, torch"),
