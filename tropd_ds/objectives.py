@@ -93,7 +93,7 @@ def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
-def _validate(name: str, opts: dict) -> None:
+def _validate(opts: dict) -> None:
     _check("ppo_clip", opts["ppo_clip"], opts["ppo_clip"] is None or (_is_num(opts["ppo_clip"]) and 0 < opts["ppo_clip"] < 1), "None or a number in (0, 1)")
     _check("trust_mode", opts["trust_mode"], opts["trust_mode"] in TRUST_MODES, f"one of {', '.join(TRUST_MODES)}")
     _check("trust_tau", opts["trust_tau"], _is_num(opts["trust_tau"]) and 0 < opts["trust_tau"] <= 1, "a number in (0, 1]")
@@ -296,5 +296,5 @@ def loss_fn(name: str, **options) -> Objective:
     if foreign:
         raise ValueError(f"option {foreign[0]!r} does not apply to objective {name!r}: accepted options are {', '.join(sorted(APPLIES[name]))}")
     opts = {**DEFAULTS, **OVERRIDES.get(name, {}), **options}
-    _validate(name, opts)
+    _validate(opts)
     return Objective(name, opts)

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 
-def _block_size(vocab: int) -> int:
-    cap = 4096 if torch.cuda.is_available() else 8192  # the interpreter prefers few, wide blocks
+def _block_size(vocab: int, on_gpu: bool) -> int:
+    cap = 4096 if on_gpu else 8192  # the interpreter (CPU tensors) prefers few, wide blocks
     return min(triton.next_power_of_2(vocab), cap)
 
 
@@ -111,7 +111,7 @@ def forward(logits: torch.Tensor, gather_ids: torch.Tensor, temperature: float, 
             float(temperature),
             lse,
             entropy,
-            BLOCK=_block_size(vocab),
+            BLOCK=_block_size(vocab, logits.is_cuda),
             num_warps=8,
         )
     gathered = logits.gather(1, gather_ids).float() / temperature
@@ -149,7 +149,7 @@ def backward(logits, lse, gather_ids, grad_lse, grad_gathered, temperature, out=
             ids.contiguous(),
             g_gat.contiguous(),
             ids.shape[1],
-            BLOCK=_block_size(vocab),
+            BLOCK=_block_size(vocab, logits.is_cuda),
             GP=triton.next_power_of_2(ids.shape[1]),
             READ_BACK=target.dtype == torch.float32,
             num_warps=8,
