@@ -20,6 +20,8 @@ setup(
         "pyyaml>=6,<7",
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",
+        "accelerate>=1.1,<2",
     ],
     extras_require={"dev": ["pytest>=8,<10", "ruff>=0.6"], "liger": ["liger-kernel>=0.8"]},
+    entry_points={"console_scripts": ["tropd-ds=tropd_ds.cli:main"]},
 )

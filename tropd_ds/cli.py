@@ -1,0 +1,87 @@
+"""`tropd-ds train | eval | export`.
+
+train   the distillation run (launch with `deepspeed --num_gpus N --module tropd_ds.train ...` for
+        several ranks; `tropd-ds train` runs it in one process)
+eval    held-out exact-match accuracy of an exported (Hugging Face) student folder
+export  a Hugging Face folder from the newest DeepSpeed checkpoint of a run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _eval(argv) -> int:
+    ap = argparse.ArgumentParser(prog="tropd-ds eval", description="Exact-match accuracy (avg@n) of a model folder on held-out prompts.")
+    ap.add_argument("model", help="a Hugging Face model folder (e.g. a run's export)")
+    ap.add_argument("--data", required=True, help="prompts with an 'answer' column (JSON/JSONL/Parquet/Arrow or a saved folder)")
+    ap.add_argument("--max-prompts", type=int, default=500)
+    ap.add_argument("--samples", type=int, default=1, help="n of avg@n")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--out", default=None, help="also append the result as a JSON line to this file")
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import load_rows, render_prompt
+    from .demo_task import is_correct
+
+    rows = load_rows(args.data, what="--data")
+    if "answer" not in rows.column_names:
+        print(f"tropd-ds eval: --data {args.data!r} has columns {rows.column_names}: an 'answer' column is required", file=sys.stderr)
+        return 2
+    tok = AutoTokenizer.from_pretrained(args.model)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    n = min(len(rows), args.max_prompts)
+    correct = total = 0
+    for start in range(0, n, 64):
+        chunk = [rows[i] for i in range(start, min(n, start + 64))]
+        enc = tok([render_prompt(tok, r["prompt"], False) for r in chunk], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                                 temperature=args.temperature if args.temperature > 0 else None,
+                                 num_return_sequences=args.samples, pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        for j, text in enumerate(texts):
+            correct += is_correct(text, chunk[j // args.samples]["answer"])
+            total += 1
+    result = {"model": args.model, "eval_accuracy": correct / max(total, 1), "eval_completions": total}
+    print(json.dumps(result))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return 0
+
+
+def _export(argv) -> int:
+    ap = argparse.ArgumentParser(prog="tropd-ds export", description="Export the newest checkpoint of a run as a Hugging Face folder.")
+    ap.add_argument("--config", required=True, help="the run's config")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--out", required=True, help="output folder")
+    args = ap.parse_args(argv)
+    from . import train
+
+    return train.main(["--config", args.config, *sum((["--set", o] for o in args.overrides), []),
+                       "--set", f"checkpoint.export_dir={args.out}", "--set", "optim.steps=0", "--set", "checkpoint.resume=true"])
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("train", "eval", "export"):
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from .train import main as train_main
+
+        return train_main(rest)
+    return _eval(rest) if command == "eval" else _export(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Prompts through `datasets`: loading, checks, tokenisation, deterministic sharded order, resumable."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+
+
+def load_rows(path: str, split: str = "train", what: str = "data.path"):
+    """A `datasets.Dataset` from a local file, a folder saved by `datasets`, or a hub name."""
+    import datasets
+
+    p = Path(path)
+    if not path:
+        raise ConfigError(f"{what} is empty: expected a JSON/JSONL/Parquet/Arrow file or a folder saved by datasets")
+    if p.is_dir():
+        if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
+            ds = datasets.load_from_disk(str(p))
+        else:
+            ds = datasets.load_dataset(str(p), split=split)
+    elif p.is_file():
+        builder = BUILDERS.get(p.suffix)
+        if builder is None:
+            raise ConfigError(f"{what}={path!r}: unknown file type {p.suffix!r}; expected one of {', '.join(BUILDERS)}")
+        ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+    elif "/" in path and not path.startswith(("/", ".")) and not p.parent.exists():
+        ds = datasets.load_dataset(path, split=split)  # a hub name (needs a network)
+    else:
+        raise ConfigError(f"{what}={path!r} does not exist: expected a data file, a saved dataset folder or a hub name")
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ConfigError(f"{what}={path!r} has splits {list(ds)}: data.split={split!r} is not one of them")
+        ds = ds[split]
+    if "prompt" not in ds.column_names:
+        raise ConfigError(f"{what}={path!r} has columns {ds.column_names}: a 'prompt' column is required")
+    if len(ds) == 0:
+        raise ConfigError(f"{what}={path!r} has no rows: expected at least one prompt")
+    return ds
+
+
+def render_prompt(tokenizer, prompt, chat_template: bool) -> str:
+    if isinstance(prompt, list) or chat_template:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+@dataclass
+class Prompt:
+    index: int  # row in the data set
+    ids: list[int]
+    response_ids: list[int] | None  # the teacher's response, ending with EOS, when the data has one
+    answer: str | None
+
+
+class PromptStream:
+    """Global order: a seeded permutation per epoch; each step takes the next `per_step` prompts and
+    rank r keeps its contiguous share. The state is (epoch, cursor), the same on every rank."""
+
+    def __init__(self, ds, tokenizer, per_step: int, rank: int, world: int, seed: int, max_prompt_tokens: int,
+                 long_prompts: str, chat_template: bool = False):
+        if per_step % world:
+            raise ConfigError(f"rollout.prompts_per_step={per_step} does not divide among {world} ranks: use a multiple of {world}")
+        self.ds, self.tok = ds, tokenizer
+        self.per_step, self.rank, self.world, self.seed = per_step, rank, world, seed
+        self.max_prompt_tokens, self.long_prompts, self.chat_template = max_prompt_tokens, long_prompts, chat_template
+        self.epoch, self.cursor = 0, 0
+        self.truncated = self.skipped = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(len(self.ds)))
+        random.Random(self.seed * 100003 + epoch).shuffle(order)
+        return order
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "truncated": self.truncated, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.truncated, self.skipped = state.get("truncated", 0), state.get("skipped", 0)
+        self._order = self._permutation(self.epoch)
+
+    def _next_index(self) -> int:
+        if self.cursor >= len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        idx = self._order[self.cursor]
+        self.cursor += 1
+        return idx
+
+    def encode(self, index: int) -> Prompt | None:
+        """The tokenised prompt, or None when it is too long and long prompts are skipped."""
+        row = self.ds[index]
+        text = render_prompt(self.tok, row["prompt"], self.chat_template)
+        ids = self.tok(text, add_special_tokens=not self.chat_template)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            if self.long_prompts == "skip":
+                self.skipped += 1
+                return None
+            self.truncated += 1
+            ids = ids[-self.max_prompt_tokens :]
+        response = row.get("teacher_response")
+        response_ids = None
+        if response:
+            response_ids = self.tok(response, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        answer = row.get("answer")
+        return Prompt(index, ids, response_ids, None if answer is None else str(answer))
+
+    def next_batch(self) -> list[Prompt]:
+        """This rank's prompts for the next step (all ranks advance the same global cursor)."""
+        chosen: list[Prompt] = []
+        while len(chosen) < self.per_step:
+            idx = self._next_index()
+            prompt = self.encode(idx)
+            if prompt is not None:
+                chosen.append(prompt)
+        share = self.per_step // self.world
+        return chosen[self.rank * share : (self.rank + 1) * share]

@@ -1,0 +1,48 @@
+"""Evaluation: generate on held-out prompts and score the final answer by exact match (avg@n)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from .demo_task import is_correct
+from .rollout import gathered_for_generation, left_pad
+
+
+def evaluate(rollout_engine, engine, tokenizer, rows, cfg, gather: bool, device, batch_size: int = 64) -> dict:
+    """accuracy (avg@n over `cfg.samples` samples per prompt) on `rows` (dicts with prompt ids and answer).
+
+    Every rank runs the same number of generate calls (ZeRO-3 gathers are collective): prompts are
+    split evenly and the last rank's share is padded with repeats that are not counted."""
+    from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    share = math.ceil(len(rows) / world)
+    mine = rows[rank * share : (rank + 1) * share]
+    counted = len(mine)
+    mine = mine + [rows[0]] * (share - counted)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n_samples_per_prompt=cfg.samples)
+    correct = torch.zeros(2, dtype=torch.float64)
+    examples = []
+    engine.eval()
+    for start in range(0, share, batch_size):
+        chunk = mine[start : start + batch_size]
+        ids, mask = left_pad([r["ids"] for r in chunk], tokenizer.pad_token_id, device)
+        with gathered_for_generation(engine, gather):
+            batch = rollout_engine.generate(RolloutRequest(ids, mask), sampling)
+        texts = tokenizer.batch_decode(batch.input_ids[:, ids.shape[1] :], skip_special_tokens=True)
+        for j, text in enumerate(texts):
+            pos = start + j // cfg.samples
+            if pos >= counted:
+                continue
+            ok = is_correct(text, mine[pos]["answer"])
+            correct += torch.tensor([float(ok), 1.0], dtype=torch.float64)
+            if len(examples) < 3:
+                examples.append({"completion": text, "answer": mine[pos]["answer"], "correct": ok})
+    engine.train()
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+    return {"eval_accuracy": float(correct[0] / max(correct[1], 1.0)), "eval_completions": int(correct[1]), "eval_examples": examples}

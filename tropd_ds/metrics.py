@@ -1,0 +1,53 @@
+"""Per-step metrics: reduced across micro-batches and ranks, written to a JSONL file and to
+DeepSpeed's monitor (TensorBoard / CSV / W&B as its config enables)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+def mean_over(dicts: list[dict]) -> dict:
+    """Key-wise mean of the finite values (a micro-batch without sampled tokens lacks some keys)."""
+    keys = sorted({k for d in dicts for k in d})
+    out = {}
+    for k in keys:
+        vals = [d[k] for d in dicts if k in d and isinstance(d[k], (int, float)) and math.isfinite(d[k])]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
+def reduce_across_ranks(local: list[dict]) -> dict:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        local = [d for part in gathered for d in part]
+    return mean_over(local)
+
+
+class MetricsWriter:
+    def __init__(self, log_dir: str, rank: int, monitor=None):
+        self.rank = rank
+        self.monitor = monitor
+        self.path = Path(log_dir) / "metrics.jsonl"
+        if rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records that a killed run wrote after its last checkpoint."""
+        if self.rank != 0 or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", -1) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, record: dict) -> None:
+        if self.rank != 0:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+        if self.monitor is not None and getattr(self.monitor, "enabled", False):
+            self.monitor.write_events([(f"tropd/{k}", v, step) for k, v in record.items() if isinstance(v, (int, float))])

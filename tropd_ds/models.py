@@ -1,0 +1,181 @@
+"""Models and engines: the vocabulary check, ZeRO-3 aware loading, the student and teacher engines.
+
+Both models are wrapped in a small module whose forward reduces the vocabulary with
+`tropd_kernels` from final hidden states, so that under ZeRO-3 the partitioned lm_head weight is
+gathered for the call (and, for the student, for its backward).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import tropd_kernels as tk
+
+from .config import ConfigError, ModelConfig, OptimConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_model_folder(cfg: ModelConfig, role: str) -> None:
+    if not cfg.path or not (Path(cfg.path) / "config.json").is_file():
+        raise ConfigError(f"{role}.path={cfg.path!r}: expected a Hugging Face model folder with config.json")
+    if not cfg.ds_config or not Path(cfg.ds_config).is_file():
+        raise ConfigError(f"{role}.ds_config={cfg.ds_config!r}: expected a DeepSpeed JSON config file (see ds_configs/)")
+
+
+def load_tokenizers_and_check(student: ModelConfig, teacher: ModelConfig):
+    """One vocabulary for both models, checked before anything is put on a device.
+
+    Returns the shared tokenizer and the number of real vocabulary rows; rows past it (padding
+    of an embedding table) are masked out by the caller."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    check_model_folder(student, "student")
+    check_model_folder(teacher, "teacher")
+    tok_s = AutoTokenizer.from_pretrained(student.path)
+    tok_t = AutoTokenizer.from_pretrained(teacher.path)
+    if tok_s.get_vocab() != tok_t.get_vocab():
+        only_s = len(set(tok_s.get_vocab()) - set(tok_t.get_vocab()))
+        only_t = len(set(tok_t.get_vocab()) - set(tok_s.get_vocab()))
+        raise ConfigError(
+            f"student tokenizer ({student.path}, {len(tok_s)} tokens) and teacher tokenizer ({teacher.path}, "
+            f"{len(tok_t)} tokens) differ ({only_s} tokens only in the student's, {only_t} only in the teacher's): "
+            "token-level distillation needs one vocabulary"
+        )
+    n_tokens = len(tok_s)
+    for role, cfg in (("student", student), ("teacher", teacher)):
+        rows = AutoConfig.from_pretrained(cfg.path).vocab_size
+        if rows < n_tokens:
+            raise ConfigError(f"{role} embedding has {rows} rows but the shared tokenizer has {n_tokens} tokens: expected at least {n_tokens}")
+    if tok_s.pad_token_id is None:
+        tok_s.pad_token = tok_s.eos_token
+    return tok_s, n_tokens
+
+
+def read_ds_config(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed config {path!r} is not valid JSON: {exc}") from exc
+
+
+def load_causal_lm(cfg: ModelConfig, ds_config: dict):
+    """from_pretrained under HfDeepSpeedConfig: with ZeRO-3 each rank materialises only its shard."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers reads it through a weak reference)
+    model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype])
+    return model, keep_alive
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, lm, n_tokens: int):
+        super().__init__()
+        self.lm = lm
+        self.n_tokens = n_tokens
+
+    def generate(self, *args, **kwargs):
+        return self.lm.generate(*args, **kwargs)
+
+    def _hidden(self, input_ids, attention_mask):
+        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state[:, :-1]
+
+    def _head(self):
+        head = self.lm.get_output_embeddings()
+        return head.weight, getattr(head, "bias", None)
+
+
+def _vocab_slice(weight, bias, n_tokens):
+    """Padded embedding rows beyond the tokenizer are not part of the distribution."""
+    if weight.shape[0] > n_tokens:
+        weight = weight[:n_tokens]
+        bias = None if bias is None else bias[:n_tokens]
+    return weight, bias
+
+
+class TeacherScorer(_Wrapped):
+    """forward(input_ids, attention_mask, select [B, T-1] bool) -> TeacherTopK fields of the selected targets."""
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask, select, k: int, temperature: float):
+        hidden = self._hidden(input_ids, attention_mask)[select]
+        targets = input_ids[:, 1:][select]
+        weight, bias = _vocab_slice(*self._head(), self.n_tokens)
+        teacher = tk.teacher_topk_from_hidden(hidden, weight, targets, k, temperature, bias)
+        return tuple(teacher)
+
+
+class StudentTerms(_Wrapped):
+    """forward(input_ids, attention_mask, select, teacher fields, kernel options) -> TokenTerms fields."""
+
+    def forward(self, input_ids, attention_mask, select, t_ids, t_logprobs, t_target, t_entropy, temperature: float,
+                fkl_mode: str, logprob_floor, fkl_cover):
+        hidden = self._hidden(input_ids, attention_mask)[select]
+        targets = input_ids[:, 1:][select]
+        weight, bias = _vocab_slice(*self._head(), self.n_tokens)
+        teacher = tk.TeacherTopK(t_ids, t_logprobs, t_target, t_entropy)
+        terms = tk.token_terms_from_hidden(hidden, weight, targets, teacher, temperature, fkl_mode, logprob_floor, fkl_cover, bias)
+        return tuple(terms)
+
+
+def lr_lambda(optim: OptimConfig):
+    def factor(step: int) -> float:
+        if optim.warmup_steps and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        span = max(1, optim.steps - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / span)
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def student_engine(cfg: ModelConfig, optim: OptimConfig, n_tokens: int, micro_batch: int, grad_accum: int):
+    import deepspeed
+
+    ds_config = read_ds_config(cfg.ds_config)
+    ds_config["train_micro_batch_size_per_gpu"] = micro_batch
+    ds_config["gradient_accumulation_steps"] = grad_accum
+    ds_config.pop("train_batch_size", None)
+    ds_config["gradient_clipping"] = optim.grad_clip
+    lm, keep = load_causal_lm(cfg, ds_config)
+    lm.config.use_cache = True
+    model = StudentTerms(lm, n_tokens)
+    if "optimizer" in ds_config:  # DeepSpeed's own (fused / CPU-offload) optimiser from the config
+        params = ds_config["optimizer"].setdefault("params", {})
+        params.update(lr=optim.lr, betas=list(optim.betas), weight_decay=optim.weight_decay)
+        optimizer = None
+    else:
+        ds_config.setdefault("zero_allow_untested_optimizer", True)
+        ds_config.setdefault("zero_force_ds_cpu_optimizer", False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=model.parameters(),
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim)),
+    )
+    return engine, keep
+
+
+def teacher_engine(cfg: ModelConfig, n_tokens: int):
+    """A ZeRO-3 inference engine (no optimiser) with parameters offloaded as its config says."""
+    import deepspeed
+
+    ds_config = read_ds_config(cfg.ds_config)
+    ds_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    ds_config["gradient_accumulation_steps"] = 1
+    ds_config.pop("train_batch_size", None)
+    lm, keep = load_causal_lm(cfg, ds_config)
+    lm.requires_grad_(False)
+    lm.eval()
+    engine, *_ = deepspeed.initialize(model=TeacherScorer(lm, n_tokens), config=ds_config)
+    engine.eval()
+    return engine, keep

@@ -1,0 +1,219 @@
+"""The distillation run: `deepspeed [--num_gpus N] -m tropd_ds.train --config run.yaml [--set k=v ...]`.
+
+Each step: rollout (the student samples, after a teacher prefix when guided), teacher scoring
+(TeacherTopK per response token), student update (kernels, objective, backward, step), then
+metrics, evaluation and checkpoints on schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, RunConfig, load_config, to_dict
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="tropd-ds train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=False, help="YAML or JSON run config")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. --set objective.name=opd (repeatable)")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(f"[tropd-ds] {msg}", flush=True)
+
+
+def validate_before_engines(cfg: RunConfig):
+    """Everything that can be checked without a device: files, columns, rows, vocabulary, batch shapes."""
+    from .data import load_rows
+    from .models import load_tokenizers_and_check
+    from .objectives import loss_fn
+
+    tokenizer, n_tokens = load_tokenizers_and_check(cfg.student, cfg.teacher)
+    train_rows = load_rows(cfg.data.path, cfg.data.split, "data.path")
+    eval_rows = load_rows(cfg.data.eval_path, cfg.data.split, "data.eval_path") if cfg.data.eval_path else None
+    if eval_rows is not None and "answer" not in eval_rows.column_names:
+        raise ConfigError(f"data.eval_path={cfg.data.eval_path!r} has columns {eval_rows.column_names}: evaluation needs an 'answer' column")
+    try:
+        objective = loss_fn(cfg.objective.name, **cfg.objective.options)
+    except ValueError as exc:
+        raise ConfigError(f"objective: {exc}") from exc
+    if objective.kernel_options()["k"] > n_tokens:
+        raise ConfigError(f"objective.options.k={objective.kernel_options()['k']} exceeds the vocabulary ({n_tokens} tokens)")
+    if cfg.rollout.guidance and cfg.rollout.prefix_source == "data" and "teacher_response" not in train_rows.column_names:
+        raise ConfigError(
+            f"rollout.guidance with prefix_source='data' needs a 'teacher_response' column; data.path has {train_rows.column_names} "
+            "(set rollout.prefix_source=teacher or rollout.guidance=false)"
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.rollout.prompts_per_step % world:
+        raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step}: expected a multiple of the {world} ranks")
+    rollouts_per_rank = cfg.rollout.prompts_per_step // world * cfg.rollout.samples_per_prompt
+    if rollouts_per_rank % cfg.student.micro_batch_size:
+        raise ConfigError(
+            f"student.micro_batch_size={cfg.student.micro_batch_size} does not divide the {rollouts_per_rank} rollouts per rank "
+            "(rollout.prompts_per_step / ranks x rollout.samples_per_prompt)"
+        )
+    return tokenizer, n_tokens, train_rows, eval_rows, objective
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        tokenizer, n_tokens, train_rows, eval_rows, objective = validate_before_engines(cfg)
+    except ConfigError as exc:
+        print(f"tropd-ds: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return run(cfg, tokenizer, n_tokens, train_rows, eval_rows, objective)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -> int:
+    import deepspeed
+    from deepspeed.runtime.rollout import HybridEngineRollout, SamplingConfig
+
+    from . import checkpoint, rollout, scoring, update
+    from .data import PromptStream
+    from .evaluation import evaluate
+    from .metrics import MetricsWriter, reduce_across_ranks
+
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _seed_everything(cfg.seed + rank)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    mb = cfg.student.micro_batch_size
+    grad_accum = cfg.rollout.prompts_per_step // world * cfg.rollout.samples_per_prompt // mb
+
+    from .models import student_engine, teacher_engine
+
+    student, _keep_s = student_engine(cfg.student, cfg.optim, n_tokens, mb, grad_accum)
+    teacher, _keep_t = teacher_engine(cfg.teacher, n_tokens)
+    offload = teacher.config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none") if isinstance(teacher.config, dict) else "?"
+    log(rank, f"{world} ranks; student ZeRO stage {student.zero_optimization_stage()}, teacher ZeRO stage "
+              f"{teacher.zero_optimization_stage()} with offload_param={offload}; generation "
+              f"{'with all parameters gathered' if cfg.rollout.gather_params else 'layer by layer (ZeRO-3 gathers per forward)'}")
+    student_rollout = HybridEngineRollout(student, tokenizer)
+    teacher_rollout = HybridEngineRollout(teacher, tokenizer)
+
+    stream = PromptStream(train_rows, tokenizer, cfg.rollout.prompts_per_step, rank, world, cfg.data.shuffle_seed,
+                          cfg.data.max_prompt_tokens, cfg.data.long_prompts, cfg.data.chat_template)
+    eval_set = None
+    if eval_rows is not None:
+        enc = PromptStream(eval_rows, tokenizer, world, 0, world, 0, cfg.data.max_prompt_tokens, "truncate", cfg.data.chat_template)
+        eval_set = [{"ids": enc.encode(i).ids, "answer": str(eval_rows[i]["answer"])} for i in range(min(len(eval_rows), cfg.eval.max_prompts))]
+
+    metrics = MetricsWriter(cfg.logging.dir, rank, getattr(student, "monitor", None))
+    start_step = 0
+    if cfg.checkpoint.resume:
+        client = checkpoint.resume(student, cfg.checkpoint.dir)
+        if client is not None:
+            start_step = client["step"]
+            stream.load_state_dict(client["data"])
+            metrics.truncate_after(start_step)
+            log(rank, f"resumed from {cfg.checkpoint.dir} at step {start_step}")
+    if rank == 0:
+        Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.logging.dir) / "config.json").write_text(__import__("json").dumps(to_dict(cfg), indent=2, default=str))
+
+    total = cfg.optim.steps
+    sampling = SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    l_max = cfg.rollout.guidance_max_len or cfg.rollout.max_new_tokens
+    k = objective.kernel_options(0, total)["k"]
+
+    def run_eval(step: int) -> None:
+        if eval_set is None:
+            return
+        result = evaluate(student_rollout, student, tokenizer, eval_set, cfg.eval, cfg.rollout.gather_params, device)
+        metrics.write(step, {k_: v for k_, v in result.items() if k_ != "eval_examples"} | {"eval_examples": result["eval_examples"]})
+        log(rank, f"step {step}: held-out accuracy {result['eval_accuracy']:.3f} ({result['eval_completions']} completions)")
+
+    if start_step == 0:
+        run_eval(0)
+
+    progress = None
+    if rank == 0 and cfg.logging.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total, initial=start_step, desc="distill", unit="step", dynamic_ncols=True)
+    for step in range(start_step, total):
+        t0 = time.perf_counter()
+        batch_prompts = stream.next_batch()
+        expanded = [p for p in batch_prompts for _ in range(cfg.rollout.samples_per_prompt)]
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
+        if cfg.rollout.guidance and cfg.rollout.prefix_source == "teacher":
+            responses = rollout.teacher_responses(teacher_rollout, teacher, batch_prompts, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id, device)
+            for p, r in zip(batch_prompts, responses):
+                p.response_ids = r
+        prefixes = rollout.choose_prefixes(expanded, step, total, l_max, cfg.rollout.guidance, gen)
+        tokens = rollout.sample(student_rollout, student, expanded, prefixes, sampling, cfg.rollout.gather_params,
+                                tokenizer.pad_token_id, tokenizer.eos_token_id, device)
+        t1 = time.perf_counter()
+        k = objective.kernel_options(step, total)["k"]
+        teachers = scoring.score(teacher, tokens, mb, k, cfg.objective.temperature)
+        t2 = time.perf_counter()
+        n_local = torch.tensor([float((tokens.sampled | tokens.prefix).sum())])
+        if world > 1:
+            dist.all_reduce(n_local)
+        token_count = float(n_local) / (world * grad_accum)
+        student.train()
+        mb_metrics = update.update(student, objective, tokens, teachers, mb, step, total, cfg.objective.temperature, token_count, gen)
+        t3 = time.perf_counter()
+
+        resp_len = (tokens.sampled.sum(1)).float().mean().item()
+        pre_len = (tokens.prefix.sum(1)).float().mean().item()
+        local = [dict(m, response_len=resp_len, prefix_len=pre_len) for m in mb_metrics]
+        record = reduce_across_ranks(local)
+        grad_norm = student.get_global_grad_norm()
+        record.update(
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            lr=student.get_lr()[0],
+            tokens_per_s=float(n_local) / max(t3 - t0, 1e-9),
+            time_rollout_s=t1 - t0, time_teacher_s=t2 - t1, time_update_s=t3 - t2,
+            k=k, prompts_truncated=stream.truncated, prompts_skipped=stream.skipped,
+        )
+        if cfg.logging.samples_every and (step + 1) % cfg.logging.samples_every == 0:
+            record["sample"] = tokenizer.decode(tokens.input_ids[0][tokens.attention_mask[0].bool()], skip_special_tokens=True)
+        metrics.write(step + 1, record)
+        if progress is not None:
+            progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", trust=f"{record.get('trust_fraction', float('nan')):.2f}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")
+            progress.update(1)
+        done = step + 1
+        if cfg.eval.every and done % cfg.eval.every == 0 and done < total:
+            run_eval(done)
+        stopping = bool(cfg.checkpoint.stop_after) and done - start_step >= cfg.checkpoint.stop_after and done < total
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or stopping:
+            checkpoint.save(student, cfg.checkpoint.dir, done, {"data": stream.state_dict()}, cfg.checkpoint.keep_last)
+        if stopping:
+            if progress is not None:
+                progress.close()
+            log(rank, f"stopping after step {done} as checkpoint.stop_after asks; relaunch the same command to resume")
+            return 0
+    if progress is not None:
+        progress.close()
+    if start_step < total:
+        run_eval(total)
+    checkpoint.export(student, tokenizer, cfg.checkpoint.export_dir)
+    log(rank, f"exported the student to {cfg.checkpoint.export_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
