@@ -37,7 +37,8 @@ def resume(engine, ckpt_dir: str) -> dict | None:
     if path is None:
         return None
     rank = dist.get_rank() if dist.is_initialized() else 0
-    rng = torch.load(Path(path) / f"rng_rank{rank}.pt", weights_only=False)
+    tag = (Path(ckpt_dir) / "latest").read_text().strip()
+    rng = torch.load(Path(ckpt_dir) / tag / f"rng_rank{rank}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     return client

@@ -43,9 +43,14 @@ def _eval(argv) -> int:
         chunk = [rows[i] for i in range(start, min(n, start + 64))]
         enc = tok([render_prompt(tok, r["prompt"], False) for r in chunk], return_tensors="pt", padding=True)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                                 temperature=args.temperature if args.temperature > 0 else None,
-                                 num_return_sequences=args.samples, pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                **enc,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=args.temperature > 0,
+                temperature=args.temperature if args.temperature > 0 else None,
+                num_return_sequences=args.samples,
+                pad_token_id=tok.pad_token_id,
+            )
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for j, text in enumerate(texts):
             correct += is_correct(text, chunk[j // args.samples]["answer"])
@@ -66,8 +71,19 @@ def _export(argv) -> int:
     args = ap.parse_args(argv)
     from . import train
 
-    return train.main(["--config", args.config, *sum((["--set", o] for o in args.overrides), []),
-                       "--set", f"checkpoint.export_dir={args.out}", "--set", "optim.steps=0", "--set", "checkpoint.resume=true"])
+    return train.main(
+        [
+            "--config",
+            args.config,
+            *sum((["--set", o] for o in args.overrides), []),
+            "--set",
+            f"checkpoint.export_dir={args.out}",
+            "--set",
+            "optim.steps=0",
+            "--set",
+            "checkpoint.resume=true",
+        ]
+    )
 
 
 def main(argv=None) -> int:

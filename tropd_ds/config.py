@@ -111,10 +111,23 @@ class RunConfig:
     seed: int = 0
 
 
-PATH_FIELDS = {("student", "path"), ("student", "ds_config"), ("teacher", "path"), ("teacher", "ds_config"),
-               ("data", "path"), ("data", "eval_path"), ("checkpoint", "dir"), ("checkpoint", "export_dir"), ("logging", "dir")}
-CHOICES = {("data", "long_prompts"): ("truncate", "skip"), ("rollout", "prefix_source"): ("data", "teacher"),
-           ("student", "dtype"): ("float32", "bfloat16", "float16"), ("teacher", "dtype"): ("float32", "bfloat16", "float16")}
+PATH_FIELDS = {
+    ("student", "path"),
+    ("student", "ds_config"),
+    ("teacher", "path"),
+    ("teacher", "ds_config"),
+    ("data", "path"),
+    ("data", "eval_path"),
+    ("checkpoint", "dir"),
+    ("checkpoint", "export_dir"),
+    ("logging", "dir"),
+}
+CHOICES = {
+    ("data", "long_prompts"): ("truncate", "skip"),
+    ("rollout", "prefix_source"): ("data", "teacher"),
+    ("student", "dtype"): ("float32", "bfloat16", "float16"),
+    ("teacher", "dtype"): ("float32", "bfloat16", "float16"),
+}
 
 
 def _suggest(key: str, valid: list[str]) -> str:

@@ -27,7 +27,12 @@ def load_rows(path: str, split: str = "train", what: str = "data.path"):
         builder = BUILDERS.get(p.suffix)
         if builder is None:
             raise ConfigError(f"{what}={path!r}: unknown file type {p.suffix!r}; expected one of {', '.join(BUILDERS)}")
-        ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+        if p.stat().st_size == 0:
+            raise ConfigError(f"{what}={path!r} is empty: expected at least one row with a 'prompt'")
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+        except Exception as exc:  # datasets raises many kinds of errors for unreadable files
+            raise ConfigError(f"{what}={path!r} could not be read as {builder}: {type(exc).__name__}: {exc}") from exc
     elif "/" in path and not path.startswith(("/", ".")) and not p.parent.exists():
         ds = datasets.load_dataset(path, split=split)  # a hub name (needs a network)
     else:
@@ -62,8 +67,7 @@ class PromptStream:
     """Global order: a seeded permutation per epoch; each step takes the next `per_step` prompts and
     rank r keeps its contiguous share. The state is (epoch, cursor), the same on every rank."""
 
-    def __init__(self, ds, tokenizer, per_step: int, rank: int, world: int, seed: int, max_prompt_tokens: int,
-                 long_prompts: str, chat_template: bool = False):
+    def __init__(self, ds, tokenizer, per_step: int, rank: int, world: int, seed: int, max_prompt_tokens: int, long_prompts: str, chat_template: bool = False):
         if per_step % world:
             raise ConfigError(f"rollout.prompts_per_step={per_step} does not divide among {world} ranks: use a multiple of {world}")
         self.ds, self.tok = ds, tokenizer

@@ -12,9 +12,8 @@ import math
 from pathlib import Path
 
 import torch
-from torch import nn
-
 import tropd_kernels as tk
+from torch import nn
 
 from .config import ConfigError, ModelConfig, OptimConfig
 
@@ -115,8 +114,7 @@ class TeacherScorer(_Wrapped):
 class StudentTerms(_Wrapped):
     """forward(input_ids, attention_mask, select, teacher fields, kernel options) -> TokenTerms fields."""
 
-    def forward(self, input_ids, attention_mask, select, t_ids, t_logprobs, t_target, t_entropy, temperature: float,
-                fkl_mode: str, logprob_floor, fkl_cover):
+    def forward(self, input_ids, attention_mask, select, t_ids, t_logprobs, t_target, t_entropy, temperature: float, fkl_mode: str, logprob_floor, fkl_cover):
         hidden = self._hidden(input_ids, attention_mask)[select]
         targets = input_ids[:, 1:][select]
         weight, bias = _vocab_slice(*self._head(), self.n_tokens)

@@ -60,7 +60,7 @@ def sample(
     device,
 ) -> RolloutTokens:
     """One rollout per entry of `prompts` (already expanded to n per prompt), continuing after its prefix."""
-    from deepspeed.runtime.rollout import RolloutRequest, ResponseTokenBatch
+    from deepspeed.runtime.rollout import ResponseTokenBatch, RolloutRequest
 
     seqs = [p.ids + pre for p, pre in zip(prompts, prefixes)]
     ids, mask = left_pad(seqs, pad_id, device)
@@ -80,9 +80,7 @@ def sample(
     return RolloutTokens(batch.input_ids, attention, sampled.bool(), prefix, [p.index for p in prompts], width)
 
 
-def choose_prefixes(
-    prompts: list[Prompt], step: int, total_steps: int, l_max: int, enabled: bool, generator: torch.Generator
-) -> list[list[int]]:
+def choose_prefixes(prompts: list[Prompt], step: int, total_steps: int, l_max: int, enabled: bool, generator: torch.Generator) -> list[list[int]]:
     """Per rollout, l ~ Uniform{0 .. min(l_max(step), |y_T|)} tokens of the teacher response."""
     out = []
     for p in prompts:

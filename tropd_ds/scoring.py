@@ -4,7 +4,6 @@ per response token (sampled or prefix). Teacher logits never exist beyond one ch
 from __future__ import annotations
 
 import torch
-
 import tropd_kernels as tk
 
 from .rollout import RolloutTokens

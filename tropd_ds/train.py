@@ -23,8 +23,9 @@ from .config import ConfigError, RunConfig, load_config, to_dict
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="tropd-ds train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=False, help="YAML or JSON run config")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field, e.g. --set objective.name=opd (repeatable)")
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. --set objective.name=opd (repeatable)"
+    )
     ap.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -106,14 +107,26 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
     student, _keep_s = student_engine(cfg.student, cfg.optim, n_tokens, mb, grad_accum)
     teacher, _keep_t = teacher_engine(cfg.teacher, n_tokens)
     offload = teacher.config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none") if isinstance(teacher.config, dict) else "?"
-    log(rank, f"{world} ranks; student ZeRO stage {student.zero_optimization_stage()}, teacher ZeRO stage "
-              f"{teacher.zero_optimization_stage()} with offload_param={offload}; generation "
-              f"{'with all parameters gathered' if cfg.rollout.gather_params else 'layer by layer (ZeRO-3 gathers per forward)'}")
+    log(
+        rank,
+        f"{world} ranks; student ZeRO stage {student.zero_optimization_stage()}, teacher ZeRO stage "
+        f"{teacher.zero_optimization_stage()} with offload_param={offload}; generation "
+        f"{'with all parameters gathered' if cfg.rollout.gather_params else 'layer by layer (ZeRO-3 gathers per forward)'}",
+    )
     student_rollout = HybridEngineRollout(student, tokenizer)
     teacher_rollout = HybridEngineRollout(teacher, tokenizer)
 
-    stream = PromptStream(train_rows, tokenizer, cfg.rollout.prompts_per_step, rank, world, cfg.data.shuffle_seed,
-                          cfg.data.max_prompt_tokens, cfg.data.long_prompts, cfg.data.chat_template)
+    stream = PromptStream(
+        train_rows,
+        tokenizer,
+        cfg.rollout.prompts_per_step,
+        rank,
+        world,
+        cfg.data.shuffle_seed,
+        cfg.data.max_prompt_tokens,
+        cfg.data.long_prompts,
+        cfg.data.chat_template,
+    )
     eval_set = None
     if eval_rows is not None:
         enc = PromptStream(eval_rows, tokenizer, world, 0, world, 0, cfg.data.max_prompt_tokens, "truncate", cfg.data.chat_template)
@@ -162,8 +175,9 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
             for p, r in zip(batch_prompts, responses):
                 p.response_ids = r
         prefixes = rollout.choose_prefixes(expanded, step, total, l_max, cfg.rollout.guidance, gen)
-        tokens = rollout.sample(student_rollout, student, expanded, prefixes, sampling, cfg.rollout.gather_params,
-                                tokenizer.pad_token_id, tokenizer.eos_token_id, device)
+        tokens = rollout.sample(
+            student_rollout, student, expanded, prefixes, sampling, cfg.rollout.gather_params, tokenizer.pad_token_id, tokenizer.eos_token_id, device
+        )
         t1 = time.perf_counter()
         k = objective.kernel_options(step, total)["k"]
         teachers = scoring.score(teacher, tokens, mb, k, cfg.objective.temperature)
@@ -185,15 +199,20 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             lr=student.get_lr()[0],
             tokens_per_s=float(n_local) / max(t3 - t0, 1e-9),
-            time_rollout_s=t1 - t0, time_teacher_s=t2 - t1, time_update_s=t3 - t2,
-            k=k, prompts_truncated=stream.truncated, prompts_skipped=stream.skipped,
+            time_rollout_s=t1 - t0,
+            time_teacher_s=t2 - t1,
+            time_update_s=t3 - t2,
+            k=k,
+            prompts_truncated=stream.truncated,
+            prompts_skipped=stream.skipped,
         )
         if cfg.logging.samples_every and (step + 1) % cfg.logging.samples_every == 0:
             record["sample"] = tokenizer.decode(tokens.input_ids[0][tokens.attention_mask[0].bool()], skip_special_tokens=True)
         metrics.write(step + 1, record)
         if progress is not None:
-            progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", trust=f"{record.get('trust_fraction', float('nan')):.2f}",
-                                 tok_s=f"{record['tokens_per_s']:.0f}")
+            progress.set_postfix(
+                loss=f"{record.get('loss', float('nan')):.4f}", trust=f"{record.get('trust_fraction', float('nan')):.2f}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
             progress.update(1)
         done = step + 1
         if cfg.eval.every and done % cfg.eval.every == 0 and done < total:

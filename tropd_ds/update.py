@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import torch
-
 import tropd_kernels as tk
 
 from .rollout import RolloutTokens
 
 
-def update(engine, objective, rollout: RolloutTokens, teachers: list[tk.TeacherTopK], micro_batch: int, step: int,
-           total_steps: int, temperature: float, token_count: float, generator: torch.Generator) -> list[dict]:
+def update(
+    engine,
+    objective,
+    rollout: RolloutTokens,
+    teachers: list[tk.TeacherTopK],
+    micro_batch: int,
+    step: int,
+    total_steps: int,
+    temperature: float,
+    token_count: float,
+    generator: torch.Generator,
+) -> list[dict]:
     """One optimiser step over this rank's rollouts, `micro_batch` rows at a time.
 
     `token_count` is the global number of response tokens divided by (ranks x micro-batches), the
@@ -23,11 +32,11 @@ def update(engine, objective, rollout: RolloutTokens, teachers: list[tk.TeacherT
         rows = slice(start, start + micro_batch)
         select = select_all[rows]
         teacher = teachers[i]
-        fields = engine(rollout.input_ids[rows], rollout.attention_mask[rows], select, *teacher, temperature,
-                        opts["fkl_mode"], opts["logprob_floor"], opts["fkl_cover"])
+        fields = engine(
+            rollout.input_ids[rows], rollout.attention_mask[rows], select, *teacher, temperature, opts["fkl_mode"], opts["logprob_floor"], opts["fkl_cover"]
+        )
         terms = tk.TokenTerms(*fields)
-        out = objective(terms, teacher, rollout.sampled[rows][select], rollout.prefix[rows][select], step, total_steps,
-                        generator, token_count=token_count)
+        out = objective(terms, teacher, rollout.sampled[rows][select], rollout.prefix[rows][select], step, total_steps, generator, token_count=token_count)
         engine.backward(out.loss)
         engine.step()
         metrics.append(out.metrics)

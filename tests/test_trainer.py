@@ -1,0 +1,220 @@
+"""The trainer under the real `deepspeed` launcher on 2 CPU ranks, with tiny Llama models built from
+configs (teacher larger than the student), plus its checks that run before any engine starts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tropd_ds.config import ConfigError, load_config
+from tropd_ds.demo_models import build_llama
+from tropd_ds.demo_task import build_tokenizer, write_splits
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = Path(sys.executable).with_name("deepspeed")
+STEP_KEYS = {
+    "loss",
+    "trust_fraction",
+    "log_ratio_mean",
+    "log_ratio_p1",
+    "log_ratio_p10",
+    "outlier_fkl_mean",
+    "topk_mass_mean",
+    "student_entropy_mean",
+    "teacher_entropy_mean",
+    "response_len",
+    "prefix_len",
+    "loss_trusted",
+    "loss_outlier",
+    "loss_guidance",
+    "grad_norm",
+    "lr",
+    "tokens_per_s",
+    "time_rollout_s",
+    "time_teacher_s",
+    "time_update_s",
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    tok = build_tokenizer()
+    build_llama(root / "teacher", tok, hidden=64, layers=2, heads=4, mlp=128, seed=1)
+    build_llama(root / "student", tok, hidden=32, layers=1, heads=2, mlp=64, seed=2)
+    write_splits(root / "data", n_train=200, n_eval=16)
+    return root
+
+
+def write_config(root: Path, name: str, **sections) -> Path:
+    cfg = {
+        "student": {"path": str(root / "student"), "ds_config": str(ROOT / "ds_configs/cpu_student_zero3.json"), "micro_batch_size": 2},
+        "teacher": {"path": str(root / "teacher"), "ds_config": str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json"), "micro_batch_size": 4},
+        "data": {"path": str(root / "data/train.jsonl"), "eval_path": str(root / "data/eval.jsonl"), "max_prompt_tokens": 32},
+        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 12, "guidance": True},
+        "objective": {"name": "tropd", "options": {"k": 8}},
+        "optim": {"steps": 6, "lr": 1e-3},
+        "checkpoint": {"dir": str(root / name / "ckpt"), "every": 3, "keep_last": 2, "export_dir": str(root / name / "export")},
+        "logging": {"dir": str(root / name / "logs"), "samples_every": 2, "progress": True},
+        "eval": {"max_prompts": 8, "max_new_tokens": 12},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "tropd_ds.train", "--config", str(config)]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(cmd, env=env, cwd=config.parent, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "logs/metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(workspace):
+    proc = launch(write_config(workspace, "full"))
+    return workspace / "full", proc
+
+
+def test_guided_tropd_run_logs_every_metric_and_exports_a_loadable_student(full_run):
+    run_dir, proc = full_run
+    assert "offload_param=cpu" in proc.stdout  # the teacher engine runs with its parameters offloaded
+    steps = [r for r in records(run_dir) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for r in steps:
+        assert STEP_KEYS <= set(r), STEP_KEYS - set(r)
+        assert all(math.isfinite(r[k]) for k in STEP_KEYS), r
+    assert sum(r["prefix_len"] for r in steps) > 0  # guidance from the teacher_response column happened
+    evals = [r for r in records(run_dir) if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 6]
+    assert any("sample" in r for r in steps)
+    assert (run_dir.parent / "runs/monitor/student").is_dir() or any(run_dir.parent.rglob("tropd_loss.csv"))
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "export")
+    tok = AutoTokenizer.from_pretrained(run_dir / "export")
+    ids = tok("3+4=", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+    initial = AutoModelForCausalLM.from_pretrained(run_dir.parent / "student")
+    moved = [not torch.equal(a, b) for a, b in zip(model.state_dict().values(), initial.state_dict().values())]
+    assert any(moved), "the exported student equals the initial one: training changed nothing"
+    assert sorted(p.name for p in (run_dir / "ckpt").glob("step*")) == ["step3", "step6"]
+
+
+def test_stopping_after_step_3_and_resuming_reproduces_steps_4_to_6(workspace, full_run):
+    config = write_config(workspace, "resumed")
+    first = launch(config, "checkpoint.stop_after=3")
+    assert "stopping after step 3" in first.stdout
+    launch(config)
+    resumed = {r["step"]: r for r in records(workspace / "resumed") if "loss" in r}
+    full = {r["step"]: r for r in records(full_run[0]) if "loss" in r}
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        for key in ("loss", "grad_norm", "trust_fraction", "response_len"):
+            assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-6, abs=1e-9), (step, key)
+
+
+# ----------------------------------------------------------------------------- before any engine starts
+
+
+def run_main(*argv: str) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "tropd_ds.train", *argv], capture_output=True, text=True, timeout=300, env={**os.environ, "WORLD_SIZE": "1"})
+    return proc.returncode, proc.stderr
+
+
+def test_missing_model_folder_is_a_clear_error(workspace):
+    code, err = run_main("--config", str(write_config(workspace, "bad1")), "--set", "student.path=/nonexistent/model")
+    assert code == 2 and "student.path='/nonexistent/model': expected a Hugging Face model folder" in err
+
+
+def test_data_without_prompt_column_and_empty_data_are_clear_errors(workspace):
+    bad = workspace / "noprompt.jsonl"
+    bad.write_text('{"question": "1+1=", "answer": "2"}\n')
+    code, err = run_main("--config", str(write_config(workspace, "bad2")), "--set", f"data.path={bad}")
+    assert code == 2 and "a 'prompt' column is required" in err and "question" in err
+    empty = workspace / "empty.jsonl"
+    empty.write_text("")
+    code, err = run_main("--config", str(write_config(workspace, "bad3")), "--set", f"data.path={empty}")
+    assert code == 2 and "is empty: expected at least one row" in err, err
+
+
+def test_teacher_with_a_different_tokenizer_is_refused_before_loading(workspace, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(workspace / "teacher")
+    tok.add_tokens(["<extra>"])
+    other = tmp_path / "teacher2"
+    other.mkdir()
+    tok.save_pretrained(other)
+    (other / "config.json").write_text((workspace / "teacher/config.json").read_text())
+    code, err = run_main("--config", str(write_config(workspace, "bad4")), "--set", f"teacher.path={other}")
+    assert code == 2 and "tokenizer" in err and "differ" in err
+
+
+def test_batch_shapes_that_do_not_divide_are_refused(workspace):
+    code, err = run_main("--config", str(write_config(workspace, "bad5")), "--set", "student.micro_batch_size=3")
+    assert code == 2 and "student.micro_batch_size=3 does not divide the 8 rollouts per rank" in err
+
+
+def test_unknown_config_key_suggests_the_closest(workspace):
+    with pytest.raises(ConfigError, match=r"unknown config key 'rollout.max_new_token'; did you mean 'max_new_tokens'"):
+        load_config(write_config(workspace, "bad6"), ["rollout.max_new_token=3"])
+    with pytest.raises(ConfigError, match=r"optim.lr='fast': expected float"):
+        load_config(write_config(workspace, "bad7"), ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"config file '/nope.yaml' does not exist"):
+        load_config("/nope.yaml")
+
+
+def test_set_overrides_any_field_and_paths_resolve_against_the_config(workspace):
+    cfg = load_config(write_config(workspace, "ok"), ["objective.name=opd", "objective.options={}", "rollout.temperature=0.7"])
+    assert cfg.objective.name == "opd" and cfg.objective.options == {} and cfg.rollout.temperature == 0.7
+    assert Path(cfg.student.path).is_absolute()
+
+
+def test_prompt_stream_is_deterministic_sharded_resumable_and_counts_long_prompts(workspace):
+    from transformers import AutoTokenizer
+
+    from tropd_ds.data import PromptStream, load_rows
+
+    rows = load_rows(str(workspace / "data/train.jsonl"))
+    tok = AutoTokenizer.from_pretrained(workspace / "student")
+    streams = [PromptStream(rows, tok, 4, r, 2, seed=5, max_prompt_tokens=8, long_prompts="truncate") for r in range(2)]
+    first = [[p.index for p in s.next_batch()] for s in streams]
+    assert len(first[0]) == 2 and not set(first[0]) & set(first[1])
+    state = streams[0].state_dict()
+    after = [p.index for p in streams[0].next_batch()]
+    again = PromptStream(rows, tok, 4, 0, 2, seed=5, max_prompt_tokens=8, long_prompts="truncate")
+    again.load_state_dict(state)
+    assert [p.index for p in again.next_batch()] == after
+    assert all(len(p.ids) <= 8 for p in again.next_batch())
+    assert again.truncated > 0  # 4-5 operand prompts are 8-10 characters
+    skipping = PromptStream(rows, tok, 2, 0, 1, seed=5, max_prompt_tokens=8, long_prompts="skip")
+    kept = skipping.next_batch()
+    assert all(len(p.ids) <= 8 for p in kept) and skipping.skipped > 0
