@@ -1,0 +1,57 @@
+"""The trainer's student path under ZeRO-3 on 2 CPU ranks: the update that reaches the partitioned
+lm_head and the layers below it (through the hidden states) equals one process without DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import zero3_student_worker as worker  # noqa: E402
+
+
+def test_student_update_under_zero3_equals_single_process(tmp_path):
+    from tropd_ds.demo_models import build_llama
+    from tropd_ds.demo_task import build_tokenizer
+
+    build_llama(tmp_path / "student", build_tokenizer(), hidden=32, layers=2, heads=2, mlp=64, seed=3)
+    out = tmp_path / "zero3.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [
+        str(Path(sys.executable).with_name("deepspeed")),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        str(HERE / "zero3_student_worker.py"),
+        str(tmp_path / "student"),
+        str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["lm_head_partitioned"], "lm_head was not partitioned: the test would prove nothing"
+
+    want = worker.reference_step(str(tmp_path / "student"))
+    from transformers import AutoModelForCausalLM
+
+    initial = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "student").named_parameters())
+    assert set(result["params"]) == set(want)
+    bad = []
+    for name, p in want.items():
+        got = torch.tensor(result["params"][name])
+        assert not torch.equal(got, initial[name.removeprefix("lm.")].detach()), f"{name} did not move"
+        if not torch.allclose(got, p, rtol=1e-5, atol=1e-6):
+            bad.append((name, float((got - p).abs().max())))
+    assert not bad, "; ".join(f"{n}: {e:.2e}" for n, e in bad)

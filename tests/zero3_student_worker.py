@@ -1,0 +1,95 @@
+"""One student update through the trainer's own pieces (ZeRO-3 aware loading, StudentTerms, objective)
+on 2 CPU ranks; rank 0 writes the gathered parameters after one SGD step.
+
+Launched by tests/test_zero3_student.py; `reference_step` runs the same batch in one process
+without DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+import tropd_kernels as tk
+from tropd_ds.config import ModelConfig
+from tropd_ds.objectives import loss_fn
+
+SEQ, K, LR = 10, 6, 0.5
+
+
+def batch(rank: int, vocab: int):
+    g = torch.Generator().manual_seed(10 + rank)
+    ids = torch.randint(3, vocab, (2, SEQ), generator=g)
+    mask = torch.ones_like(ids)
+    select = torch.zeros(2, SEQ - 1, dtype=torch.bool)
+    select[:, 3:] = True
+    targets = ids[:, 1:][select]
+    teacher = tk.teacher_topk(torch.randn(len(targets), vocab, generator=g) * 2, targets, K)
+    prefix = torch.zeros(len(targets), dtype=torch.bool)
+    prefix[:3] = True
+    return ids, mask, select, teacher, ~prefix, prefix
+
+
+def loss_of(model, rank: int, vocab: int, token_count: float):
+    ids, mask, select, teacher, sampled, prefix = batch(rank, vocab)
+    terms = tk.TokenTerms(*model(ids, mask, select, *teacher, 1.0, "tail", -10.0, None))
+    objective = loss_fn("tropd", trust_mode="expected", beta=0.1)
+    return objective(terms, teacher, sampled, prefix, 0, 1, token_count=token_count).loss
+
+
+def total_tokens(vocab: int) -> float:
+    return float(sum(int(batch(r, vocab)[2].sum()) for r in range(2)))
+
+
+def reference_step(model_dir: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from tropd_ds.models import StudentTerms
+
+    lm = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = StudentTerms(lm, lm.config.vocab_size)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    vocab = lm.config.vocab_size
+    loss = sum(loss_of(model, r, vocab, total_tokens(vocab)) for r in range(2))
+    loss.backward()
+    opt.step()
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def main(model_dir: str, out_path: str) -> None:
+    import deepspeed
+
+    from tropd_ds.models import StudentTerms, load_causal_lm
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
+    }
+    lm, _keep = load_causal_lm(ModelConfig(path=model_dir), config)
+    model = StudentTerms(lm, lm.config.vocab_size)
+    head = lm.get_output_embeddings().weight
+    partitioned = head.numel() == 0 or getattr(head, "ds_numel", 0) > head.numel()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config)
+    vocab = lm.config.vocab_size
+    # DeepSpeed averages gradients over the 2 ranks: a token count of total / 2 makes the sum exact
+    loss = loss_of(engine, rank, vocab, total_tokens(vocab) / 2)
+    engine.backward(loss)
+    engine.step()
+    params = {}
+    for name, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            params[name] = p.detach().clone().tolist()
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump({"params": params, "lm_head_partitioned": bool(partitioned)}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[-2], sys.argv[-1])
