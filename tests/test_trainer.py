@@ -218,3 +218,26 @@ def test_prompt_stream_is_deterministic_sharded_resumable_and_counts_long_prompt
     skipping = PromptStream(rows, tok, 2, 0, 1, seed=5, max_prompt_tokens=8, long_prompts="skip")
     kept = skipping.next_batch()
     assert all(len(p.ids) <= 8 for p in kept) and skipping.skipped > 0
+
+
+def test_export_and_eval_commands_on_the_finished_run(workspace, full_run, tmp_path):
+    from safetensors.torch import load_file
+
+    run_dir, _ = full_run
+    cli = str(Path(sys.executable).with_name("tropd-ds"))
+    out = tmp_path / "exported"
+    proc = subprocess.run([cli, "export", "--config", str(workspace / "full.yaml"), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, runs = load_file(out / "model.safetensors"), load_file(run_dir / "export/model.safetensors")
+    assert sorted(ours) == sorted(runs) and all(bool((ours[k] == runs[k]).all()) for k in ours)
+    proc = subprocess.run(
+        [cli, "eval", str(out), "--data", str(workspace / "data/eval.jsonl"), "--max-prompts", "8", "--max-new-tokens", "12"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["eval_completions"] == 8 and 0 <= result["eval_accuracy"] <= 1
+    bad = subprocess.run([cli, "export", "--config", str(workspace / "full.yaml"), "--out", str(out), "--tag", "step99"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "checkpoint tag 'step99' is not in" in bad.stderr and "step6" in bad.stderr

@@ -10,8 +10,8 @@ import json
 import sys
 
 import torch
-
 import tropd_kernels as tk
+
 from tropd_ds.config import ModelConfig
 from tropd_ds.objectives import loss_fn
 

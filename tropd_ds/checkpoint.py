@@ -59,3 +59,30 @@ def export(engine, tokenizer, out_dir: str) -> None:
         lm.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
     _barrier()
+
+
+def export_from_checkpoint(ckpt_dir: str, student_path: str, out_dir: str, tag: str | None = None) -> str:
+    """Consolidate a ZeRO checkpoint (any number of ranks) on the CPU, without engines, and save it
+    with the student's config and tokenizer as a Hugging Face folder."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .config import ConfigError
+
+    if tag is None:
+        latest = Path(ckpt_dir) / "latest"
+        if not latest.is_file():
+            raise ConfigError(f"checkpoint.dir={ckpt_dir!r} has no 'latest' file: no checkpoint to export")
+        tag = latest.read_text().strip()
+    if not (Path(ckpt_dir) / tag).is_dir():
+        tags = sorted(p.name for p in Path(ckpt_dir).glob("step*"))
+        raise ConfigError(f"checkpoint tag {tag!r} is not in {ckpt_dir!r}: available {tags}")
+    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    state = {k.removeprefix("lm."): v for k, v in state.items()}
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if "rotary" not in m]:
+        raise ConfigError(f"checkpoint {tag} does not match the student at {student_path}: missing {missing}, unexpected {unexpected}")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(student_path).save_pretrained(out_dir)
+    return str(Path(ckpt_dir) / tag)

@@ -64,26 +64,23 @@ def _eval(argv) -> int:
 
 
 def _export(argv) -> int:
-    ap = argparse.ArgumentParser(prog="tropd-ds export", description="Export the newest checkpoint of a run as a Hugging Face folder.")
-    ap.add_argument("--config", required=True, help="the run's config")
+    ap = argparse.ArgumentParser(prog="tropd-ds export", description="Export a run's newest (or a named) DeepSpeed checkpoint as a Hugging Face folder.")
+    ap.add_argument("--config", required=True, help="the run's config (for the student folder and the checkpoint dir)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--tag", default=None, help="checkpoint tag, e.g. step200 (default: the newest)")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
-    from . import train
+    from .checkpoint import export_from_checkpoint
+    from .config import ConfigError, load_config
 
-    return train.main(
-        [
-            "--config",
-            args.config,
-            *sum((["--set", o] for o in args.overrides), []),
-            "--set",
-            f"checkpoint.export_dir={args.out}",
-            "--set",
-            "optim.steps=0",
-            "--set",
-            "checkpoint.resume=true",
-        ]
-    )
+    try:
+        cfg = load_config(args.config, args.overrides)
+        path = export_from_checkpoint(cfg.checkpoint.dir, cfg.student.path, args.out, args.tag)
+    except ConfigError as exc:
+        print(f"tropd-ds export: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {path} to {args.out}")
+    return 0
 
 
 def main(argv=None) -> int:
