@@ -241,3 +241,12 @@ def test_export_and_eval_commands_on_the_finished_run(workspace, full_run, tmp_p
     assert result["eval_completions"] == 8 and 0 <= result["eval_accuracy"] <= 1
     bad = subprocess.run([cli, "export", "--config", str(workspace / "full.yaml"), "--out", str(out), "--tag", "step99"], capture_output=True, text=True)
     assert bad.returncode == 2 and "checkpoint tag 'step99' is not in" in bad.stderr and "step6" in bad.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))
+def test_shipped_deepspeed_configs_are_zero3_and_teachers_offload(name):
+    cfg = json.loads((ROOT / "ds_configs" / name).read_text())
+    assert cfg["zero_optimization"]["stage"] == 3
+    if "teacher" in name:
+        assert cfg["zero_optimization"]["offload_param"]["device"] in ("cpu", "nvme")
+        assert "optimizer" not in cfg
