@@ -250,3 +250,72 @@ def test_shipped_deepspeed_configs_are_zero3_and_teachers_offload(name):
     if "teacher" in name:
         assert cfg["zero_optimization"]["offload_param"]["device"] in ("cpu", "nvme")
         assert "optimizer" not in cfg
+
+
+def test_teacher_generated_prefixes_with_a_teacher_micro_batch_of_its_own(workspace):
+    run = "teachergen"
+    proc = launch(
+        write_config(
+            workspace,
+            run,
+            rollout={"prefix_source": "teacher"},
+            teacher={"micro_batch_size": 3},
+            optim={"steps": 2},
+            checkpoint={"every": 0},
+            eval={"max_prompts": 2},
+        )
+    )
+    steps = [r for r in records(workspace / run) if "loss" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    assert sum(r["prefix_len"] for r in steps) > 0
+    assert "offload_param=cpu" in proc.stdout
+
+
+def test_answers_are_extracted_from_boxed_hash_or_last_number():
+    from tropd_ds.demo_task import extract_answer, is_correct, make_problem
+
+    assert extract_answer(r"so \boxed{42} and 7") == "42"
+    assert extract_answer("8+4=12;12-1=11;#11") == "11"
+    assert extract_answer("the total is 1,234.") == "1234"
+    assert extract_answer("no digits") is None
+    import random
+
+    row = make_problem(random.Random(0))
+    assert is_correct(row["teacher_response"], row["answer"])
+    assert not is_correct(row["teacher_response"] + "0", row["answer"])
+
+
+def test_chat_prompts_are_rendered_with_the_tokenizer_template(workspace):
+    from transformers import AutoTokenizer
+
+    from tropd_ds.data import render_prompt
+
+    tok = AutoTokenizer.from_pretrained(workspace / "student")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}={% endfor %}"
+    assert render_prompt(tok, [{"role": "user", "content": "1+2"}], chat_template=False) == "1+2="
+    assert render_prompt(tok, "3+4", chat_template=True) == "3+4="
+    assert render_prompt(tok, "3+4=", chat_template=False) == "3+4="
+
+
+def test_padded_embedding_rows_beyond_the_tokenizer_are_masked_out(workspace):
+    import torch
+    import tropd_kernels as tk
+    from transformers import AutoModelForCausalLM
+
+    from tropd_ds.models import StudentTerms
+
+    lm = AutoModelForCausalLM.from_pretrained(workspace / "student")
+    n = lm.config.vocab_size
+    padded = AutoModelForCausalLM.from_pretrained(workspace / "student")
+    padded.resize_token_embeddings(n + 6)
+    with torch.no_grad():
+        padded.lm_head.weight[n:] = 50.0  # would dominate every softmax if it were not masked
+    ids = torch.randint(3, n, (2, 7), generator=torch.Generator().manual_seed(0))
+    select = torch.ones(2, 6, dtype=torch.bool)
+    targets = ids[:, 1:][select]
+    teacher = tk.teacher_topk(torch.randn(len(targets), n), targets, 4)
+    args = (ids, torch.ones_like(ids), select, *teacher, 1.0, "paper", None, None)
+    plain = StudentTerms(lm, n)(*args)
+    masked = StudentTerms(padded, n)(*args)
+    for a, b in zip(plain, masked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -11,7 +11,7 @@ from .rollout import RolloutTokens
 
 @torch.no_grad()
 def score(teacher, rollout: RolloutTokens, micro_batch: int, k: int, temperature: float) -> list[tk.TeacherTopK]:
-    """TeacherTopK of the selected targets, one per micro-batch of `micro_batch` rollouts, in row order."""
+    """TeacherTopK of the selected targets, one per teacher micro-batch of `micro_batch` rollouts, in row order."""
     select = rollout.sampled | rollout.prefix
     out = []
     for start in range(0, rollout.input_ids.shape[0], micro_batch):

@@ -187,7 +187,8 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
         )
         t1 = time.perf_counter()
         k = objective.kernel_options(step, total)["k"]
-        teachers = scoring.score(teacher, tokens, mb, k, cfg.objective.temperature)
+        scored = scoring.score(teacher, tokens, cfg.teacher.micro_batch_size, k, cfg.objective.temperature)
+        teachers = scoring.split_rows(scoring.concat(scored), tokens.sampled | tokens.prefix, mb)
         t2 = time.perf_counter()
         n_local = torch.tensor([float((tokens.sampled | tokens.prefix).sum())])
         if world > 1:
