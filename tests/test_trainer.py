@@ -258,7 +258,7 @@ def test_teacher_generated_prefixes_with_a_teacher_micro_batch_of_its_own(worksp
         write_config(
             workspace,
             run,
-            rollout={"prefix_source": "teacher"},
+            rollout={"prefix_source": "teacher", "gather_params": False},
             teacher={"micro_batch_size": 3},
             optim={"steps": 2},
             checkpoint={"every": 0},
@@ -269,6 +269,7 @@ def test_teacher_generated_prefixes_with_a_teacher_micro_batch_of_its_own(worksp
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     assert sum(r["prefix_len"] for r in steps) > 0
     assert "offload_param=cpu" in proc.stdout
+    assert "layer by layer" in proc.stdout  # ZeRO-3 generation without gathering the whole student
 
 
 def test_answers_are_extracted_from_boxed_hash_or_last_number():
@@ -319,3 +320,22 @@ def test_padded_embedding_rows_beyond_the_tokenizer_are_masked_out(workspace):
     masked = StudentTerms(padded, n)(*args)
     for a, b in zip(plain, masked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_data_loads_from_parquet_and_from_a_saved_datasets_folder(tmp_path):
+    import datasets
+
+    from tropd_ds.data import load_rows
+
+    rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "4-1=", "answer": "3"}]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved_dict"))
+    for path in ("d.parquet", "saved", "saved_dict"):
+        assert load_rows(str(tmp_path / path))["prompt"] == ["1+2=", "4-1="]
+    with pytest.raises(ConfigError, match=r"has splits \['train'\]: data.split='test' is not one of them"):
+        load_rows(str(tmp_path / "saved_dict"), split="test")
+    with pytest.raises(ConfigError, match=r"unknown file type '.txt'"):
+        (tmp_path / "x.txt").write_text("hi")
+        load_rows(str(tmp_path / "x.txt"))
