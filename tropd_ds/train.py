@@ -8,6 +8,7 @@ metrics, evaluation and checkpoints on schedule.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -150,12 +151,11 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
             log(rank, f"resumed from {cfg.checkpoint.dir} at step {start_step}")
     if rank == 0:
         Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.logging.dir) / "config.json").write_text(__import__("json").dumps(to_dict(cfg), indent=2, default=str))
+        (Path(cfg.logging.dir) / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
 
     total = cfg.optim.steps
     sampling = SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
     l_max = cfg.rollout.guidance_max_len or cfg.rollout.max_new_tokens
-    k = objective.kernel_options(0, total)["k"]
 
     def run_eval(step: int) -> None:
         if eval_set is None:
@@ -178,7 +178,7 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
         expanded = [p for p in batch_prompts for _ in range(cfg.rollout.samples_per_prompt)]
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
         if cfg.rollout.guidance and cfg.rollout.prefix_source == "teacher":
-            responses = rollout.teacher_responses(teacher_rollout, teacher, batch_prompts, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id, device)
+            responses = rollout.teacher_responses(teacher_rollout, batch_prompts, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id, device)
             for p, r in zip(batch_prompts, responses):
                 p.response_ids = r
         prefixes = rollout.choose_prefixes(expanded, step, total, l_max, cfg.rollout.guidance, gen)
