@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test bench-cpu lint
+.PHONY: setup test demo bench-cpu lint
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,14 @@ $(VENV)/.installed: setup.py
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+# The main job: TrOPD with guidance on the embedded demo task, 2 CPU ranks under the deepspeed
+# launcher. Uses the shipped demo_assets/ (rebuilt by scripts/build_demo_models.py if missing).
+demo: setup
+	test -f demo_assets/teacher/model.safetensors || $(PY) scripts/build_demo_models.py --out demo_assets
+	rm -rf runs/demo
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 --module tropd_ds.train --config configs/demo.yaml
+	$(PY) scripts/plot_metrics.py runs/demo/logs/metrics.jsonl --out runs/demo/plots
 
 bench-cpu: setup
 	$(PY) scripts/bench_kernels.py --preset cpu --out bench_out/cpu

@@ -157,11 +157,14 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
     sampling = SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
     l_max = cfg.rollout.guidance_max_len or cfg.rollout.max_new_tokens
 
+    accuracies: list[tuple[int, float]] = []
+
     def run_eval(step: int) -> None:
         if eval_set is None:
             return
         result = evaluate(student_rollout, student, tokenizer, eval_set, cfg.eval, cfg.rollout.gather_params, device)
         metrics.write(step, {k_: v for k_, v in result.items() if k_ != "eval_examples"} | {"eval_examples": result["eval_examples"]})
+        accuracies.append((step, result["eval_accuracy"]))
         log(rank, f"step {step}: held-out accuracy {result['eval_accuracy']:.3f} ({result['eval_completions']} completions)")
 
     if start_step == 0:
@@ -239,6 +242,9 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
         run_eval(total)
     checkpoint.export(student, tokenizer, cfg.checkpoint.export_dir)
     log(rank, f"exported the student to {cfg.checkpoint.export_dir}")
+    if len(accuracies) >= 2:
+        (s0, a0), (s1, a1) = accuracies[0], accuracies[-1]
+        log(rank, f"held-out accuracy: {a0:.3f} at step {s0} -> {a1:.3f} at step {s1}; metrics in {metrics.path}")
     return 0
 
 
