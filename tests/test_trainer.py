@@ -193,8 +193,9 @@ def test_unknown_config_key_suggests_the_closest(workspace):
 
 
 def test_set_overrides_any_field_and_paths_resolve_against_the_config(workspace):
-    cfg = load_config(write_config(workspace, "ok"), ["objective.name=opd", "objective.options={}", "rollout.temperature=0.7"])
+    cfg = load_config(write_config(workspace, "ok"), ["objective.name=opd", "objective.options={}", "rollout.temperature=0.7", "optim.lr=3e-3"])
     assert cfg.objective.name == "opd" and cfg.objective.options == {} and cfg.rollout.temperature == 0.7
+    assert cfg.optim.lr == 0.003  # YAML 1.1 reads 3e-3 as a string; float fields accept it
     assert Path(cfg.student.path).is_absolute()
 
 
