@@ -4,11 +4,12 @@ launcher for a few steps, then the plots; plus the shipped assets are what the b
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launch import cpu_ranks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "demo_assets"
@@ -27,9 +28,6 @@ def test_shipped_demo_models_fit_the_brief():
 
 
 def test_shortened_demo_runs_end_to_end_and_plots(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     sets = {
         "optim.steps": 2,
         "rollout.prompts_per_step": 4,
@@ -41,23 +39,10 @@ def test_shortened_demo_runs_end_to_end_and_plots(tmp_path):
         "checkpoint.every": 0,
         "logging.dir": tmp_path / "logs",
     }
-    cmd = [
-        str(Path(sys.executable).with_name("deepspeed")),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(port),
-        "--module",
-        "tropd_ds.train",
-        "--config",
-        str(ROOT / "configs/demo.yaml"),
-    ]
+    args = ["--module", "tropd_ds.train", "--config", ROOT / "configs/demo.yaml"]
     for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        args += ["--set", f"{k}={v}"]
+    proc = cpu_ranks(args, cwd=tmp_path)
     assert "held-out accuracy:" in proc.stdout and (tmp_path / "export/model.safetensors").is_file()
     plots = subprocess.run(
         [sys.executable, str(ROOT / "scripts/plot_metrics.py"), str(tmp_path / "logs/metrics.jsonl"), "--out", str(tmp_path / "plots")],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,9 @@ from tropd_ds.demo_models import build_llama
 from tropd_ds.demo_task import build_tokenizer, write_splits
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCHER = Path(sys.executable).with_name("deepspeed")
+sys.path.insert(0, str(ROOT / "tests"))
+from launch import cpu_ranks  # noqa: E402
+
 STEP_KEYS = {
     "loss",
     "trust_fraction",
@@ -73,21 +74,11 @@ def write_config(root: Path, name: str, **sections) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(config: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "tropd_ds.train", "--config", str(config)]
+    args = ["--module", "tropd_ds.train", "--config", config]
     for o in overrides:
-        cmd += ["--set", o]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(cmd, env=env, cwd=config.parent, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+        args += ["--set", o]
+    return cpu_ranks(args, cwd=config.parent)
 
 
 def records(run_dir: Path) -> list[dict]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,30 +11,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import zero3_lm_head_worker as worker  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launch import cpu_ranks  # noqa: E402
 
 
 def test_zero3_step_with_partitioned_lm_head_matches_single_process(tmp_path):
     out = tmp_path / "zero3.json"
-    launcher = Path(sys.executable).with_name("deepspeed")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)  # the torch backend on CPU, as in training
-    cmd = [
-        str(launcher if launcher.exists() else "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(HERE / "zero3_lm_head_worker.py"),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cpu_ranks([HERE / "zero3_lm_head_worker.py", out], cwd=tmp_path, timeout=600)
     result = json.loads(out.read_text())
     assert result["lm_head_partitioned"], "lm_head.weight was not partitioned: the test would prove nothing"
 

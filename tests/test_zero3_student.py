@@ -4,9 +4,6 @@ lm_head and the layers below it (through the hidden states) equals one process w
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import zero3_student_worker as worker  # noqa: E402
+from launch import cpu_ranks  # noqa: E402
 
 
 def test_student_update_under_zero3_equals_single_process(tmp_path):
@@ -23,23 +21,7 @@ def test_student_update_under_zero3_equals_single_process(tmp_path):
 
     build_llama(tmp_path / "student", build_tokenizer(), hidden=32, layers=2, heads=2, mlp=64, seed=3)
     out = tmp_path / "zero3.json"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [
-        str(Path(sys.executable).with_name("deepspeed")),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(port),
-        str(HERE / "zero3_student_worker.py"),
-        str(tmp_path / "student"),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cpu_ranks([HERE / "zero3_student_worker.py", tmp_path / "student", out], cwd=tmp_path, timeout=600)
     result = json.loads(out.read_text())
     assert result["lm_head_partitioned"], "lm_head was not partitioned: the test would prove nothing"
 
