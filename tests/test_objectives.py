@@ -230,6 +230,13 @@ def test_k_and_coverage_schedules():
     assert obj.kernel_options(50, 100)["fkl_cover"] == pytest.approx(0.7)
 
 
+def test_objectives_without_a_topk_term_ask_the_teacher_for_k_1():
+    for name in ("opd", "mask_outlier", "clip_outlier", "reopold", "entropy_opd"):
+        assert loss_fn(name).kernel_options()["k"] == 1 and loss_fn(name).max_k() == 1
+    assert loss_fn("tropd").max_k() == 64 and loss_fn("tropd", k=8, k_end=32).max_k() == 32
+    assert loss_fn("eopd").max_k() == 16
+
+
 def test_guidance_schedule_is_cosine_from_l_max_to_zero_and_draws_are_seeded():
     assert max_prefix_len(0, 200, 100) == 100
     assert max_prefix_len(100, 200, 100) == 50

@@ -174,6 +174,18 @@ def test_batch_shapes_that_do_not_divide_are_refused(workspace):
     assert code == 2 and "student.micro_batch_size=3 does not divide the 8 rollouts per rank" in err
 
 
+def test_k_beyond_the_vocabulary_is_refused_only_where_a_topk_term_uses_it(workspace):
+    from tropd_ds.train import validate_before_engines
+
+    n_tokens = validate_before_engines(load_config(write_config(workspace, "k1"), ["objective.name=opd", "objective.options={}"]))[1]
+    assert n_tokens < 64  # opd passed with the default k = 64: its teacher pass uses k = 1
+    too_big = n_tokens + 1
+    with pytest.raises(ConfigError, match=rf"objective.options.k={too_big} exceeds the vocabulary \({n_tokens} tokens\)"):
+        validate_before_engines(load_config(write_config(workspace, "k2"), ["objective.name=tropd", f"objective.options={{k: {too_big}}}"]))
+    with pytest.raises(ConfigError, match=rf"objective.options.k_end={too_big} exceeds"):
+        validate_before_engines(load_config(write_config(workspace, "k3"), ["objective.name=fkl_topk", f"objective.options={{k: 2, k_end: {too_big}}}"]))
+
+
 def test_unknown_config_key_suggests_the_closest(workspace):
     with pytest.raises(ConfigError, match=r"unknown config key 'rollout.max_new_token'; did you mean 'max_new_tokens'"):
         load_config(write_config(workspace, "bad6"), ["rollout.max_new_token=3"])

@@ -62,6 +62,9 @@ APPLIES: dict[str, set[str]] = {
     "fkl_topk": set(_KERNEL),
 }
 OVERRIDES = {"eopd": {"k": 16, "fkl_mode": "renorm"}}  # EOPD's own setting
+# Objectives with a top-k forward-KL term. The others need only the teacher's log-prob of the
+# sampled token, so the teacher pass keeps k = 1 for them whatever `k` says.
+TOPK_OBJECTIVES = ("tropd", "eopd", "fkl_topk")
 
 
 @dataclass
@@ -141,10 +144,18 @@ class Objective:
         """k, fkl_mode, logprob_floor and fkl_cover for the kernels at `step` (linear k / cover schedules)."""
         frac = min(max(step, 0), total_steps) / max(total_steps, 1)
         k = self.k if self.k_end is None else round(self.k + (self.k_end - self.k) * frac)
+        if self.name not in TOPK_OBJECTIVES:
+            k = 1
         cover = self.fkl_cover
         if cover is not None and self.cover_end is not None:
             cover = cover + (self.cover_end - cover) * frac
         return dict(k=k, fkl_mode=self.fkl_mode, logprob_floor=self.logprob_floor, fkl_cover=cover)
+
+    def max_k(self) -> int:
+        """The largest k any step asks of the teacher pass (checked against the vocabulary)."""
+        if self.name not in TOPK_OBJECTIVES:
+            return 1
+        return max(self.k, self.k_end or 0)
 
     def batch_statistics(self, entropy: torch.Tensor, log_ratio: torch.Tensor, sampled: torch.Tensor, step: int, total_steps: int) -> dict:
         """Global selection statistics from the whole batch (gather entropy and r across ranks first)."""

@@ -51,8 +51,9 @@ def validate_before_engines(cfg: RunConfig):
         objective = loss_fn(cfg.objective.name, **cfg.objective.options)
     except ValueError as exc:
         raise ConfigError(f"objective: {exc}") from exc
-    if objective.kernel_options()["k"] > n_tokens:
-        raise ConfigError(f"objective.options.k={objective.kernel_options()['k']} exceeds the vocabulary ({n_tokens} tokens)")
+    if objective.max_k() > n_tokens:
+        key = "k" if objective.k >= objective.max_k() else "k_end"
+        raise ConfigError(f"objective.options.{key}={objective.max_k()} exceeds the vocabulary ({n_tokens} tokens): expected at most {n_tokens}")
     if cfg.rollout.guidance and cfg.rollout.prefix_source == "data" and "teacher_response" not in train_rows.column_names:
         raise ConfigError(
             f"rollout.guidance with prefix_source='data' needs a 'teacher_response' column; data.path has {train_rows.column_names} "
