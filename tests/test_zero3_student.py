@@ -15,13 +15,18 @@ import zero3_student_worker as worker  # noqa: E402
 from launch import cpu_ranks  # noqa: E402
 
 
-def test_student_update_under_zero3_equals_single_process(tmp_path):
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_student_update_under_zero3_equals_single_process(tmp_path, checkpointing):
     from tropd_ds.demo_models import build_llama
     from tropd_ds.demo_task import build_tokenizer
 
     build_llama(tmp_path / "student", build_tokenizer(), hidden=32, layers=2, heads=2, mlp=64, seed=3)
     out = tmp_path / "zero3.json"
-    cpu_ranks([HERE / "zero3_student_worker.py", tmp_path / "student", out], cwd=tmp_path, timeout=600)
+    flags = ["--checkpointing"] if checkpointing else []
+    cpu_ranks([HERE / "zero3_student_worker.py", *flags, tmp_path / "student", out], cwd=tmp_path, timeout=600)
     result = json.loads(out.read_text())
     assert result["lm_head_partitioned"], "lm_head was not partitioned: the test would prove nothing"
 

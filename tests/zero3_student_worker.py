@@ -57,7 +57,7 @@ def reference_step(model_dir: str) -> dict:
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def main(model_dir: str, out_path: str) -> None:
+def main(model_dir: str, out_path: str, checkpointing: bool) -> None:
     import deepspeed
 
     from tropd_ds.models import StudentTerms, load_causal_lm
@@ -73,6 +73,9 @@ def main(model_dir: str, out_path: str) -> None:
         "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
     }
     lm, _keep = load_causal_lm(ModelConfig(path=model_dir), config)
+    if checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.train()
     model = StudentTerms(lm, lm.config.vocab_size)
     head = lm.get_output_embeddings().weight
     partitioned = head.numel() == 0 or getattr(head, "ds_numel", 0) > head.numel()
@@ -92,4 +95,4 @@ def main(model_dir: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[-2], sys.argv[-1])
+    main(sys.argv[-2], sys.argv[-1], "--checkpointing" in sys.argv)

@@ -1,7 +1,9 @@
-"""`tropd-ds train | eval | export`.
+"""`tropd-ds train | plan | eval | export`.
 
 train   the distillation run (launch with `deepspeed --num_gpus N --module tropd_ds.train ...` for
-        several ranks; `tropd-ds train` runs it in one process)
+        several ranks; `tropd-ds train` runs it in one process; `--dry-run` checks a config
+        on the meta device without weights)
+plan    memory budget per GPU and host and a step-time estimate, from configs alone
 eval    held-out exact-match accuracy of an exported (Hugging Face) student folder
 export  a Hugging Face folder from the newest DeepSpeed checkpoint of a run
 """
@@ -85,7 +87,7 @@ def _export(argv) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("train", "eval", "export"):
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("train", "plan", "eval", "export"):
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
@@ -93,6 +95,10 @@ def main(argv=None) -> int:
         from .train import main as train_main
 
         return train_main(rest)
+    if command == "plan":
+        from .plan import main as plan_main
+
+        return plan_main(rest)
     return _eval(rest) if command == "eval" else _export(rest)
 
 

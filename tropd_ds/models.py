@@ -143,6 +143,8 @@ def student_engine(cfg: ModelConfig, optim: OptimConfig, n_tokens: int, micro_ba
     ds_config.pop("train_batch_size", None)
     ds_config["gradient_clipping"] = optim.grad_clip
     lm, keep = load_causal_lm(cfg, ds_config)
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = True
     model = StudentTerms(lm, n_tokens)
     if "optimizer" in ds_config:  # DeepSpeed's own (fused / CPU-offload) optimiser from the config

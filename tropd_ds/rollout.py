@@ -56,14 +56,32 @@ def sample(
     pad_id: int,
     eos_id: int,
     device,
+    micro_batch: int = 0,
 ) -> RolloutTokens:
-    """One rollout per entry of `prompts` (already expanded to n per prompt), continuing after its prefix."""
-    from deepspeed.runtime.rollout import ResponseTokenBatch, RolloutRequest
+    """One rollout per entry of `prompts` (already expanded to n per prompt), continuing after its prefix.
+
+    `micro_batch` > 0 generates that many sequences at a time (the KV cache of a long generation
+    is what limits it on a GPU); the results are right-padded to one width."""
+    from deepspeed.runtime.rollout import ResponseTokenBatch, RolloutBatch, RolloutRequest
 
     seqs = [p.ids + pre for p, pre in zip(prompts, prefixes)]
     ids, mask = left_pad(seqs, pad_id, device)
+    step = micro_batch if micro_batch > 0 else ids.shape[0]
+    parts = []
     with gathered_for_generation(student, gather):
-        batch = rollout_engine.generate(RolloutRequest(ids, mask), sampling)
+        for start in range(0, ids.shape[0], step):
+            rows = slice(start, start + step)
+            parts.append(rollout_engine.generate(RolloutRequest(ids[rows], mask[rows]), sampling))
+    if len(parts) == 1:
+        batch = parts[0]
+    else:
+        full = max(b.seq_len for b in parts)
+        pad = lambda t, v: torch.nn.functional.pad(t, (0, full - t.shape[1]), value=v)  # noqa: E731
+        batch = RolloutBatch(
+            torch.cat([pad(b.input_ids, pad_id) for b in parts]),
+            torch.cat([pad(b.attention_mask, 0) for b in parts]),
+            torch.cat([b.response_start_idx for b in parts]),
+        )
     targets = ResponseTokenBatch.from_rollout(batch)
     width = ids.shape[1]
     t = torch.arange(1, batch.seq_len, device=device).unsqueeze(0)  # position of each target

@@ -186,8 +186,18 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
             for p, r in zip(batch_prompts, responses):
                 p.response_ids = r
         prefixes = rollout.choose_prefixes(expanded, step, total, l_max, cfg.rollout.guidance, gen)
+        student.eval()  # generation uses the KV cache (gradient checkpointing turns it off in train mode)
         tokens = rollout.sample(
-            student_rollout, student, expanded, prefixes, sampling, cfg.rollout.gather_params, tokenizer.pad_token_id, tokenizer.eos_token_id, device
+            student_rollout,
+            student,
+            expanded,
+            prefixes,
+            sampling,
+            cfg.rollout.gather_params,
+            tokenizer.pad_token_id,
+            tokenizer.eos_token_id,
+            device,
+            cfg.rollout.micro_batch_size,
         )
         t1 = time.perf_counter()
         k = objective.kernel_options(step, total)["k"]

@@ -1,0 +1,421 @@
+"""`tropd-ds plan`: will a run fit, and roughly how long is a step? Answered from configs alone.
+
+Memory per GPU and per host for the student (ZeRO-3 training), the teacher (ZeRO-3 inference with
+offloaded parameters), the rollout (gathered student + KV cache), activations and the loss path;
+and a step-time estimate split into rollout, teacher scoring and update, from stated hardware
+figures. Every figure is a formula over the model shapes printed with it, not a measurement.
+
+Model states follow DeepSpeed's accounting for ZeRO-3 (`estimate_zero3_model_states_mem_needs`,
+zero_init on): 18 bytes per trained parameter (bf16 parameter and gradient, fp32 master weights,
+Adam's two moments, and gradient buffers) spread over the GPUs or, when offloaded, over the hosts
+with a 1.5x buffer factor, plus the largest layer gathered in full on each GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+GiB = 2**30
+MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+SHIPPED = ("llama-3.1-8b", "llama-3.1-70b", "qwen2.5-7b", "qwen2.5-72b")
+CPU_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for host memory
+LOSS_CHUNK_BYTES = 256 * 2**20  # tropd_kernels' [chunk, V] block on CUDA (ops.HIDDEN_CHUNK_BYTES)
+GPU_RESERVE = 0.9  # plan for 90% of the card: CUDA context, allocator fragmentation, NCCL buffers
+
+
+@dataclass
+class Arch:
+    """The shape of a Llama-family decoder (Llama, Qwen2, Mistral ...) read from config.json."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_params(self) -> int:
+        h, q = self.hidden, self.heads * self.head_dim
+        attn = h * q + 2 * h * self.kv_dim + q * h + ((q + 2 * self.kv_dim) if self.qkv_bias else 0)
+        return attn + 3 * h * self.intermediate + 2 * h
+
+    def params(self) -> int:
+        emb = self.vocab * self.hidden
+        return emb * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
+
+    def largest_layer_params(self) -> int:
+        """The largest module's own parameters, as DeepSpeed's model_to_params counts them."""
+        h, q = self.hidden, self.heads * self.head_dim
+        return max(self.vocab * h, h * self.intermediate, h * q + (q if self.qkv_bias else 0))
+
+
+def load_arch(spec: str) -> Arch:
+    """A shipped name (see SHIPPED), a model folder, or a config.json path."""
+    path = Path(spec)
+    if spec in SHIPPED:
+        path = MODELS_DIR / spec / "config.json"
+    elif path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"model {spec!r}: expected one of {', '.join(SHIPPED)}, a model folder or a config.json file")
+    c = json.loads(path.read_text())
+    c = c.get("text_config", c)
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in c]
+    if missing:
+        raise ValueError(f"model config {str(path)!r} lacks {', '.join(missing)}: expected a decoder-only (Llama-family) config")
+    heads = c["num_attention_heads"]
+    return Arch(
+        name=spec if spec in SHIPPED else str(path.parent.name),
+        hidden=c["hidden_size"],
+        intermediate=c["intermediate_size"],
+        layers=c["num_hidden_layers"],
+        heads=heads,
+        kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        vocab=c["vocab_size"],
+        tied=bool(c.get("tie_word_embeddings", False)),
+        qkv_bias=bool(c.get("attention_bias", c.get("model_type") == "qwen2")),
+    )
+
+
+@dataclass
+class Hardware:
+    gpus_per_node: int = 8
+    nodes: int = 1
+    gpu_mem_gib: float = 80.0
+    host_mem_gib: float = 1024.0  # per node
+    tflops: float = 989.0  # dense bf16 peak per GPU (H100 SXM)
+    mfu: float = 0.4  # fraction of peak reached by large matmuls
+    hbm_gbs: float = 3350.0
+    hbm_efficiency: float = 0.6  # of HBM bandwidth reached by decoding (HF generate is far from vLLM)
+    pcie_gbs: float = 25.0  # effective host<->GPU per GPU
+    intra_gbs: float = 300.0  # NVLink all-gather bus bandwidth per GPU
+    inter_gbs: float = 40.0  # network per GPU across nodes (e.g. 400 Gb/s InfiniBand)
+    nvme_gbs: float = 6.0  # NVMe read per node
+    cpu_adam_params_per_s: float = 1.0e9  # DeepSpeed CPU Adam per GPU's share
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    def collective_gbs(self) -> float:
+        return self.intra_gbs if self.nodes == 1 else min(self.intra_gbs, self.inter_gbs)
+
+
+@dataclass
+class Workload:
+    prompt_len: int = 1024
+    response_len: int = 8096
+    prompts_per_step: int = 128
+    samples_per_prompt: int = 4
+    student_micro_batch: int = 1
+    teacher_micro_batch: int = 4
+    rollout_micro_batch: int = 0  # sequences generated at once per GPU; 0 = all of the GPU's share
+    k: int = 64
+    student_offload: str = "none"  # none | optimizer | optimizer+params
+    teacher_offload: str = "cpu"  # none | cpu | nvme
+    gradient_checkpointing: bool = True
+    gather_for_generation: bool = True
+    teacher_prefetch_params: float = 5e7  # stage3_prefetch_bucket_size
+    nvme_buffer_count: int = 5  # offload_param.buffer_count (NVMe)
+    nvme_buffer_size: float = 1e9  # offload_param.buffer_size, parameters per buffer
+
+    def rollouts_per_gpu(self, gpus: int) -> int:
+        return math.ceil(self.prompts_per_step * self.samples_per_prompt / gpus)
+
+
+STUDENT_OFFLOADS = ("none", "optimizer", "optimizer+params")
+TEACHER_OFFLOADS = ("none", "cpu", "nvme")
+
+
+def student_model_states(arch: Arch, hw: Hardware, offload: str) -> tuple[float, float]:
+    """(bytes per GPU, bytes per host) of ZeRO-3 training states, DeepSpeed's accounting."""
+    p, largest = arch.params(), arch.largest_layer_params()
+    gathered = 4 * largest  # the largest layer's bf16 parameter and gradient in full
+    if offload == "none":
+        return gathered + 18 * p / hw.gpus, 4 * largest * hw.gpus_per_node * CPU_BUFFER_FACTOR
+    if offload == "optimizer":  # fp32 master, Adam moments and fp32 gradients on the host
+        return gathered + 2 * p / hw.gpus, 16 * p / hw.nodes * CPU_BUFFER_FACTOR
+    if offload == "optimizer+params":
+        return gathered, 18 * p / hw.nodes * CPU_BUFFER_FACTOR
+    raise ValueError(f"student offload {offload!r}: expected one of {', '.join(STUDENT_OFFLOADS)}")
+
+
+def activation_bytes_per_token_layer(arch: Arch) -> int:
+    """bf16 tensors a decoder layer keeps for backward per token (SDPA/flash attention: no [s, s])."""
+    return 2 * (6 * arch.hidden + 2 * arch.kv_dim + 4 * arch.intermediate)
+
+
+def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
+    if wl.student_offload not in STUDENT_OFFLOADS:
+        raise ValueError(f"student offload {wl.student_offload!r}: expected one of {', '.join(STUDENT_OFFLOADS)}")
+    if wl.teacher_offload not in TEACHER_OFFLOADS:
+        raise ValueError(f"teacher offload {wl.teacher_offload!r}: expected one of {', '.join(TEACHER_OFFLOADS)}")
+    for name in ("prompt_len", "response_len", "prompts_per_step", "samples_per_prompt", "student_micro_batch", "teacher_micro_batch", "k"):
+        if getattr(wl, name) < 1:
+            raise ValueError(f"{name}={getattr(wl, name)}: expected an integer >= 1")
+    if wl.k > min(student.vocab, teacher.vocab):
+        raise ValueError(f"k={wl.k} exceeds the vocabulary ({min(student.vocab, teacher.vocab)})")
+    G = hw.gpus
+    seq = wl.prompt_len + wl.response_len
+    rollouts = wl.rollouts_per_gpu(G)
+    gen_batch = rollouts if wl.rollout_micro_batch <= 0 else min(rollouts, wl.rollout_micro_batch)
+    ps, pt = student.params(), teacher.params()
+
+    # ---- memory per GPU
+    gpu: dict[str, float] = {}
+    host: dict[str, float] = {}
+    disk = 0.0
+    gpu["student model states"], host["student model states"] = student_model_states(student, hw, wl.student_offload)
+    t_layer = max(teacher.layer_params(), teacher.largest_layer_params())
+    streaming = 2 * (t_layer + wl.teacher_prefetch_params)  # one gathered layer (or lm_head) + the prefetch bucket
+    if wl.teacher_offload == "none":
+        gpu["teacher parameters"] = 2 * pt / G + streaming
+    else:
+        gpu["teacher streaming buffers"] = streaming
+        if wl.teacher_offload == "cpu":
+            host["teacher parameters (pinned)"] = 2 * pt / hw.nodes
+        else:
+            host["teacher NVMe read buffers (pinned)"] = wl.nvme_buffer_count * wl.nvme_buffer_size * 2 * hw.gpus_per_node
+            disk = 2 * pt / hw.nodes
+    # phase working sets (rollout, teacher scoring and update do not overlap)
+    kv = 2 * student.layers * student.kv_dim * 2 * seq * gen_batch
+    rollout_ws = {"gathered student (bf16)": 2 * ps if wl.gather_for_generation else 2 * student.largest_layer_params(), "KV cache": kv}
+    n_resp = wl.student_micro_batch * wl.response_len
+    per_tok = activation_bytes_per_token_layer(student)
+    tokens = wl.student_micro_batch * seq
+    act_full = student.layers * tokens * per_tok
+    act_ckpt = student.layers * tokens * 2 * student.hidden + tokens * per_tok
+    activations = act_ckpt if wl.gradient_checkpointing else act_full
+    loss_ours = LOSS_CHUNK_BYTES + n_resp * wl.k * 12 + n_resp * student.hidden * 2 * 2
+    loss_full = n_resp * student.vocab * (2 + 4 + 4)  # bf16 logits, fp32 log-softmax, fp32 gradient
+    update_ws = {"activations": activations, "loss path (tropd_kernels)": loss_ours}
+    n_teacher = wl.teacher_micro_batch * seq
+    teacher_ws = {
+        "teacher layer working set": n_teacher * 2 * (2 * teacher.hidden + 2 * teacher.kv_dim + 3 * teacher.intermediate),
+        "teacher top-k (tropd_kernels)": LOSS_CHUNK_BYTES + wl.teacher_micro_batch * wl.response_len * wl.k * 12,
+    }
+    teacher_full = wl.teacher_micro_batch * wl.response_len * teacher.vocab * (2 + 4)
+    phases = {"rollout": rollout_ws, "teacher scoring": teacher_ws, "update": update_ws}
+    resident = sum(gpu.values())
+    peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
+    gpu_total = resident + sum(phases[peak_phase].values())
+    host_total = sum(host.values())
+
+    # ---- step time per GPU (all GPUs work in parallel on their share)
+    flops = hw.tflops * 1e12 * hw.mfu
+    coll = hw.collective_gbs() * 1e9
+    gather_s = 2 * ps * (G - 1) / G / coll if wl.gather_for_generation else 0.0
+    chunks = math.ceil(rollouts / gen_batch)
+    prefill_s = chunks * 2 * ps * gen_batch * wl.prompt_len / flops
+    kv_mid = kv / 2
+    per_token = max((2 * ps + kv_mid) / (hw.hbm_gbs * 1e9 * hw.hbm_efficiency), 2 * ps * gen_batch / flops)
+    if not wl.gather_for_generation:
+        per_token = max(per_token, 2 * ps * (G - 1) / G / coll)  # ZeRO-3 gathers every layer for every token
+    decode_s = chunks * wl.response_len * per_token
+    rollout_s = gather_s + prefill_s + decode_s
+    passes = math.ceil(rollouts / wl.teacher_micro_batch)
+    t_compute = 2 * pt * wl.teacher_micro_batch * seq / flops
+    t_gather = 2 * pt * (G - 1) / G / coll
+    if wl.teacher_offload == "cpu":
+        t_fetch = 2 * pt / G / (hw.pcie_gbs * 1e9)
+    elif wl.teacher_offload == "nvme":
+        t_fetch = 2 * pt / G / (hw.nvme_gbs * 1e9 / hw.gpus_per_node)
+    else:
+        t_fetch = 0.0
+    teacher_pass = max(t_compute, t_gather, t_fetch)
+    teacher_s = passes * teacher_pass
+    micro = math.ceil(rollouts / wl.student_micro_batch)
+    mult = 8 if wl.gradient_checkpointing else 6
+    u_compute = mult * ps * wl.student_micro_batch * seq / flops
+    u_comm = 3 * 2 * ps * (G - 1) / G / coll  # all-gather forward and backward, reduce-scatter gradients
+    update_s = micro * max(u_compute, u_comm)
+    if wl.student_offload != "none":
+        update_s += 4 * ps / G / (hw.pcie_gbs * 1e9) + ps / G / hw.cpu_adam_params_per_s
+    step_s = rollout_s + teacher_s + update_s
+
+    gib = lambda d: {k: round(v / GiB, 2) for k, v in d.items()}  # noqa: E731
+    return {
+        "student": {**asdict(student), "params": ps, "largest_layer_params": student.largest_layer_params()},
+        "teacher": {**asdict(teacher), "params": pt, "largest_layer_params": teacher.largest_layer_params()},
+        "hardware": asdict(hw),
+        "workload": asdict(wl),
+        "rollouts_per_gpu": rollouts,
+        "gpu_gib": {
+            "resident": gib(gpu),
+            "phases": {k: gib(v) for k, v in phases.items()},
+            "peak_phase": peak_phase,
+            "total": round(gpu_total / GiB, 2),
+            "usable": round(hw.gpu_mem_gib * GPU_RESERVE, 2),
+            "activations_without_checkpointing": round(act_full / GiB, 2),
+            "activations_with_checkpointing": round(act_ckpt / GiB, 2),
+            "loss_path_full_logits": round(loss_full / GiB, 2),
+            "teacher_scoring_full_logits": round(teacher_full / GiB, 2),
+        },
+        "host_gib_per_node": {**gib(host), "total": round(host_total / GiB, 2), "available": hw.host_mem_gib},
+        "nvme_gib_per_node": round(disk / GiB, 2),
+        "fits_gpu": gpu_total <= hw.gpu_mem_gib * GiB * GPU_RESERVE,
+        "fits_host": host_total <= hw.host_mem_gib * GiB * GPU_RESERVE,
+        "fits": gpu_total <= hw.gpu_mem_gib * GiB * GPU_RESERVE and host_total <= hw.host_mem_gib * GiB * GPU_RESERVE,
+        "step_seconds": {
+            "rollout": round(rollout_s, 1),
+            "teacher_scoring": round(teacher_s, 1),
+            "update": round(update_s, 1),
+            "total": round(step_s, 1),
+            "detail": {
+                "gather_student_s": round(gather_s, 2),
+                "prefill_s": round(prefill_s, 2),
+                "decode_per_token_ms": round(per_token * 1e3, 2),
+                "teacher_passes": passes,
+                "teacher_pass_s": {"compute": round(t_compute, 2), "all_gather": round(t_gather, 2), "fetch": round(t_fetch, 2)},
+                "update_micro_batches": micro,
+                "update_micro_batch_s": {"compute": round(u_compute, 2), "communication": round(u_comm, 2)},
+            },
+        },
+    }
+
+
+def workload_from_run_config(cfg) -> tuple[str, str, Workload]:
+    """Student and teacher folders and the workload of a run config (tropd_ds.config.RunConfig)."""
+    from .models import read_ds_config
+    from .objectives import loss_fn
+
+    s_ds, t_ds = read_ds_config(cfg.student.ds_config), read_ds_config(cfg.teacher.ds_config)
+    s_zero, t_zero = s_ds.get("zero_optimization", {}), t_ds.get("zero_optimization", {})
+    opt_dev = s_zero.get("offload_optimizer", {}).get("device", "none")
+    par_dev = s_zero.get("offload_param", {}).get("device", "none")
+    student_offload = "none" if opt_dev == "none" else ("optimizer+params" if par_dev != "none" else "optimizer")
+    t_off = t_zero.get("offload_param", {})
+    wl = Workload(
+        prompt_len=cfg.data.max_prompt_tokens,
+        response_len=cfg.rollout.max_new_tokens,
+        prompts_per_step=cfg.rollout.prompts_per_step,
+        samples_per_prompt=cfg.rollout.samples_per_prompt,
+        student_micro_batch=cfg.student.micro_batch_size,
+        teacher_micro_batch=cfg.teacher.micro_batch_size,
+        rollout_micro_batch=cfg.rollout.micro_batch_size,
+        k=loss_fn(cfg.objective.name, **cfg.objective.options).max_k(),
+        student_offload=student_offload,
+        teacher_offload=t_off.get("device", "none"),
+        gradient_checkpointing=cfg.student.gradient_checkpointing,
+        gather_for_generation=cfg.rollout.gather_params,
+        teacher_prefetch_params=float(t_zero.get("stage3_prefetch_bucket_size", 5e7)),
+        nvme_buffer_count=int(t_off.get("buffer_count", 5)),
+        nvme_buffer_size=float(t_off.get("buffer_size", 1e9)),
+    )
+    return cfg.student.path, cfg.teacher.path, wl
+
+
+def format_plan(r: dict) -> str:
+    s, t, hw, wl = r["student"], r["teacher"], r["hardware"], r["workload"]
+    g, h = r["gpu_gib"], r["host_gib_per_node"]
+    lines = [
+        f"student {s['name']}: {s['params'] / 1e9:.2f} B parameters ({s['layers']} layers, d {s['hidden']}, V {s['vocab']}); "
+        f"teacher {t['name']}: {t['params'] / 1e9:.2f} B ({t['layers']} layers, d {t['hidden']})",
+        f"{hw['nodes']} node(s) x {hw['gpus_per_node']} GPUs of {hw['gpu_mem_gib']:g} GiB, {hw['host_mem_gib']:g} GiB host per node; "
+        f"{wl['prompts_per_step']} prompts x {wl['samples_per_prompt']} samples = {r['rollouts_per_gpu']} rollouts per GPU of "
+        f"{wl['prompt_len']} + {wl['response_len']} tokens; k {wl['k']}",
+        f"student offload: {wl['student_offload']}; teacher offload: {wl['teacher_offload']}; gradient checkpointing: "
+        f"{'on' if wl['gradient_checkpointing'] else 'off'}; rollout micro-batch: {wl['rollout_micro_batch'] or 'all'}",
+        "",
+        "GPU memory per GPU (GiB)",
+    ]
+    for k, v in g["resident"].items():
+        lines.append(f"  {k:<40} {v:>9.2f}   (resident)")
+    for phase, items in g["phases"].items():
+        mark = "  <- peak" if phase == g["peak_phase"] else ""
+        lines.append(f"  {phase} phase: {sum(items.values()):.2f}{mark}")
+        for k, v in items.items():
+            lines.append(f"    {k:<38} {v:>9.2f}")
+    lines += [
+        f"  {'total at peak':<40} {g['total']:>9.2f}   of {g['usable']:.2f} usable -> {'fits' if r['fits_gpu'] else 'DOES NOT FIT'}",
+        f"  activations without / with checkpointing: {g['activations_without_checkpointing']:.2f} / {g['activations_with_checkpointing']:.2f}",
+        f"  student loss path with full [N, V] logits instead: {g['loss_path_full_logits']:.2f}; "
+        f"teacher scoring with full logits: {g['teacher_scoring_full_logits']:.2f}",
+        "",
+        "host memory per node (GiB)",
+    ]
+    for k, v in h.items():
+        if k not in ("total", "available"):
+            lines.append(f"  {k:<40} {v:>9.2f}")
+    lines.append(f"  {'total':<40} {h['total']:>9.2f}   of {h['available']:g} -> {'fits' if r['fits_host'] else 'DOES NOT FIT'}")
+    if r["nvme_gib_per_node"]:
+        lines.append(f"  NVMe per node: {r['nvme_gib_per_node']:.2f} GiB of teacher parameters")
+    st = r["step_seconds"]
+    d = st["detail"]
+    lines += [
+        "",
+        f"step time estimate (s), {hw['tflops']:g} TFLOP/s x MFU {hw['mfu']:g}, HBM {hw['hbm_gbs']:g} GB/s x {hw['hbm_efficiency']:g}, "
+        f"PCIe {hw['pcie_gbs']:g} GB/s, collectives {hw['intra_gbs'] if hw['nodes'] == 1 else min(hw['intra_gbs'], hw['inter_gbs']):g} GB/s",
+        f"  rollout          {st['rollout']:>8.1f}   (gather {d['gather_student_s']} s, prefill {d['prefill_s']} s, "
+        f"{d['decode_per_token_ms']} ms per decoded token)",
+        f"  teacher scoring  {st['teacher_scoring']:>8.1f}   ({d['teacher_passes']} passes; per pass compute {d['teacher_pass_s']['compute']} s, "
+        f"all-gather {d['teacher_pass_s']['all_gather']} s, fetch {d['teacher_pass_s']['fetch']} s)",
+        f"  update           {st['update']:>8.1f}   ({d['update_micro_batches']} micro-batches; compute {d['update_micro_batch_s']['compute']} s, "
+        f"communication {d['update_micro_batch_s']['communication']} s each)",
+        f"  total            {st['total']:>8.1f}",
+        "",
+        "verdict: " + ("fits" if r["fits"] else "does NOT fit: " + ", ".join(x for x, ok in (("GPU", r["fits_gpu"]), ("host", r["fits_host"])) if not ok)),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="tropd-ds plan",
+        description="Memory budget and step-time estimate of a distillation run, from configs alone (no weights, no GPU).",
+    )
+    ap.add_argument("--config", help="a run config (YAML/JSON): models, lengths, batch sizes, k and offload choices come from it")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a run-config field")
+    ap.add_argument("--student", help=f"student: {', '.join(SHIPPED)}, a model folder or a config.json")
+    ap.add_argument("--teacher", help="teacher, as --student")
+    for f in Workload.__dataclass_fields__.values():
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            ap.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes", "on"), default=None, metavar="BOOL")
+        elif f.name in ("student_offload", "teacher_offload"):
+            ap.add_argument(flag, default=None, choices=STUDENT_OFFLOADS if f.name == "student_offload" else TEACHER_OFFLOADS)
+        else:
+            ap.add_argument(flag, type=float if f.type == "float" else int, default=None)
+    for f in Hardware.__dataclass_fields__.values():
+        ap.add_argument("--" + f.name.replace("_", "-"), type=float if f.type == "float" else int, default=f.default)
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = ap.parse_args(argv)
+    try:
+        student, teacher, wl = args.student, args.teacher, Workload()
+        if args.config:
+            from .config import load_config
+
+            s_path, t_path, wl = workload_from_run_config(load_config(args.config, args.overrides))
+            student, teacher = student or s_path, teacher or t_path
+        for name in Workload.__dataclass_fields__:
+            if getattr(args, name) is not None:
+                setattr(wl, name, getattr(args, name))
+        if not student or not teacher:
+            raise ValueError("give --student and --teacher (or --config with both models)")
+        hw = Hardware(**{name: getattr(args, name) for name in Hardware.__dataclass_fields__})
+        if hw.gpus_per_node < 1 or hw.nodes < 1:
+            raise ValueError(f"gpus_per_node={hw.gpus_per_node}, nodes={hw.nodes}: expected integers >= 1")
+        result = plan(load_arch(student), load_arch(teacher), hw, wl)
+    except ValueError as exc:  # ConfigError is a ValueError
+        print(f"tropd-ds plan: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0 if result["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
