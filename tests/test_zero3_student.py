@@ -7,15 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import zero3_student_worker as worker  # noqa: E402
 from launch import cpu_ranks  # noqa: E402
-
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
