@@ -7,3 +7,33 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("TROPD_KERNELS_BACKEND", None)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+# ----------------------------------------------------------------------------- shared trainer fixtures
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    from tropd_ds.demo_models import build_llama
+    from tropd_ds.demo_task import build_tokenizer, write_splits
+
+    root = tmp_path_factory.mktemp("trainer")
+    tok = build_tokenizer()
+    build_llama(root / "teacher", tok, hidden=64, layers=2, heads=4, mlp=128, seed=1)
+    build_llama(root / "student", tok, hidden=32, layers=1, heads=2, mlp=64, seed=2)
+    write_splits(root / "data", n_train=200, n_eval=16)
+    return root
+
+
+@pytest.fixture(scope="session")
+def full_run(workspace):
+    from launch import launch, write_config
+
+    proc = launch(write_config(workspace, "full"))
+    return workspace / "full", proc

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
@@ -25,3 +30,36 @@ def cpu_ranks(args: list[str], cwd, timeout: int = 900) -> subprocess.CompletedP
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
+
+
+# ----------------------------------------------------------------------------- trainer runs on tiny models
+
+
+def write_config(root: Path, name: str, **sections) -> Path:
+    cfg = {
+        "student": {"path": str(root / "student"), "ds_config": str(ROOT / "ds_configs/cpu_student_zero3.json"), "micro_batch_size": 2},
+        "teacher": {"path": str(root / "teacher"), "ds_config": str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json"), "micro_batch_size": 4},
+        "data": {"path": str(root / "data/train.jsonl"), "eval_path": str(root / "data/eval.jsonl"), "max_prompt_tokens": 32},
+        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 12, "guidance": True},
+        "objective": {"name": "tropd", "options": {"k": 8}},
+        "optim": {"steps": 6, "lr": 1e-3},
+        "checkpoint": {"dir": str(root / name / "ckpt"), "every": 3, "keep_last": 2, "export_dir": str(root / name / "export")},
+        "logging": {"dir": str(root / name / "logs"), "samples_every": 2, "progress": True},
+        "eval": {"max_prompts": 8, "max_new_tokens": 12},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    args = ["--module", "tropd_ds.train", "--config", config]
+    for o in overrides:
+        args += ["--set", o]
+    return cpu_ranks(args, cwd=config.parent)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "logs/metrics.jsonl").read_text().splitlines()]

@@ -11,15 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tropd_ds.config import ConfigError, load_config
-from tropd_ds.demo_models import build_llama
-from tropd_ds.demo_task import build_tokenizer, write_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from launch import cpu_ranks  # noqa: E402
+from launch import launch, records, write_config  # noqa: E402
 
 STEP_KEYS = {
     "loss",
@@ -43,52 +40,6 @@ STEP_KEYS = {
     "time_teacher_s",
     "time_update_s",
 }
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainer")
-    tok = build_tokenizer()
-    build_llama(root / "teacher", tok, hidden=64, layers=2, heads=4, mlp=128, seed=1)
-    build_llama(root / "student", tok, hidden=32, layers=1, heads=2, mlp=64, seed=2)
-    write_splits(root / "data", n_train=200, n_eval=16)
-    return root
-
-
-def write_config(root: Path, name: str, **sections) -> Path:
-    cfg = {
-        "student": {"path": str(root / "student"), "ds_config": str(ROOT / "ds_configs/cpu_student_zero3.json"), "micro_batch_size": 2},
-        "teacher": {"path": str(root / "teacher"), "ds_config": str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json"), "micro_batch_size": 4},
-        "data": {"path": str(root / "data/train.jsonl"), "eval_path": str(root / "data/eval.jsonl"), "max_prompt_tokens": 32},
-        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 12, "guidance": True},
-        "objective": {"name": "tropd", "options": {"k": 8}},
-        "optim": {"steps": 6, "lr": 1e-3},
-        "checkpoint": {"dir": str(root / name / "ckpt"), "every": 3, "keep_last": 2, "export_dir": str(root / name / "export")},
-        "logging": {"dir": str(root / name / "logs"), "samples_every": 2, "progress": True},
-        "eval": {"max_prompts": 8, "max_new_tokens": 12},
-    }
-    for section, values in sections.items():
-        cfg[section].update(values)
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def launch(config: Path, *overrides: str) -> subprocess.CompletedProcess:
-    args = ["--module", "tropd_ds.train", "--config", config]
-    for o in overrides:
-        args += ["--set", o]
-    return cpu_ranks(args, cwd=config.parent)
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "logs/metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def full_run(workspace):
-    proc = launch(write_config(workspace, "full"))
-    return workspace / "full", proc
 
 
 def test_guided_tropd_run_logs_every_metric_and_exports_a_loadable_student(full_run):
@@ -165,6 +116,9 @@ def test_teacher_with_a_different_tokenizer_is_refused_before_loading(workspace,
     other.mkdir()
     tok.save_pretrained(other)
     (other / "config.json").write_text((workspace / "teacher/config.json").read_text())
+    code, err = run_main("--config", str(write_config(workspace, "bad4")), "--set", f"teacher.path={other}")
+    assert code == 2 and "has a config.json but no weights" in err
+    (other / "model.safetensors").symlink_to(workspace / "teacher/model.safetensors")
     code, err = run_main("--config", str(write_config(workspace, "bad4")), "--set", f"teacher.path={other}")
     assert code == 2 and "tokenizer" in err and "differ" in err
 

@@ -1,8 +1,18 @@
 """Checkpoints: DeepSpeed checkpoints that resume exactly (optimiser, schedule, RNG states, data
-position), keeping the last K; and the export of the student as a Hugging Face folder."""
+position), keeping the last K; and the export of the student as a Hugging Face folder.
+
+Durability: a checkpoint is written under `.incomplete-stepN`, every file's size and SHA-256 go
+into `manifest.json` (each rank hashes a share), and rank 0 then renames the folder to `stepN` and
+replaces `latest` atomically. A crash during saving therefore leaves only an `.incomplete-*` folder,
+which resume ignores (and removes). Resume takes the newest `stepN` whose files match its manifest
+and says which ones it skipped and why.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -10,38 +20,192 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import faults
+
+INCOMPLETE = ".incomplete-"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """Saving or resuming a checkpoint failed; the message says what is intact."""
+
 
 def _barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_true(flag: bool) -> bool:
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0])
+    dist.all_reduce(t)
+    return float(t) == 0.0
+
+
+def _gather(obj) -> list:
+    rank, world = _rank_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name[4:])
+
+
+def complete_checkpoints(ckpt_dir: str) -> list[Path]:
+    """`stepN` folders with a manifest, newest first."""
+    root = Path(ckpt_dir)
+    found = [p for p in root.glob("step*") if p.is_dir() and p.name[4:].isdigit() and (p / MANIFEST).is_file()]
+    return sorted(found, key=step_of, reverse=True)
+
+
 def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -> None:
+    rank, world = _rank_world()
+    root = Path(ckpt_dir)
     tag = f"step{step}"
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={**client_state, "step": step})
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, Path(ckpt_dir) / tag / f"rng_rank{rank}.pt")
+    tmp = root / f"{INCOMPLETE}{tag}"
+    previous = complete_checkpoints(ckpt_dir)
+    intact = f"the previous checkpoint {previous[0]} is intact" if previous else "there is no previous checkpoint"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    if rank == 0 and keep_last > 0:
-        tags = sorted((p for p in Path(ckpt_dir).glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
-        for old in tags[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    error = None
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tmp.name, client_state={**client_state, "step": step}, save_latest=False)
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{rank}.pt")
+        faults.in_save(step, rank)
+    except OSError as exc:
+        error = exc
+    if not _all_true(error is None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        what = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
+        raise CheckpointError(f"saving checkpoint {tag} in {ckpt_dir} failed ({what}); the partial files were removed and {intact}")
+    _barrier()  # every rank's files are written
+    files = _files(tmp)
+    mine = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for i, p in enumerate(files) if i % world == rank}
+    manifest = {k: v for part in _gather(mine) for k, v in part.items()}
+    if rank == 0:
+        _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "world_size": world, "files": manifest}, indent=1))
+        final = root / tag
+        if final.exists():  # the same step saved again (e.g. stop_after on a checkpoint step)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(root / "latest", tag)
+        if keep_last > 0:
+            for old in complete_checkpoints(ckpt_dir)[keep_last:]:
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
 
 
-def resume(engine, ckpt_dir: str) -> dict | None:
-    """Load the newest checkpoint if there is one; returns its client state."""
-    if not (Path(ckpt_dir) / "latest").exists():
+def verify(folder: Path) -> str | None:
+    """None when every file matches the manifest, else what is wrong (checked by all ranks together)."""
+    rank, world = _rank_world()
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        return f"{MANIFEST} is unreadable ({exc})"
+    problems = []
+    for i, (name, want) in enumerate(sorted(manifest.items())):
+        if i % world != rank:
+            continue
+        p = folder / name
+        if not p.is_file():
+            problems.append(f"{name} is missing")
+        elif p.stat().st_size != want["bytes"]:
+            problems.append(f"{name} has {p.stat().st_size} bytes, the manifest says {want['bytes']}")
+        elif _sha256(p) != want["sha256"]:
+            problems.append(f"{name} does not match its SHA-256")
+    problems = [x for part in _gather(problems) for x in part]
+    return "; ".join(problems) if problems else None
+
+
+def resume(engine, ckpt_dir: str, log=print) -> dict | None:
+    """Load the newest complete, intact checkpoint if there is one; returns its client state."""
+    rank, _ = _rank_world()
+    root = Path(ckpt_dir)
+    if not root.is_dir():
         return None
-    path, client = engine.load_checkpoint(ckpt_dir, load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        return None
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    tag = (Path(ckpt_dir) / "latest").read_text().strip()
-    rng = torch.load(Path(ckpt_dir) / tag / f"rng_rank{rank}.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    return client
+    stale = sorted(root.glob(f"{INCOMPLETE}*"))
+    _barrier()  # every rank has listed the folder before rank 0 removes anything
+    for folder in stale:
+        log(f"ignoring {folder.name}: a save that did not finish (removed)")
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+    _barrier()
+    candidates = complete_checkpoints(ckpt_dir)
+    if not candidates and (root / "latest").is_file():
+        raise CheckpointError(
+            f"{ckpt_dir} has a 'latest' file but no checkpoint with a {MANIFEST} (written by another tool or version?): "
+            "move it away, or set checkpoint.resume=false to start afresh"
+        )
+    skipped = []
+    for folder in candidates:
+        problem = verify(folder)
+        if problem is not None:
+            skipped.append(f"{folder.name} ({problem})")
+            log(f"checkpoint {folder.name} is damaged: {problem}; trying the previous one")
+            continue
+        path, client = engine.load_checkpoint(ckpt_dir, tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {folder}")
+        rng = torch.load(folder / f"rng_rank{rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        return client
+    if skipped:
+        raise CheckpointError(
+            f"every checkpoint in {ckpt_dir} is damaged: {'; '.join(skipped)}. Nothing was loaded; "
+            "set checkpoint.resume=false (or another checkpoint.dir) to start afresh"
+        )
+    return None
 
 
 def export(engine, tokenizer, out_dir: str) -> None:
@@ -70,10 +234,10 @@ def export_from_checkpoint(ckpt_dir: str, student_path: str, out_dir: str, tag: 
     from .config import ConfigError
 
     if tag is None:
-        latest = Path(ckpt_dir) / "latest"
-        if not latest.is_file():
-            raise ConfigError(f"checkpoint.dir={ckpt_dir!r} has no 'latest' file: no checkpoint to export")
-        tag = latest.read_text().strip()
+        found = complete_checkpoints(ckpt_dir)
+        if not found:
+            raise ConfigError(f"checkpoint.dir={ckpt_dir!r} has no complete checkpoint (stepN folder with a {MANIFEST}) to export")
+        tag = found[0].name
     if not (Path(ckpt_dir) / tag).is_dir():
         tags = sorted(p.name for p in Path(ckpt_dir).glob("step*"))
         raise ConfigError(f"checkpoint tag {tag!r} is not in {ckpt_dir!r}: available {tags}")

@@ -71,6 +71,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     betas: tuple = (0.9, 0.999)
+    max_bad_steps: int = 3  # stop after this many consecutive steps skipped for a non-finite loss or gradient
 
 
 @dataclass
@@ -124,6 +125,44 @@ PATH_FIELDS = {
     ("checkpoint", "export_dir"),
     ("logging", "dir"),
 }
+# (section, field): (lowest, lowest included, highest, highest included); None = unbounded.
+RANGES = {
+    ("student", "micro_batch_size"): (1, True, None, False),
+    ("teacher", "micro_batch_size"): (1, True, None, False),
+    ("data", "max_prompt_tokens"): (1, True, None, False),
+    ("rollout", "prompts_per_step"): (1, True, None, False),
+    ("rollout", "samples_per_prompt"): (1, True, None, False),
+    ("rollout", "max_new_tokens"): (1, True, None, False),
+    ("rollout", "temperature"): (0, False, None, False),
+    ("rollout", "top_p"): (0, False, 1, True),
+    ("rollout", "guidance_max_len"): (0, True, None, False),
+    ("rollout", "micro_batch_size"): (0, True, None, False),
+    ("objective", "temperature"): (0, False, None, False),
+    ("optim", "steps"): (1, True, None, False),
+    ("optim", "lr"): (0, False, None, False),
+    ("optim", "warmup_steps"): (0, True, None, False),
+    ("optim", "min_lr_ratio"): (0, True, 1, True),
+    ("optim", "weight_decay"): (0, True, None, False),
+    ("optim", "grad_clip"): (0, True, None, False),
+    ("optim", "max_bad_steps"): (1, True, None, False),
+    ("checkpoint", "every"): (0, True, None, False),
+    ("checkpoint", "keep_last"): (0, True, None, False),
+    ("checkpoint", "stop_after"): (0, True, None, False),
+    ("logging", "samples_every"): (0, True, None, False),
+    ("eval", "every"): (0, True, None, False),
+    ("eval", "max_prompts"): (1, True, None, False),
+    ("eval", "samples"): (1, True, None, False),
+    ("eval", "max_new_tokens"): (1, True, None, False),
+    ("eval", "temperature"): (0, True, None, False),
+}
+
+
+def _range_text(lo, lo_in, hi, hi_in) -> str:
+    if hi is None:
+        return f"a number {'>=' if lo_in else '>'} {lo}"
+    return f"a number in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+
+
 CHOICES = {
     ("data", "long_prompts"): ("truncate", "skip"),
     ("rollout", "prefix_source"): ("data", "teacher"),
@@ -223,6 +262,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         value = getattr(sub, name)
         if value and not Path(value).is_absolute():
             setattr(sub, name, str((base / value).resolve()))
+    for (section, name), (lo, lo_in, hi, hi_in) in RANGES.items():
+        value = getattr(getattr(cfg, section), name)
+        bad = value != value or (value < lo if lo_in else value <= lo) or (hi is not None and (value > hi if hi_in else value >= hi))
+        if bad:
+            hint = " (0 is greedy decoding, which on-policy sampling cannot use)" if (section, name) == ("rollout", "temperature") else ""
+            raise ConfigError(f"{section}.{name}={value!r}: expected {_range_text(lo, lo_in, hi, hi_in)}{hint}")
     for (section, name), allowed in CHOICES.items():
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:

@@ -11,13 +11,14 @@ import torch.distributed as dist
 
 
 def mean_over(dicts: list[dict]) -> dict:
-    """Key-wise mean of the finite values (a micro-batch without sampled tokens lacks some keys)."""
+    """Key-wise mean (a micro-batch without sampled tokens lacks some keys). A non-finite value
+    makes the mean non-finite: a NaN loss is logged as NaN, not hidden."""
     keys = sorted({k for d in dicts for k in d})
     out = {}
     for k in keys:
-        vals = [d[k] for d in dicts if k in d and isinstance(d[k], (int, float)) and math.isfinite(d[k])]
+        vals = [d[k] for d in dicts if k in d and isinstance(d[k], (int, float))]
         if vals:
-            out[k] = sum(vals) / len(vals)
+            out[k] = math.fsum(vals) / len(vals) if all(math.isfinite(v) for v in vals) else sum(vals) / len(vals)
     return out
 
 
@@ -41,8 +42,20 @@ class MetricsWriter:
         """On resume: drop records that a killed run wrote after its last checkpoint."""
         if self.rank != 0 or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", -1) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept, dropped = [], []
+        for line in self.path.read_text().splitlines():
+            if not line:
+                continue
+            try:
+                (kept if json.loads(line).get("step", -1) <= step else dropped).append(line)
+            except ValueError:  # a line cut short by the kill
+                dropped.append(line)
+        if dropped:  # kept aside, not lost: the resumed run writes these steps again
+            with self.path.with_name(self.path.stem + ".rolled_back.jsonl").open("a") as f:
+                f.write("".join(line + "\n" for line in dropped))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
 
     def write(self, step: int, record: dict) -> None:
         if self.rank != 0:

@@ -20,22 +20,39 @@ from .config import ConfigError, ModelConfig, OptimConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_model_folder(cfg: ModelConfig, role: str) -> None:
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def check_model_folder(cfg: ModelConfig, role: str, weights: bool = True) -> None:
     if not cfg.path or not (Path(cfg.path) / "config.json").is_file():
         raise ConfigError(f"{role}.path={cfg.path!r}: expected a Hugging Face model folder with config.json")
+    if weights and not any(any(Path(cfg.path).glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ConfigError(
+            f"{role}.path={cfg.path!r} has a config.json but no weights (*.safetensors or *.bin): point it at a downloaded "
+            "checkpoint, or check the config without weights with `tropd-ds train --config ... --dry-run`"
+        )
     if not cfg.ds_config or not Path(cfg.ds_config).is_file():
         raise ConfigError(f"{role}.ds_config={cfg.ds_config!r}: expected a DeepSpeed JSON config file (see ds_configs/)")
 
 
-def load_tokenizers_and_check(student: ModelConfig, teacher: ModelConfig):
+def vocab_from_configs(student: ModelConfig, teacher: ModelConfig) -> int:
+    """Without tokenizers (a dry run on config-only folders): the smaller embedding table."""
+    from transformers import AutoConfig
+
+    check_model_folder(student, "student", weights=False)
+    check_model_folder(teacher, "teacher", weights=False)
+    return min(AutoConfig.from_pretrained(m.path).vocab_size for m in (student, teacher))
+
+
+def load_tokenizers_and_check(student: ModelConfig, teacher: ModelConfig, weights: bool = True):
     """One vocabulary for both models, checked before anything is put on a device.
 
     Returns the shared tokenizer and the number of real vocabulary rows; rows past it (padding
     of an embedding table) are masked out by the caller."""
     from transformers import AutoConfig, AutoTokenizer
 
-    check_model_folder(student, "student")
-    check_model_folder(teacher, "teacher")
+    check_model_folder(student, "student", weights)
+    check_model_folder(teacher, "teacher", weights)
     tok_s = AutoTokenizer.from_pretrained(student.path)
     tok_t = AutoTokenizer.from_pretrained(teacher.path)
     if tok_s.get_vocab() != tok_t.get_vocab():
@@ -58,9 +75,12 @@ def load_tokenizers_and_check(student: ModelConfig, teacher: ModelConfig):
 
 def read_ds_config(path: str) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"DeepSpeed config {path!r} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"DeepSpeed config {path!r} holds a {type(data).__name__}: expected a JSON object")
+    return data
 
 
 def load_causal_lm(cfg: ModelConfig, ds_config: dict):
@@ -134,26 +154,84 @@ def lr_lambda(optim: OptimConfig):
     return factor
 
 
-def student_engine(cfg: ModelConfig, optim: OptimConfig, n_tokens: int, micro_batch: int, grad_accum: int):
-    import deepspeed
+_PRECISION = {"bf16": "bfloat16", "fp16": "float16"}
 
+
+def check_ds_config(role: str, cfg: ModelConfig, ds: dict, micro_batch: int, grad_accum: int, world: int, optim: OptimConfig | None = None) -> None:
+    """The DeepSpeed config must not contradict the run config: the run config decides, so a
+    different value in the DeepSpeed file is an error that names both."""
+    where = f"{role}.ds_config={cfg.ds_config!r}"
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage != 3:
+        raise ConfigError(f"{where}: zero_optimization.stage={stage}: expected 3 (the {role} is sharded with ZeRO-3)")
+    for key, want in _PRECISION.items():
+        on = bool(ds.get(key, {}).get("enabled", False))
+        if on and cfg.dtype != want:
+            raise ConfigError(f"{where} enables {key} but {role}.dtype={cfg.dtype!r}: expected {role}.dtype={want!r} (or disable {key})")
+        if not on and cfg.dtype == want:
+            raise ConfigError(f'{role}.dtype={cfg.dtype!r} but {where} does not enable {key}: add "{key}": {{"enabled": true}}')
+    implied = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world,
+    }
+    for key, want in implied.items():
+        if key in ds and ds[key] not in (want, "auto"):
+            raise ConfigError(
+                f"{where}: {key}={ds[key]} contradicts the run config, which implies {want} "
+                f"({role}.micro_batch_size, rollout.prompts_per_step x samples_per_prompt, {world} ranks): remove it or make them equal"
+            )
+    if optim is None:
+        if "optimizer" in ds:
+            raise ConfigError(f"{where} has an optimizer: the teacher is frozen, remove the 'optimizer' section")
+        if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+            raise ConfigError(f"{where} offloads an optimizer: the teacher is frozen, remove offload_optimizer")
+        return
+    lr = ds.get("optimizer", {}).get("params", {}).get("lr")
+    if lr not in (None, "auto") and not math.isclose(float(lr), optim.lr, rel_tol=1e-9):
+        raise ConfigError(f"{where}: optimizer.params.lr={lr} contradicts optim.lr={optim.lr}: remove it or make them equal")
+    clip = ds.get("gradient_clipping")
+    if clip not in (None, "auto") and not math.isclose(float(clip), optim.grad_clip, rel_tol=1e-9):
+        raise ConfigError(f"{where}: gradient_clipping={clip} contradicts optim.grad_clip={optim.grad_clip}: remove it or make them equal")
+    if "scheduler" in ds:
+        raise ConfigError(f"{where} has a scheduler: the run config's optim section sets the schedule (warmup_steps, min_lr_ratio); remove it")
+
+
+def student_ds_config(cfg: ModelConfig, optim: OptimConfig, micro_batch: int, grad_accum: int) -> dict:
     ds_config = read_ds_config(cfg.ds_config)
     ds_config["train_micro_batch_size_per_gpu"] = micro_batch
     ds_config["gradient_accumulation_steps"] = grad_accum
     ds_config.pop("train_batch_size", None)
     ds_config["gradient_clipping"] = optim.grad_clip
+    if "optimizer" in ds_config:  # DeepSpeed's own (fused / CPU-offload) optimiser from the config
+        params = ds_config["optimizer"].setdefault("params", {})
+        params.update(lr=optim.lr, betas=list(optim.betas), weight_decay=optim.weight_decay)
+    else:
+        ds_config.setdefault("zero_allow_untested_optimizer", True)
+        ds_config.setdefault("zero_force_ds_cpu_optimizer", False)
+    return ds_config
+
+
+def teacher_ds_config(cfg: ModelConfig) -> dict:
+    ds_config = read_ds_config(cfg.ds_config)
+    ds_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    ds_config["gradient_accumulation_steps"] = 1
+    ds_config.pop("train_batch_size", None)
+    return ds_config
+
+
+def student_engine(cfg: ModelConfig, optim: OptimConfig, n_tokens: int, micro_batch: int, grad_accum: int):
+    import deepspeed
+
+    ds_config = student_ds_config(cfg, optim, micro_batch, grad_accum)
     lm, keep = load_causal_lm(cfg, ds_config)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = True
     model = StudentTerms(lm, n_tokens)
-    if "optimizer" in ds_config:  # DeepSpeed's own (fused / CPU-offload) optimiser from the config
-        params = ds_config["optimizer"].setdefault("params", {})
-        params.update(lr=optim.lr, betas=list(optim.betas), weight_decay=optim.weight_decay)
-        optimizer = None
-    else:
-        ds_config.setdefault("zero_allow_untested_optimizer", True)
-        ds_config.setdefault("zero_force_ds_cpu_optimizer", False)
+    optimizer = None  # DeepSpeed's own (fused / CPU-offload) optimiser from the config
+    if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -169,10 +247,7 @@ def teacher_engine(cfg: ModelConfig, n_tokens: int):
     """A ZeRO-3 inference engine (no optimiser) with parameters offloaded as its config says."""
     import deepspeed
 
-    ds_config = read_ds_config(cfg.ds_config)
-    ds_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
-    ds_config["gradient_accumulation_steps"] = 1
-    ds_config.pop("train_batch_size", None)
+    ds_config = teacher_ds_config(cfg)
     lm, keep = load_causal_lm(cfg, ds_config)
     lm.requires_grad_(False)
     lm.eval()

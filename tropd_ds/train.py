@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,6 +29,9 @@ def parse_args(argv=None):
     ap.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. --set objective.name=opd (repeatable)"
     )
+    ap.add_argument("--dry-run", action="store_true", help="check the config on the meta device (no weights, no engines) and exit")
+    ap.add_argument("--world-size", type=int, default=None, help="ranks the dry run plans for (default: WORLD_SIZE, or 1)")
+    ap.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU for the dry run's memory plan")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -36,13 +41,19 @@ def log(rank: int, msg: str) -> None:
         print(f"[tropd-ds] {msg}", flush=True)
 
 
-def validate_before_engines(cfg: RunConfig):
-    """Everything that can be checked without a device: files, columns, rows, vocabulary, batch shapes."""
+def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: bool = False):
+    """Everything that can be checked without a device: files, columns, rows, vocabulary, batch shapes.
+
+    With `dry_run`, model folders may hold only config.json (no weights, no tokenizer): the
+    vocabulary then comes from the configs and the tokenizer is None."""
     from .data import load_rows
-    from .models import load_tokenizers_and_check
+    from .models import load_tokenizers_and_check, vocab_from_configs
     from .objectives import loss_fn
 
-    tokenizer, n_tokens = load_tokenizers_and_check(cfg.student, cfg.teacher)
+    if dry_run and not all(has_tokenizer(m.path) for m in (cfg.student, cfg.teacher)):
+        tokenizer, n_tokens = None, vocab_from_configs(cfg.student, cfg.teacher)
+    else:
+        tokenizer, n_tokens = load_tokenizers_and_check(cfg.student, cfg.teacher, weights=not dry_run)
     train_rows = load_rows(cfg.data.path, cfg.data.split, "data.path")
     eval_rows = load_rows(cfg.data.eval_path, cfg.data.split, "data.eval_path") if cfg.data.eval_path else None
     if eval_rows is not None and "answer" not in eval_rows.column_names:
@@ -59,7 +70,18 @@ def validate_before_engines(cfg: RunConfig):
             f"rollout.guidance with prefix_source='data' needs a 'teacher_response' column; data.path has {train_rows.column_names} "
             "(set rollout.prefix_source=teacher or rollout.guidance=false)"
         )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_run_shapes(cfg, world or int(os.environ.get("WORLD_SIZE", "1")))
+    return tokenizer, n_tokens, train_rows, eval_rows, objective
+
+
+def has_tokenizer(path: str) -> bool:
+    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def check_run_shapes(cfg: RunConfig, world: int) -> None:
+    """Batch arithmetic for `world` ranks, and the DeepSpeed configs against the run config."""
+    from .models import check_ds_config, read_ds_config
+
     if cfg.rollout.prompts_per_step % world:
         raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step}: expected a multiple of the {world} ranks")
     rollouts_per_rank = cfg.rollout.prompts_per_step // world * cfg.rollout.samples_per_prompt
@@ -68,13 +90,24 @@ def validate_before_engines(cfg: RunConfig):
             f"student.micro_batch_size={cfg.student.micro_batch_size} does not divide the {rollouts_per_rank} rollouts per rank "
             "(rollout.prompts_per_step / ranks x rollout.samples_per_prompt)"
         )
-    return tokenizer, n_tokens, train_rows, eval_rows, objective
+    grad_accum = rollouts_per_rank // cfg.student.micro_batch_size
+    check_ds_config("student", cfg.student, read_ds_config(cfg.student.ds_config), cfg.student.micro_batch_size, grad_accum, world, cfg.optim)
+    check_ds_config("teacher", cfg.teacher, read_ds_config(cfg.teacher.ds_config), cfg.teacher.micro_batch_size, 1, world)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            from .dry_run import dry_run
+
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            if world < 1:
+                raise ConfigError(f"--world-size={world}: expected an integer >= 1")
+            for line in dry_run(cfg, world, args.gpu_mem):
+                print(line, flush=True)
+            return 0
         tokenizer, n_tokens, train_rows, eval_rows, objective = validate_before_engines(cfg)
     except ConfigError as exc:
         print(f"tropd-ds: configuration error: {exc}", file=sys.stderr)
@@ -144,7 +177,11 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
     metrics = MetricsWriter(cfg.logging.dir, rank, getattr(student, "monitor", None))
     start_step = 0
     if cfg.checkpoint.resume:
-        client = checkpoint.resume(student, cfg.checkpoint.dir)
+        try:
+            client = checkpoint.resume(student, cfg.checkpoint.dir, log=lambda m: log(rank, m))
+        except checkpoint.CheckpointError as exc:
+            log(rank, f"cannot resume: {exc}")
+            return 3
         if client is not None:
             start_step = client["step"]
             stream.load_state_dict(client["data"])
@@ -176,8 +213,30 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
         from tqdm import tqdm
 
         progress = tqdm(total=total, initial=start_step, desc="distill", unit="step", dynamic_ncols=True)
+    stop_signal: list[str] = []
+
+    def on_signal(signum, frame):
+        if stop_signal:  # a second signal: give up at once
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        stop_signal.append(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    bad_steps: list[int] = []
+
+    def save(done: int) -> bool:
+        try:
+            checkpoint.save(student, cfg.checkpoint.dir, done, {"data": stream.state_dict()}, cfg.checkpoint.keep_last)
+            return True
+        except checkpoint.CheckpointError as exc:
+            log(rank, f"error: {exc}")
+            return False
+
     for step in range(start_step, total):
         t0 = time.perf_counter()
+        skipped_before = student.skipped_steps
         batch_prompts = stream.next_batch()
         expanded = [p for p in batch_prompts for _ in range(cfg.rollout.samples_per_prompt)]
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
@@ -228,6 +287,13 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
             prompts_truncated=stream.truncated,
             prompts_skipped=stream.skipped,
         )
+        if student.skipped_steps > skipped_before:  # DeepSpeed found a non-finite gradient norm and left the parameters alone
+            bad = sorted(k_ for k_, v in record.items() if isinstance(v, float) and not math.isfinite(v) and k_ != "grad_norm") or ["gradient"]
+            bad_steps.append(step + 1)
+            record.update(skipped=True, non_finite=bad)
+            log(rank, f"step {step + 1} skipped: non-finite {', '.join(bad)} (grad norm {record['grad_norm']}); parameters unchanged")
+        else:
+            bad_steps.clear()
         if cfg.logging.samples_every and (step + 1) % cfg.logging.samples_every == 0:
             record["sample"] = tokenizer.decode(tokens.input_ids[0][tokens.attention_mask[0].bool()], skip_special_tokens=True)
         metrics.write(step + 1, record)
@@ -237,15 +303,31 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
             )
             progress.update(1)
         done = step + 1
-        if cfg.eval.every and done % cfg.eval.every == 0 and done < total:
-            run_eval(done)
-        stopping = bool(cfg.checkpoint.stop_after) and done - start_step >= cfg.checkpoint.stop_after and done < total
-        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or stopping:
-            checkpoint.save(student, cfg.checkpoint.dir, done, {"data": stream.state_dict()}, cfg.checkpoint.keep_last)
-        if stopping:
+        if len(bad_steps) >= cfg.optim.max_bad_steps:
             if progress is not None:
                 progress.close()
-            log(rank, f"stopping after step {done} as checkpoint.stop_after asks; relaunch the same command to resume")
+            log(
+                rank,
+                f"error: {len(bad_steps)} consecutive steps with non-finite values (steps {bad_steps[0]}-{bad_steps[-1]}; "
+                f"optim.max_bad_steps={cfg.optim.max_bad_steps}). Parameters are as after step {bad_steps[0] - 1}; the newest checkpoint "
+                f"is in {cfg.checkpoint.dir}. Check the teacher and the data, lower optim.lr, or raise optim.max_bad_steps.",
+            )
+            return 4
+        if cfg.eval.every and done % cfg.eval.every == 0 and done < total:
+            run_eval(done)
+        signalled = torch.tensor([1.0 if stop_signal else 0.0])
+        if world > 1:
+            dist.all_reduce(signalled)  # a signal on any rank stops every rank after the same step
+        stopping = bool(cfg.checkpoint.stop_after) and done - start_step >= cfg.checkpoint.stop_after and done < total
+        interrupted = float(signalled) > 0 and done < total
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or stopping or interrupted:
+            if not save(done):
+                return 3
+        if stopping or interrupted:
+            if progress is not None:
+                progress.close()
+            why = f"{stop_signal[0] if stop_signal else 'a signal on another rank'}" if interrupted else "checkpoint.stop_after"
+            log(rank, f"stopping after step {done} ({why}); checkpoint saved in {cfg.checkpoint.dir}; relaunch the same command to resume")
             return 0
     if progress is not None:
         progress.close()

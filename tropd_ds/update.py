@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import tropd_kernels as tk
 
+from . import faults
 from .rollout import RolloutTokens
 
 
@@ -37,6 +39,9 @@ def update(
         )
         terms = tk.TokenTerms(*fields)
         out = objective(terms, teacher, rollout.sampled[rows][select], rollout.prefix[rows][select], step, total_steps, generator, token_count=token_count)
+        if faults.active("nan_loss", step + 1, dist.get_rank() if dist.is_initialized() else 0):
+            out.loss = out.loss * float("nan")
+            out.metrics["loss"] = float("nan")
         engine.backward(out.loss)
         engine.step()
         metrics.append(out.metrics)

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""The tables of docs/SCALING.md, from `tropd_ds.plan` (no GPU needed):
+
+    python scripts/scaling_tables.py > /tmp/tables.md
+
+1. The planner's verdict for each preset on 1 x 8 and 2 x 8 GPUs of 80 GB, CPU and NVMe teacher offload.
+2. The largest student (Llama-3.1-8B's width, more layers) next to Llama-3.1-70B, and the largest
+   teacher (Llama-3.1-70B's width, more layers) next to Llama-3.1-8B, per GPU count, with the
+   presets' workload (128 x 4 rollouts of 1,024 + 8,096 tokens, k 64).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tropd_ds import plan as P  # noqa: E402
+from tropd_ds.config import load_config  # noqa: E402
+
+
+def preset_rows() -> list[str]:
+    rows = [
+        "| preset | GPUs | teacher offload | peak GiB per GPU (phase) | host GiB per node | step s (rollout / teacher / update) | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("llama70b_to_llama8b", "qwen72b_to_qwen7b"):
+        for shape, nodes in (("1x8", 1), ("2x8", 2)):
+            cfg = load_config(ROOT / f"configs/presets/{name}_{shape}.yaml")
+            s, t, wl = P.workload_from_run_config(cfg)
+            for offload in ("cpu", "nvme"):
+                w = dataclasses.replace(wl, teacher_offload=offload, nvme_buffer_size=1.3e9)
+                r = P.plan(P.load_arch(s), P.load_arch(t), P.Hardware(nodes=nodes), w)
+                st, g = r["step_seconds"], r["gpu_gib"]
+                rows.append(
+                    f"| {name}_{shape} | {8 * nodes} | {offload} | {g['total']:.1f} ({g['peak_phase']}) | {r['host_gib_per_node']['total']:.0f} | "
+                    f"{st['total']:.0f} ({st['rollout']:.0f} / {st['teacher_scoring']:.0f} / {st['update']:.0f}) | {'fits' if r['fits'] else 'no'} |"
+                )
+    return rows
+
+
+def largest(base: str, other: str, role: str, hw: P.Hardware, wl: P.Workload) -> tuple[float, int]:
+    """Most layers (and parameters) of `base`'s shape that still fits beside `other`."""
+    arch, fixed = P.load_arch(base), P.load_arch(other)
+    best = (0.0, 0)
+    for layers in range(1, 4000):
+        a = dataclasses.replace(arch, layers=layers)
+        pair = (a, fixed) if role == "student" else (fixed, a)
+        if not P.plan(*pair, hw, wl)["fits"]:
+            break
+        best = (a.params() / 1e9, layers)
+    return best
+
+
+def largest_rows() -> list[str]:
+    wl = P.Workload(rollout_micro_batch=16)
+    rows = [
+        "| GPUs (80 GB, 1 TiB host per node) | largest student beside Llama-3.1-70B | largest teacher beside Llama-3.1-8B (CPU offload) |",
+        "|---|---|---|",
+    ]
+    for nodes, gpn in ((1, 8), (2, 8), (4, 8)):
+        hw = P.Hardware(gpus_per_node=gpn, nodes=nodes)
+        s_b, s_l = largest("llama-3.1-8b", "llama-3.1-70b", "student", hw, wl)
+        t_b, t_l = largest("llama-3.1-70b", "llama-3.1-8b", "teacher", hw, wl)
+        rows.append(f"| {nodes} x {gpn} | {s_b:.1f} B ({s_l} layers of d 4,096) | {t_b:.0f} B ({t_l} layers of d 8,192) |")
+    return rows
+
+
+if __name__ == "__main__":
+    print("\n".join(preset_rows()))
+    print()
+    print("\n".join(largest_rows()))

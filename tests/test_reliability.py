@@ -1,0 +1,188 @@
+"""Faults lose nothing: non-finite steps are skipped, checkpoints are atomic and verified, a signal
+saves and exits, a killed rank costs only the steps since the last checkpoint. Every run is the real
+`deepspeed` launcher on 2 CPU ranks with the tiny models of conftest.py; the reference is the
+uninterrupted 6-step run (`full_run`, checkpoints every 3 steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from launch import DEEPSPEED, ROOT, free_port, launch, records, write_config
+
+from tropd_ds import checkpoint
+from tropd_ds.config import ConfigError, load_config
+
+KEYS = ("loss", "grad_norm", "trust_fraction", "response_len")
+
+
+def assert_same_steps(run_dir: Path, reference: Path, steps) -> None:
+    got = {r["step"]: r for r in records(run_dir) if "loss" in r}
+    want = {r["step"]: r for r in records(reference) if "loss" in r}
+    assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+    for step in steps:
+        for key in KEYS:
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-9), (step, key)
+
+
+def start(config: Path, env: dict | None = None) -> subprocess.Popen:
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "tropd_ds.train", "--config", str(config)]
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env.pop("TRITON_INTERPRET", None)
+    return subprocess.Popen(cmd, cwd=config.parent, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    path = run_dir / "logs/metrics.jsonl"
+    while time.time() < deadline:
+        if path.is_file() and any(f'"step": {step},' in line and '"loss"' in line for line in path.read_text().splitlines()):
+            return
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} did not appear in {path}")
+
+
+def rank_pid(proc: subprocess.Popen, rank: int) -> int:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        if any(arg == f"--local_rank={rank}" for arg in child.cmdline()):
+            return child.pid
+    raise AssertionError(f"no rank {rank} under the launcher")
+
+
+def test_sigkill_of_one_rank_then_the_same_command_resumes_exactly(workspace, full_run):
+    config = write_config(workspace, "killed")
+    proc = start(config)
+    wait_for_step(workspace / "killed", proc, 4)  # the checkpoint of step 3 is written before step 4 starts
+    os.kill(rank_pid(proc, 1), signal.SIGKILL)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert (workspace / "killed/ckpt/step3/manifest.json").is_file()
+    relaunch = launch(config)
+    assert "at step 3" in relaunch.stdout
+    assert_same_steps(workspace / "killed", full_run[0], (4, 5, 6))
+    # the steps the killed run logged after its checkpoint were set aside, not lost
+    assert any(json.loads(x)["step"] >= 4 for x in (workspace / "killed/logs/metrics.rolled_back.jsonl").read_text().splitlines())
+
+
+def test_sigterm_on_one_rank_saves_a_checkpoint_and_exits_cleanly(workspace, full_run):
+    config = write_config(workspace, "terminated", checkpoint={"every": 0})
+    proc = start(config)
+    wait_for_step(workspace / "terminated", proc, 2)
+    os.kill(rank_pid(proc, 1), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    stopped = [int(p.name[4:]) for p in (workspace / "terminated/ckpt").glob("step*")]
+    assert len(stopped) == 1 and 2 <= stopped[0] < 6
+    assert f"stopping after step {stopped[0]} (a signal on another rank)" in out or f"stopping after step {stopped[0]} (SIGTERM)" in out
+    launch(config)
+    assert_same_steps(workspace / "terminated", full_run[0], range(stopped[0] + 1, 7))
+
+
+def test_a_crash_while_saving_leaves_no_checkpoint_that_resume_would_pick(workspace, full_run):
+    config = write_config(workspace, "crashed")
+    proc = start(config, {"TROPD_DS_FAULT": "crash_in_save@6:r1"})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0, out[-3000:]
+    ckpt = workspace / "crashed/ckpt"
+    assert (ckpt / ".incomplete-step6").is_dir() and not (ckpt / "step6").exists()
+    assert (ckpt / "latest").read_text() == "step3"
+    relaunch = launch(config)
+    assert "ignoring .incomplete-step6" in relaunch.stdout and "at step 3" in relaunch.stdout
+    assert_same_steps(workspace / "crashed", full_run[0], (4, 5, 6))
+    assert not (ckpt / ".incomplete-step6").exists() and (ckpt / "step6/manifest.json").is_file()
+
+
+def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_stays_intact(workspace):
+    config = write_config(workspace, "diskfull")
+    proc = start(config, {"TROPD_DS_FAULT": "disk_full_in_save@6"})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert "saving checkpoint step6" in out and "No space left on device" in out, out[-3000:]
+    assert "the partial files were removed and the previous checkpoint" in out and "step3 is intact" in out
+    ckpt = workspace / "diskfull/ckpt"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step3"]
+    assert checkpoint.verify(ckpt / "step3") is None
+
+
+def test_a_corrupted_checkpoint_is_detected_and_resume_takes_the_previous_one(workspace, full_run, tmp_path):
+    run = workspace / "corrupted"
+    shutil.copytree(full_run[0], run)
+    newest = run / "ckpt/step6"
+    victim = max((p for p in newest.iterdir() if p.suffix == ".pt"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a truncated write
+    assert "manifest says" in checkpoint.verify(newest)
+    config = write_config(workspace, "corrupted", optim={"steps": 6, "lr": 1e-3})
+    relaunch = launch(config)
+    assert f"checkpoint step6 is damaged: {victim.name} has" in relaunch.stdout and "at step 3" in relaunch.stdout
+    assert_same_steps(run, full_run[0], (4, 5, 6))
+    # every checkpoint damaged: resume refuses (before touching the engine) instead of starting afresh
+    broken = tmp_path / "ckpt"
+    shutil.copytree(full_run[0] / "ckpt", broken)
+    for folder in broken.glob("step*"):
+        (folder / "rng_rank0.pt").write_bytes(b"flipped")
+    with pytest.raises(checkpoint.CheckpointError, match=r"every checkpoint in .* is damaged: step6 \(rng_rank0.pt has 7 bytes"):
+        checkpoint.resume(None, str(broken), log=lambda m: None)
+
+
+def test_non_finite_steps_are_skipped_without_changing_parameters_and_too_many_stop_the_run(workspace):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    config = write_config(workspace, "nonfinite", checkpoint={"every": 1, "keep_last": 0}, optim={"steps": 6, "lr": 1e-3, "max_bad_steps": 2})
+    proc = start(config, {"TROPD_DS_FAULT": "nan_loss@2,nan_loss@4,nan_loss@5"})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert "step 2 skipped: non-finite loss" in out and "parameters unchanged" in out
+    assert "2 consecutive steps with non-finite values (steps 4-5; optim.max_bad_steps=2)" in out, out[-3000:]
+    steps = {r["step"]: r for r in records(workspace / "nonfinite") if "loss" in r}
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+    assert steps[2]["skipped"] and "loss" in steps[2]["non_finite"] and steps[2]["grad_norm"] == float("inf")
+    assert not steps[3].get("skipped") and steps[3]["grad_norm"] < float("inf")
+    ckpt = workspace / "nonfinite/ckpt"
+    params = {s: get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=f"step{s}") for s in (1, 2, 3, 4)}
+    assert all((params[1][k] == params[2][k]).all() for k in params[1]), "a skipped step changed parameters"
+    assert any((params[2][k] != params[3][k]).any() for k in params[1]), "the step after a skipped one did not train"
+    assert all((params[3][k] == params[4][k]).all() for k in params[1])
+    assert not (ckpt / "step5").exists()  # the run stopped at step 5 without saving it
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("rollout.temperature=0", "rollout.temperature=0.0: expected a number > 0"),
+        ("objective.temperature=-1", "objective.temperature=-1.0: expected a number > 0"),
+        ("rollout.top_p=1.5", "rollout.top_p=1.5: expected a number in (0, 1]"),
+        ("optim.lr=0", "optim.lr=0.0: expected a number > 0"),
+        ("rollout.samples_per_prompt=0", "rollout.samples_per_prompt=0: expected a number >= 1"),
+        ("optim.max_bad_steps=0", "optim.max_bad_steps=0: expected a number >= 1"),
+    ],
+)
+def test_out_of_range_values_name_the_value_and_what_is_accepted(workspace, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(workspace, "ranges"), [override])
+    assert message in str(err.value)
+
+
+def test_deepspeed_configs_that_contradict_the_run_config_are_refused(workspace, tmp_path):
+    from tropd_ds.train import validate_before_engines
+
+    base = json.loads((ROOT / "ds_configs/cpu_student_zero3.json").read_text())
+    cases = [
+        ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu=4 contradicts the run config, which implies 2"),
+        ({"bf16": {"enabled": True}}, "enables bf16 but student.dtype='float32'"),
+        ({"gradient_clipping": 5.0}, "gradient_clipping=5.0 contradicts optim.grad_clip=1.0"),
+        ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage=2: expected 3"),
+    ]
+    for extra, message in cases:
+        path = tmp_path / "student_ds.json"
+        path.write_text(json.dumps({**base, **extra}))
+        with pytest.raises(ConfigError) as err:
+            validate_before_engines(load_config(write_config(workspace, "contradict"), [f"student.ds_config={path}"]))
+        assert message in str(err.value), (extra, str(err.value))

@@ -1,0 +1,33 @@
+"""Fault injection for the reliability tests, off unless TROPD_DS_FAULT is set.
+
+TROPD_DS_FAULT is a comma-separated list of KIND@STEP[:rRANK]:
+  nan_loss@3          the loss of step 3 (1-based, as logged) is NaN on every rank
+  crash_in_save@4:r1  rank 1 dies (os._exit) after writing its part of step 4's checkpoint
+  disk_full_in_save@4 saving step 4's checkpoint raises ENOSPC on every rank
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+def _parse() -> list[tuple[str, int, int | None]]:
+    spec = os.environ.get("TROPD_DS_FAULT", "")
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        kind, _, rest = item.partition("@")
+        step, _, rank = rest.partition(":r")
+        out.append((kind, int(step), int(rank) if rank else None))
+    return out
+
+
+def active(kind: str, step: int, rank: int) -> bool:
+    return any(k == kind and s == step and (r is None or r == rank) for k, s, r in _parse())
+
+
+def in_save(step: int, rank: int) -> None:
+    if active("crash_in_save", step, rank):
+        os._exit(17)
+    if active("disk_full_in_save", step, rank):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(injected by TROPD_DS_FAULT)")
