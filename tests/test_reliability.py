@@ -186,3 +186,15 @@ def test_deepspeed_configs_that_contradict_the_run_config_are_refused(workspace,
         with pytest.raises(ConfigError) as err:
             validate_before_engines(load_config(write_config(workspace, "contradict"), [f"student.ds_config={path}"]))
         assert message in str(err.value), (extra, str(err.value))
+
+
+def test_an_embedding_table_smaller_than_the_shared_tokenizer_is_refused(workspace, tmp_path):
+    from tropd_ds.train import validate_before_engines
+
+    small = tmp_path / "student_small"
+    shutil.copytree(workspace / "student", small)
+    cfg = json.loads((small / "config.json").read_text())
+    cfg["vocab_size"] = 10
+    (small / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"student embedding has 10 rows but the shared tokenizer has 18 tokens: expected at least 18"):
+        validate_before_engines(load_config(write_config(workspace, "small_vocab"), [f"student.path={small}"]))
