@@ -43,7 +43,7 @@ PRESETS = {
     "gpu": [(op, n, v, 64, 0, "bfloat16") for op in ("token_terms", "teacher_topk") for n in (4096, 16384) for v in (32000, 128256, 151936)]
     + [
         ("token_terms_from_hidden", n, v, 64, d, "bfloat16")
-        for n, v, d in ((8192, 128256, 4096), (16384, 128256, 4096), (16384, 151936, 4096), (8192, 128256, 8192))
+        for n, v, d in ((8192, 128256, 4096), (16384, 128256, 4096), (16384, 151936, 4096), (8192, 128256, 8192), (16384, 151936, 8192))
     ],
 }
 # Physical limits of an H100 SXM (ANCHORS.md): used for the floors in the GPU table.
