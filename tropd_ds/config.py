@@ -197,6 +197,8 @@ def _coerce(where: str, value, tp):
     elif tp is str:
         if isinstance(value, str):
             return value
+        if value is None:  # `--set data.eval_path=` (empty) clears a path
+            return ""
     elif tp is dict or origin is dict:
         if isinstance(value, dict):
             return value

@@ -36,14 +36,32 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device)
 
 
+_PINNED = -7_000_001  # a sub-module id no real module has
+
+
+@contextlib.contextmanager
+def _gathered_and_pinned(engine):
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        # ZeRO-3 releases a module's parameters after its forward unless a sub-module still uses
+        # them; without this pin every decoded token would gather every layer again.
+        for p in params:
+            p.ds_active_sub_modules.add(_PINNED)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.ds_active_sub_modules.discard(_PINNED)
+
+
 def gathered_for_generation(engine, gather: bool):
-    """Gather every parameter for the whole generate call (fast when the model fits), or let
+    """Gather every parameter once for the whole generate call (fast when the model fits), or let
     ZeRO-3 gather layer by layer on each forward (slow, but any size)."""
     if not gather or not hasattr(engine, "zero_optimization_stage") or engine.zero_optimization_stage() != 3:
         return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+    return _gathered_and_pinned(engine)
 
 
 def sample(
