@@ -100,15 +100,32 @@ def test_a_crash_while_saving_leaves_no_checkpoint_that_resume_would_pick(worksp
     assert not (ckpt / ".incomplete-step6").exists() and (ckpt / "step6/manifest.json").is_file()
 
 
-def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_stays_intact(workspace):
-    config = write_config(workspace, "diskfull")
-    proc = start(config, {"TROPD_DS_FAULT": "disk_full_in_save@6"})
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 320 KiB tmpfs: one checkpoint of the tiny student fits, a second does not. Without the
+    right to mount (not root), a full disk is injected instead (TROPD_DS_FAULT)."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        yield mount, {"TROPD_DS_FAULT": "disk_full_in_save@6"}
+        return
+    yield mount, {}
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_stays_intact(workspace, small_disk):
+    mount, env = small_disk
+    config = write_config(workspace, "diskfull", checkpoint={"dir": str(mount / "ckpt"), "every": 3, "keep_last": 2})
+    proc = start(config, env)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0
-    assert "saving checkpoint step6" in out and "No space left on device" in out, out[-3000:]
+    assert f"saving checkpoint step6 in {mount / 'ckpt'} failed (" in out, out[-3000:]
+    assert ("MiB free in" in out and "the disk is probably full" in out) if not env else "No space left on device" in out
     assert "the partial files were removed and the previous checkpoint" in out and "step3 is intact" in out
-    ckpt = workspace / "diskfull/ckpt"
+    ckpt = mount / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step3"]
+    assert (ckpt / "latest").read_text() == "step3"
     assert checkpoint.verify(ckpt / "step3") is None
 
 

@@ -119,14 +119,19 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
         engine.save_checkpoint(ckpt_dir, tag=tmp.name, client_state={**client_state, "step": step}, save_latest=False)
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{rank}.pt")
         faults.in_save(step, rank)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError from its zip writer
         error = exc
     if not _all_true(error is None):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
-        what = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
-        raise CheckpointError(f"saving checkpoint {tag} in {ckpt_dir} failed ({what}); the partial files were removed and {intact}")
+        what = f"{type(error).__name__}: {str(error).strip()}" if error is not None else "it failed on another rank"
+        try:
+            free = shutil.disk_usage(root).free
+            space = f"; {free / 2**20:.1f} MiB free in {ckpt_dir}" + (", the disk is probably full" if free < 64 * 2**20 else "")
+        except OSError:
+            space = ""
+        raise CheckpointError(f"saving checkpoint {tag} in {ckpt_dir} failed ({what}){space}; the partial files were removed and {intact}")
     _barrier()  # every rank's files are written
     files = _files(tmp)
     mine = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for i, p in enumerate(files) if i % world == rank}
