@@ -110,19 +110,25 @@ def summarise(metrics: Path) -> dict:
     records = [json.loads(x) for x in metrics.read_text().splitlines()]
     evals = [r for r in records if "eval_accuracy" in r]
     steps = [r for r in records if "grad_norm" in r]
+    last = steps[-20:]
     return {
         "before": evals[0]["eval_accuracy"],
         "after": evals[-1]["eval_accuracy"],
         "curve": [(r["step"], r["eval_accuracy"]) for r in evals],
+        "lengths": [r["response_len"] for r in steps],
         "grad_norm": statistics.mean(r["grad_norm"] for r in steps),
+        "grad_norm_max": max(r["grad_norm"] for r in steps),
         "trust": statistics.mean(r.get("trust_fraction", float("nan")) for r in steps),
         "r_p1": statistics.mean(r["log_ratio_p1"] for r in steps if "log_ratio_p1" in r),
-        "entropy": statistics.mean(r["student_entropy_mean"] for r in steps if "student_entropy_mean" in r),
+        "response_len": statistics.mean(r["response_len"] for r in last),
+        "entropy": statistics.mean(r["student_entropy_mean"] for r in last if "student_entropy_mean" in r),
     }
 
 
 def fmt(values: list[float], pct: bool = False) -> str:
     scale = 100 if pct else 1
+    if any(v != v for v in values):
+        return "n/a"
     mean = statistics.mean(values) * scale
     sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
     return f"{mean:.1f} ± {sd:.1f}" if pct else f"{mean:.3f} ± {sd:.3f}"
@@ -168,15 +174,16 @@ def main() -> None:
         lines += [
             f"## {title}",
             "",
-            "| run | held-out accuracy before (%) | after (%) | mean grad norm | mean trust fraction | mean r p1 | mean student entropy |",
-            "|---|---|---|---|---|---|---|",
+            "| run | held-out accuracy before (%) | after (%) | grad norm, mean | grad norm, max | trust fraction, mean | r p1, mean "
+            "| response length, last 20 steps | student entropy, last 20 steps |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for label in runs:
             rs = results[label]
             lines.append(
                 f"| {label} | {fmt([r['before'] for r in rs], True)} | {fmt([r['after'] for r in rs], True)} | "
-                f"{fmt([r['grad_norm'] for r in rs])} | {fmt([r['trust'] for r in rs])} | {fmt([r['r_p1'] for r in rs])} | "
-                f"{fmt([r['entropy'] for r in rs])} |"
+                f"{fmt([r['grad_norm'] for r in rs])} | {fmt([r['grad_norm_max'] for r in rs])} | {fmt([r['trust'] for r in rs])} | "
+                f"{fmt([r['r_p1'] for r in rs])} | {fmt([r['response_len'] for r in rs])} | {fmt([r['entropy'] for r in rs])} |"
             )
         lines.append("")
     # Hand-written analysis below ANALYSIS in an existing file is kept.
@@ -191,15 +198,24 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label in RUNS:
         curves = [r["curve"] for r in results[label]]
         steps = [s for s, _ in curves[0]]
-        ax.plot(steps, [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))], marker="o", label=label)
+        line = ax.plot(steps, [100 * statistics.mean(c[i][1] for c in curves) for i in range(len(steps))], marker="o", label=label)
+        lengths = [r["lengths"] for r in results[label]]
+        n = min(len(x) for x in lengths)
+        mean_len = [statistics.mean(x[i] for x in lengths) for i in range(n)]
+        smooth = [statistics.mean(mean_len[max(0, i - 4) : i + 1]) for i in range(n)]
+        ax2.plot(range(1, n + 1), smooth, color=line[0].get_color(), label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("held-out accuracy (mean over seeds)")
+    ax.set_ylabel("held-out accuracy, % (mean over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("sampled response length, tokens (mean over seeds, 5-step average)")
+    ax2.grid(alpha=0.3)
+    fig.suptitle(f"Objectives on the demo task ({args.steps} steps, seeds {', '.join(map(str, args.seeds))})")
     fig.tight_layout()
     fig.savefig(args.doc.with_name("results_accuracy.png"), dpi=110)
     print(args.doc.read_text())
