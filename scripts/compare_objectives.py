@@ -97,6 +97,8 @@ def run_one(label: str, name: str, options: dict, seed: int, steps: int, out: Pa
         cmd += ["--set", f"{k}={v}"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     print(f"== {label}, seed {seed}: {run_dir}", flush=True)
+    if metrics.is_file():  # an interrupted earlier attempt (no checkpoints): it starts afresh, its log is set aside
+        metrics.rename(metrics.with_name(f"metrics.interrupted-{int(metrics.stat().st_mtime)}.jsonl"))
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "launcher.log", "w") as log:
         done = subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
