@@ -26,10 +26,21 @@ def cpu_ranks(args: list[str], cwd, timeout: int = 900) -> subprocess.CompletedP
     """`DS_ACCELERATOR=cpu deepspeed --num_gpus 2 ARGS`; fails the test with the tail of the output."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)  # the torch kernel backend on CPU, as in training
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *map(str, args)]
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    port = free_port()
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), *map(str, args)]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    finally:
+        release_shm(port)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
+
+
+def release_shm(port: int) -> None:
+    """DeepSpeed's CPU all-reduce buffers of a finished launch (the trainer unlinks its own at exit;
+    workers of other tests and killed ranks do not): 66 MiB of /dev/shm each."""
+    for path in Path("/dev/shm").glob(f"deepspeed_*_{port}_*"):
+        path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- trainer runs on tiny models

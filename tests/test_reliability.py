@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from launch import DEEPSPEED, ROOT, free_port, launch, records, write_config
+from launch import DEEPSPEED, ROOT, free_port, launch, records, release_shm, write_config
 
 from tropd_ds import checkpoint
 from tropd_ds.config import ConfigError, load_config
@@ -32,8 +32,19 @@ def assert_same_steps(run_dir: Path, reference: Path, steps) -> None:
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-9), (step, key)
 
 
+PORTS: list[int] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_shm_of_started_runs():
+    yield
+    for port in PORTS:
+        release_shm(port)
+
+
 def start(config: Path, env: dict | None = None) -> subprocess.Popen:
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "tropd_ds.train", "--config", str(config)]
+    PORTS.append(free_port())
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(PORTS[-1]), "--module", "tropd_ds.train", "--config", str(config)]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     full_env.pop("TRITON_INTERPRET", None)
     return subprocess.Popen(cmd, cwd=config.parent, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

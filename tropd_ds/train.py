@@ -112,7 +112,24 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"tropd-ds: configuration error: {exc}", file=sys.stderr)
         return 2
-    return run(cfg, tokenizer, n_tokens, train_rows, eval_rows, objective)
+    try:
+        return run(cfg, tokenizer, n_tokens, train_rows, eval_rows, objective)
+    finally:
+        release_cpu_shm_buffers()
+
+
+def release_cpu_shm_buffers() -> None:
+    """DeepSpeed's CPU all-reduce (DS_ACCELERATOR=cpu, several ranks on one machine) maps a 66 MiB
+    buffer per rank in /dev/shm and never unlinks it: every launch would leak 66 MiB of RAM per
+    rank until the machine runs out. Unlink this rank's buffer at exit (its mapping stays valid)."""
+    port, rank = os.environ.get("MASTER_PORT"), os.environ.get("RANK")
+    if port is None or rank is None:
+        return
+    for path in Path("/dev/shm").glob(f"deepspeed_*_{port}_{rank}"):
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 def _seed_everything(seed: int) -> None:
