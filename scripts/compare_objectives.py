@@ -215,7 +215,7 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax2.set_xlabel("step")
-    ax2.set_ylabel("sampled response length, tokens (mean over seeds, 5-step average)")
+    ax2.set_ylabel("sampled tokens per rollout (5-step mean)")
     ax2.grid(alpha=0.3)
     fig.suptitle(f"Objectives on the demo task ({args.steps} steps, seeds {', '.join(map(str, args.seeds))})")
     fig.tight_layout()
