@@ -27,7 +27,12 @@ MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
-    """Saving or resuming a checkpoint failed; the message says what is intact."""
+    """Saving or resuming a checkpoint failed; the message says what is intact. `local`: raised on
+    this rank alone (so this rank must report it), not agreed by every rank."""
+
+    def __init__(self, message: str, local: bool = False):
+        super().__init__(message)
+        self.local = local
 
 
 def _barrier():
@@ -103,35 +108,77 @@ def complete_checkpoints(ckpt_dir: str) -> list[Path]:
     return sorted(found, key=step_of, reverse=True)
 
 
+def _free_bytes(root: Path) -> int | None:
+    """Free space where `root` is (or will be created)."""
+    path = root
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def needed_bytes(engine, previous: list[Path]) -> tuple[int, str]:
+    """Bytes a new checkpoint takes: the newest complete one's size (same model, same files), else a
+    floor from the parameter count (every ZeRO checkpoint holds an fp32 copy of the parameters)."""
+    if previous:
+        try:
+            files = json.loads((previous[0] / MANIFEST).read_text())["files"]
+            return sum(f["bytes"] for f in files.values()), f"the size of {previous[0].name}"
+        except (OSError, ValueError, KeyError):
+            pass
+    numel = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()) if engine is not None else 0
+    return 4 * numel, "at least the fp32 parameters"
+
+
+def _space(ckpt_dir: str) -> str:
+    free = _free_bytes(Path(ckpt_dir))
+    if free is None:
+        return ""
+    return f"; {free / 2**20:.1f} MiB free in {ckpt_dir}" + (", the disk is probably full" if free < 64 * 2**20 else "")
+
+
 def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -> None:
+    """Write checkpoint `stepN` atomically. Raises CheckpointError, with nothing partial left behind,
+    when the disk lacks the room (checked by every rank before anything is written) or a write fails.
+
+    A rank whose write fails takes part in no further collective: the others may be waiting inside
+    DeepSpeed's own barriers, and a mismatched collective would hang every rank. It removes the partial
+    folder and raises; its non-zero exit makes the launcher stop the other ranks."""
     rank, world = _rank_world()
     root = Path(ckpt_dir)
     tag = f"step{step}"
     tmp = root / f"{INCOMPLETE}{tag}"
     previous = complete_checkpoints(ckpt_dir)
     intact = f"the previous checkpoint {previous[0]} is intact" if previous else "there is no previous checkpoint"
+    need, basis = needed_bytes(engine, previous)
+    free = _free_bytes(root)
+    room = free is None or free >= need or faults.active("disk_full_in_save", step, rank)
+    if not _all_true(room):
+        have = f"{free / 2**20:.1f} MiB are free" if free is not None and not room else "another rank's disk has less"
+        raise CheckpointError(
+            f"not enough space to save checkpoint {tag} in {ckpt_dir}: it needs about {need / 2**20:.1f} MiB ({basis}) and {have}; "
+            f"nothing was written and {intact}. Free space, point checkpoint.dir at a larger disk, or lower "
+            f"checkpoint.keep_last (now {keep_last}; older checkpoints are removed only after a new one is complete)"
+        )
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    error = None
     try:
         engine.save_checkpoint(ckpt_dir, tag=tmp.name, client_state={**client_state, "step": step}, save_latest=False)
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{rank}.pt")
         faults.in_save(step, rank)
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError from its zip writer
-        error = exc
-    if not _all_true(error is None):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        _barrier()
-        what = f"{type(error).__name__}: {str(error).strip()}" if error is not None else "it failed on another rank"
-        try:
-            free = shutil.disk_usage(root).free
-            space = f"; {free / 2**20:.1f} MiB free in {ckpt_dir}" + (", the disk is probably full" if free < 64 * 2**20 else "")
-        except OSError:
-            space = ""
-        raise CheckpointError(f"saving checkpoint {tag} in {ckpt_dir} failed ({what}){space}; the partial files were removed and {intact}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = f"{type(exc).__name__}: {str(exc).strip()}"
+        where = f" on rank {rank}" if world > 1 else ""
+        raise CheckpointError(
+            f"saving checkpoint {tag} in {ckpt_dir} failed{where} ({what}){_space(ckpt_dir)}; "
+            f"the partial files were removed and {intact}",
+            local=True,
+        ) from exc
     _barrier()  # every rank's files are written
     files = _files(tmp)
     mine = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for i, p in enumerate(files) if i % world == rank}

@@ -248,7 +248,10 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
             checkpoint.save(student, cfg.checkpoint.dir, done, {"data": stream.state_dict()}, cfg.checkpoint.keep_last)
             return True
         except checkpoint.CheckpointError as exc:
-            log(rank, f"error: {exc}")
+            if exc.local and rank != 0:  # only this rank knows: the others wait in a collective until the launcher stops them
+                print(f"[tropd-ds rank {rank}] error: {exc}", flush=True)
+            else:
+                log(rank, f"error: {exc}")
             return False
 
     for step in range(start_step, total):
