@@ -146,18 +146,22 @@ def test_a_disk_without_room_for_the_next_checkpoint_is_refused_before_writing(w
     assert_only_step3(ckpt)
 
 
-@pytest.mark.parametrize("ranks", ["r1", "all"], ids=["rank1-alone", "every-rank"])
-def test_a_failed_write_is_a_clear_error_and_the_previous_checkpoint_stays_intact(workspace, ranks):
+@pytest.mark.parametrize(
+    "fault,where",
+    [("disk_full_in_save@6:r1", " on rank 1"), ("disk_full_in_deepspeed_save@6:r0", " on rank 0"), ("disk_full_in_save@6", " on rank ")],
+    ids=["rank1-alone", "rank0-inside-deepspeed", "every-rank"],
+)
+def test_a_failed_write_is_a_clear_error_and_the_previous_checkpoint_stays_intact(workspace, fault, where):
     """ENOSPC while writing (after the space check passed): the failing rank removes the partial
-    folder and exits; it must not hang in a collective the other ranks are not in (which it did when
-    only one rank ran out of space)."""
-    name = f"writefail_{ranks}"
+    folder and exits; it must not hang in a collective the other ranks are not in (every rank hung
+    when one rank ran out of space inside DeepSpeed's save_checkpoint, whose closing barrier the
+    others were waiting in)."""
+    name = f"writefail_{fault.split('@')[0]}_{fault.partition(':')[2] or 'all'}"
     config = write_config(workspace, name, checkpoint={"every": 3, "keep_last": 2})
-    proc = start(config, {"TROPD_DS_FAULT": "disk_full_in_save@6" + (":r1" if ranks == "r1" else "")})
+    proc = start(config, {"TROPD_DS_FAULT": fault})
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, out[-3000:]
     # with every rank failing, the first to fail removes the folder under the others, which then report that
-    where = " on rank 1" if ranks == "r1" else " on rank "
     assert f"saving checkpoint step6 in {workspace / name / 'ckpt'} failed{where}" in out, out[-3000:]
     assert "(OSError: [Errno 28] No space left on device" in out
     assert "the partial files were removed and the previous checkpoint" in out and "step3 is intact" in out

@@ -167,12 +167,15 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
     try:
+        faults.inject_into_deepspeed_save(engine, step, rank)
         engine.save_checkpoint(ckpt_dir, tag=tmp.name, client_state={**client_state, "step": step}, save_latest=False)
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{rank}.pt")
         faults.in_save(step, rank)
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError from its zip writer
         shutil.rmtree(tmp, ignore_errors=True)
         what = f"{type(exc).__name__}: {str(exc).strip()}"
+        if "Connection closed by peer" in what:  # gloo: a rank whose own write failed has exited
+            what = "another rank stopped while saving; its error is above"
         where = f" on rank {rank}" if world > 1 else ""
         raise CheckpointError(
             f"saving checkpoint {tag} in {ckpt_dir} failed{where} ({what}){_space(ckpt_dir)}; "

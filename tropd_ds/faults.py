@@ -3,7 +3,10 @@
 TROPD_DS_FAULT is a comma-separated list of KIND@STEP[:rRANK]:
   nan_loss@3          the loss of step 3 (1-based, as logged) is NaN on every rank
   crash_in_save@4:r1  rank 1 dies (os._exit) after writing its part of step 4's checkpoint
-  disk_full_in_save@4 saving step 4's checkpoint raises ENOSPC on every rank
+  disk_full_in_save@4 saving step 4's checkpoint raises ENOSPC on every rank, after DeepSpeed's part
+  disk_full_in_deepspeed_save@4:r0
+                      rank 0's first file write inside DeepSpeed's save_checkpoint raises ENOSPC
+                      (the other ranks go on to DeepSpeed's closing barrier)
 """
 
 from __future__ import annotations
@@ -31,3 +34,14 @@ def in_save(step: int, rank: int) -> None:
         os._exit(17)
     if active("disk_full_in_save", step, rank):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(injected by TROPD_DS_FAULT)")
+
+
+def inject_into_deepspeed_save(engine, step: int, rank: int) -> None:
+    """Make the engine's checkpoint writer raise ENOSPC for this save, if asked."""
+    if not active("disk_full_in_deepspeed_save", step, rank):
+        return
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(injected by TROPD_DS_FAULT inside DeepSpeed)")
+
+    engine.checkpoint_engine.save = full
