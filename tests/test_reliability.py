@@ -268,3 +268,24 @@ def test_the_space_needed_by_a_first_checkpoint_is_a_floor_of_its_real_size(work
     real = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json")
     assert floor <= real
     assert checkpoint.needed_bytes(None, [ckpt]) == (real, "the size of step3")
+
+
+def test_a_lock_left_by_an_interrupted_op_build_is_reported_with_the_command_that_frees_the_launch(tmp_path, monkeypatch, capsys):
+    from tropd_ds import train
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    lock = tmp_path / "py311_cpu/deepspeed_shm_comm/lock"
+    lock.parent.mkdir(parents=True)
+    with train.watch_extension_locks(every_s=0.05, patience=2):
+        time.sleep(0.5)
+    assert capsys.readouterr().out == ""  # no lock, no message
+    lock.touch()
+    assert train.stale_extension_locks() == [lock]
+    with train.watch_extension_locks(every_s=0.05, patience=2):
+        time.sleep(0.5)
+    out = capsys.readouterr().out
+    assert f"waiting on {lock}: no compiler is running" in out and f"(rm {lock})" in out
+    assert out.count("waiting on") == 1  # said once
+    monkeypatch.setattr(train, "COMPILERS", train.COMPILERS | {psutil.Process().name()})  # a build in progress
+    assert train.stale_extension_locks() == []

@@ -8,12 +8,14 @@ metrics, evaluation and checkpoints on schedule.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -132,6 +134,60 @@ def release_cpu_shm_buffers() -> None:
             pass
 
 
+COMPILERS = {"ninja", "cc1plus", "c++", "g++", "gcc", "cc", "clang++", "nvcc"}
+
+
+def stale_extension_locks() -> list[Path]:
+    """Locks of torch C++ extension builds with no compiler running on this machine: what an
+    interrupted build (Ctrl-C during DeepSpeed's first-run compile) leaves behind. torch waits for such
+    a lock to disappear, forever."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    locks = sorted(root.glob("*/*/lock")) + sorted(root.glob("*/lock"))
+    if not locks:
+        return []
+    import psutil
+
+    for proc in psutil.process_iter(["name"]):
+        if (proc.info.get("name") or "") in COMPILERS:
+            return []
+    return locks
+
+
+@contextlib.contextmanager
+def watch_extension_locks(every_s: float = 30.0, patience: int = 2):
+    """While the block runs, report (once) a torch-extension lock that stays without a compiler for
+    `patience` checks in a row, with the command that frees the launch."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    done = threading.Event()
+
+    def watch():
+        seen: dict[Path, int] = {}
+        while not done.wait(every_s):
+            stale = stale_extension_locks()
+            seen = {lock: seen.get(lock, 0) + 1 for lock in stale}
+            ripe = [lock for lock, n in seen.items() if n >= patience]
+            if ripe:
+                paths = " ".join(str(x) for x in ripe)
+                print(
+                    f"[tropd-ds] waiting on {paths}: no compiler is running, so this lock was probably left by an "
+                    f"interrupted build of a DeepSpeed op, and torch waits for it forever. Remove it (rm {paths}); "
+                    "if this launch then cannot load the op, launch again and it is rebuilt.",
+                    flush=True,
+                )
+                return
+
+    thread = threading.Thread(target=watch, name="tropd-ds-lock-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -153,7 +209,8 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    with watch_extension_locks():  # the first CPU launch builds DeepSpeed's shm op under a file lock
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     _seed_everything(cfg.seed + rank)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
