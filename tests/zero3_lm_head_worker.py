@@ -89,3 +89,4 @@ def main(out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[-1])
+    torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit (SIGABRT)

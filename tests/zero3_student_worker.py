@@ -96,3 +96,4 @@ def main(model_dir: str, out_path: str, checkpointing: bool) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[-2], sys.argv[-1], "--checkpointing" in sys.argv)
+    torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit (SIGABRT)

@@ -115,9 +115,15 @@ def main(argv=None) -> int:
         print(f"tropd-ds: configuration error: {exc}", file=sys.stderr)
         return 2
     try:
-        return run(cfg, tokenizer, n_tokens, train_rows, eval_rows, objective)
+        code = run(cfg, tokenizer, n_tokens, train_rows, eval_rows, objective)
     finally:
         release_cpu_shm_buffers()
+    # every rank returns here together (a rank that fails alone leaves through os._exit); without this,
+    # gloo's worker threads can abort the interpreter's exit with SIGABRT ("terminate called without an
+    # active exception") and the launcher reports that instead of the run's exit code
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
 
 
 def release_cpu_shm_buffers() -> None:
@@ -305,10 +311,14 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
             checkpoint.save(student, cfg.checkpoint.dir, done, {"data": stream.state_dict()}, cfg.checkpoint.keep_last)
             return True
         except checkpoint.CheckpointError as exc:
-            if exc.local and rank != 0:  # only this rank knows: the others wait in a collective until the launcher stops them
-                print(f"[tropd-ds rank {rank}] error: {exc}", flush=True)
-            else:
-                log(rank, f"error: {exc}")
+            if exc.local:  # only this rank knows: leave at once; the launcher stops the others, which wait in a collective
+                print(f"[tropd-ds{f' rank {rank}' if rank else ''}] error: {exc}", flush=True)
+                if progress is not None:
+                    progress.close()
+                release_cpu_shm_buffers()
+                sys.stderr.flush()
+                os._exit(3)
+            log(rank, f"error: {exc}")
             return False
 
     for step in range(start_step, total):
