@@ -134,7 +134,7 @@ def fmt(values: list[float], pct: bool = False) -> str:
     mean = statistics.mean(values) * scale
     if len(values) == 1:  # one seed: no spread to report
         return f"{mean:.1f}" if pct else f"{mean:.3f}"
-    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    sd = statistics.stdev(values) * scale
     return f"{mean:.1f} ± {sd:.1f}" if pct else f"{mean:.3f} ± {sd:.3f}"
 
 

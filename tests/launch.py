@@ -37,10 +37,11 @@ def cpu_ranks(args: list[str], cwd, timeout: int = 900) -> subprocess.CompletedP
 
 
 def release_shm(port: int) -> None:
-    """DeepSpeed's CPU all-reduce buffers of a finished launch (the trainer unlinks its own at exit;
-    workers of other tests and killed ranks do not): 66 MiB of /dev/shm each."""
-    for path in Path("/dev/shm").glob(f"deepspeed_*_{port}_*"):
-        path.unlink(missing_ok=True)
+    """DeepSpeed's CPU all-reduce buffers of every rank of a finished launch (the trainer unlinks its
+    own at exit; test workers and killed ranks do not): 66 MiB of /dev/shm each."""
+    from tropd_ds.train import release_cpu_shm_buffers
+
+    release_cpu_shm_buffers(str(port), "*")
 
 
 # ----------------------------------------------------------------------------- trainer runs on tiny models

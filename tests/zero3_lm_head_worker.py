@@ -8,12 +8,13 @@ The test runs the same module without DeepSpeed, its loss from the naive oracle,
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
 import tropd_kernels as tk
 from torch import nn
+
+from tropd_ds.train import exit_without_teardown
 
 VOCAB, DIM, SEQ, K = 97, 16, 11, 8
 
@@ -90,9 +91,5 @@ def main(out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[-1])
-    # skip the interpreter's teardown: gloo's threads sometimes abort it (SIGABRT, "terminate called
-    # without an active exception"), about one launch in a hundred, even after destroy_process_group
     torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown(0)  # gloo's threads sometimes abort the interpreter's teardown (SIGABRT)

@@ -7,7 +7,6 @@ without DeepSpeed."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
@@ -15,6 +14,7 @@ import tropd_kernels as tk
 
 from tropd_ds.config import ModelConfig
 from tropd_ds.objectives import loss_fn
+from tropd_ds.train import exit_without_teardown
 
 SEQ, K, LR = 10, 6, 0.5
 
@@ -97,9 +97,5 @@ def main(model_dir: str, out_path: str, checkpointing: bool) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[-2], sys.argv[-1], "--checkpointing" in sys.argv)
-    # skip the interpreter's teardown: gloo's threads sometimes abort it (SIGABRT, "terminate called
-    # without an active exception"), about one launch in a hundred, even after destroy_process_group
     torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown(0)  # gloo's threads sometimes abort the interpreter's teardown (SIGABRT)

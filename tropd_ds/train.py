@@ -136,11 +136,12 @@ def exit_without_teardown(code: int) -> None:
     os._exit(code)
 
 
-def release_cpu_shm_buffers() -> None:
+def release_cpu_shm_buffers(port: str | None = None, rank: str | None = None) -> None:
     """DeepSpeed's CPU all-reduce (DS_ACCELERATOR=cpu, several ranks on one machine) maps a 66 MiB
     buffer per rank in /dev/shm and never unlinks it: every launch would leak 66 MiB of RAM per
-    rank until the machine runs out. Unlink this rank's buffer at exit (its mapping stays valid)."""
-    port, rank = os.environ.get("MASTER_PORT"), os.environ.get("RANK")
+    rank until the machine runs out. Unlink this rank's buffer at exit (its mapping stays valid);
+    the tests pass a launch's port and rank "*" to clean up after ranks they killed."""
+    port, rank = port or os.environ.get("MASTER_PORT"), rank or os.environ.get("RANK")
     if port is None or rank is None:
         return
     for path in Path("/dev/shm").glob(f"deepspeed_*_{port}_{rank}"):
@@ -326,8 +327,7 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
                 if progress is not None:
                     progress.close()
                 release_cpu_shm_buffers()
-                sys.stderr.flush()
-                os._exit(3)
+                exit_without_teardown(3)
             log(rank, f"error: {exc}")
             return False
 
