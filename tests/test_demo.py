@@ -52,3 +52,45 @@ def test_shortened_demo_runs_end_to_end_and_plots(tmp_path):
     )
     names = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert names == ["accuracy.png", "grad_norm.png", "log_ratio.png", "trust_fraction.png"], plots.stdout
+
+
+def test_plain_opd_on_the_demo_does_not_learn_to_emit_pad(tmp_path):
+    """With the response mask taken by id (DeepSpeed's), sampled pad tokens left the loss and plain OPD
+    drove the student to ~99% pad in 60 steps. By position, every sampled pad is scored like any token."""
+    import torch
+    from deepspeed.runtime.rollout import SamplingConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tropd_ds import rollout
+    from tropd_ds.data import Prompt
+
+    sets = {
+        "objective.name": "opd",
+        "objective.options": "{}",
+        "rollout.guidance": "false",
+        "optim.steps": 60,
+        "eval.every": 0,
+        "eval.max_prompts": 8,
+        "checkpoint.dir": tmp_path / "ckpt",
+        "checkpoint.export_dir": tmp_path / "export",
+        "checkpoint.every": 0,
+        "logging.dir": tmp_path / "logs",
+        "logging.progress": "false",
+    }
+    args = ["--module", "tropd_ds.train", "--config", ROOT / "configs/demo.yaml"]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    cpu_ranks(args, cwd=tmp_path)
+    steps = [json.loads(x) for x in (tmp_path / "logs/metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(steps) == 60 and all(r["sampled_pad_fraction"] < 0.02 for r in steps[-10:]), [r["sampled_pad_fraction"] for r in steps[-10:]]
+    assert steps[-1]["response_len"] > 10  # answers keep their length
+
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "export")
+    rows = [json.loads(x) for x in (ASSETS / "eval.jsonl").read_text().splitlines()][:128]
+    prompts = [Prompt(i, tok(r["prompt"])["input_ids"], None, None) for i, r in enumerate(rows)]
+    engine = rollout.GenerateRollout(lm, tok.pad_token_id, rollout.end_token_ids(tok, lm), gather=False)
+    torch.manual_seed(0)
+    tokens = rollout.sample(engine, prompts, [[]] * len(prompts), SamplingConfig(max_new_tokens=36, temperature=1.0), "cpu")
+    seen = tokens.input_ids[:, 1:][tokens.sampled]
+    assert float((seen == tok.pad_token_id).float().mean()) < 0.02

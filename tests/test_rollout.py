@@ -1,32 +1,160 @@
-"""Rollout in micro-batches (rollout.micro_batch_size) gives the same tokens and masks as one batch."""
+"""The rollout's response mask, stopping and sampling distribution, on plain (non-DeepSpeed) modules;
+tests/test_zero3_rollout.py runs the ZeRO-3 paths under the real launcher."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
+import pytest
 import torch
-from deepspeed.runtime.rollout import HybridEngineRollout, SamplingConfig
+from biased_models import build_biased_llama
+from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 
 from tropd_ds import rollout
 from tropd_ds.data import Prompt
 from tropd_ds.demo_models import build_llama
 from tropd_ds.demo_task import build_tokenizer
 
+TOK = build_tokenizer()
+PAD, BOS, EOS = TOK.pad_token_id, TOK.bos_token_id, TOK.eos_token_id
+SEMI = TOK.convert_tokens_to_ids(";")
+TEXTS = ("3+4=", "12-5+1=", "9=", "1+1+1+1+1=", "7-2=", "8-8=", "5+5=", "6=")
 
-def test_generation_in_micro_batches_equals_one_batch(tmp_path):
+
+def prompts(n=None):
+    n = len(TEXTS) if n is None else n
+    return [Prompt(index=i, ids=TOK(TEXTS[i % len(TEXTS)])["input_ids"], response_ids=None, answer=None) for i in range(n)]
+
+
+def load(path):
     from transformers import AutoModelForCausalLM
 
-    tok = build_tokenizer()
-    build_llama(tmp_path / "m", tok, hidden=32, layers=1, heads=2, mlp=64, seed=5)
-    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    engine = HybridEngineRollout(SimpleNamespace(module=lm), tok)  # a plain module: no ZeRO, nothing to gather
-    prompts = [Prompt(index=i, ids=tok(p)["input_ids"], response_ids=None, answer=None) for i, p in enumerate(("3+4=", "12-5+1=", "9=", "1+1+1+1+1=", "7-2="))]
-    prefixes = [[], tok("3")["input_ids"], [], [], tok("5;")["input_ids"]]
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def engine_for(lm, **kw):
+    return rollout.GenerateRollout(lm, PAD, rollout.end_token_ids(TOK, lm), gather=False, **kw)
+
+
+def check_positions(tokens, width, end_ids, budgets):
+    """Row by row, from the ids alone: the sampled targets are exactly the positions width .. first end
+    (inclusive) within the budget, whatever their ids; nothing after is sampled or attended."""
+    for i in range(tokens.input_ids.shape[0]):
+        resp = tokens.input_ids[i, width:].tolist()
+        mask = tokens.attention_mask[i, width:].tolist()
+        n = sum(mask)
+        assert mask == [1] * n + [0] * (len(mask) - n), "response positions must be contiguous"
+        assert n <= budgets[i]
+        body = resp[:n]
+        assert not any(t in end_ids for t in body[:-1]), "nothing after the first end token"
+        if n < budgets[i]:
+            assert body and body[-1] in end_ids, "a response shorter than its budget ends with an end token"
+        assert all(t == PAD for t in resp[n:])
+        sampled = tokens.sampled[i].nonzero().flatten().add(1).tolist()  # target index t-1 -> position t
+        assert sampled == list(range(width, width + n))
+
+
+@pytest.mark.parametrize("special", [PAD, BOS])
+def test_sampled_special_tokens_are_in_the_response_mask(tmp_path, special):
+    lm = build_biased_llama(tmp_path / "m", TOK, {special: 2.5, EOS: -0.5})
+    engine = engine_for(lm)
+    torch.manual_seed(0)
+    sampling = SamplingConfig(max_new_tokens=24, temperature=1.0)
+    tokens = rollout.sample(engine, prompts(), [[]] * len(TEXTS), sampling, "cpu")
+    width = max(len(p.ids) for p in prompts())
+    check_positions(tokens, width, engine.end_ids, [24] * len(TEXTS))
+    seen = tokens.input_ids[:, 1:][tokens.sampled]
+    assert (seen == special).sum() >= 20, "the biased token was sampled and is in the mask"
+    assert (seen == EOS).sum() >= 1
+    assert tokens.sampled.sum() > 3 * len(TEXTS)
+
+
+def test_multiple_end_ids_and_a_row_that_never_ends(tmp_path):
+    # ';' ends responses too (as <|eot_id|> does for Llama-3): it is in generation_config.eos_token_id.
+    lm = build_biased_llama(tmp_path / "m", TOK, {SEMI: 1.5, EOS: -30.0}, eos_ids=[EOS, SEMI])
+    engine = engine_for(lm)
+    assert engine.end_ids == (EOS, SEMI)
+    torch.manual_seed(1)
+    tokens = rollout.sample(engine, prompts(), [[]] * len(TEXTS), SamplingConfig(max_new_tokens=30), "cpu")
+    width = max(len(p.ids) for p in prompts())
+    check_positions(tokens, width, engine.end_ids, [30] * len(TEXTS))
+    last = [tokens.input_ids[i, width + int(tokens.sampled[i].sum()) - 1].item() for i in range(len(TEXTS))]
+    assert SEMI in last  # rows stop at the second end id
+
+    never = build_biased_llama(tmp_path / "never", TOK, {EOS: -30.0, PAD: 1.0})
+    tokens = rollout.sample(engine_for(never), prompts(), [[]] * len(TEXTS), SamplingConfig(max_new_tokens=9), "cpu")
+    assert tokens.sampled.sum(1).tolist() == [9] * len(TEXTS)  # no end token: the whole budget, pads included
+
+
+def test_decoding_stops_when_every_row_has_ended(tmp_path):
+    lm = build_biased_llama(tmp_path / "m", TOK, {EOS: 4.0})
+    torch.manual_seed(2)
+    tokens = rollout.sample(engine_for(lm), prompts(), [[]] * len(TEXTS), SamplingConfig(max_new_tokens=200), "cpu")
+    width = max(len(p.ids) for p in prompts())
+    longest = int(tokens.sampled.sum(1).max())
+    assert tokens.input_ids.shape[1] == width + longest < width + 20  # not 200 decode steps
+
+
+def test_prefix_plus_continuation_within_budget_and_ended_prefixes(tmp_path):
+    lm = build_biased_llama(tmp_path / "m", TOK, {EOS: -30.0})
+    engine = engine_for(lm)
+    ps = prompts(5)
+    prefixes = [[], TOK("3")["input_ids"], TOK("7;4;1")["input_ids"], TOK("1;")["input_ids"] + [EOS], TOK("12345678")["input_ids"]]
+    tokens = rollout.sample(engine, ps, prefixes, SamplingConfig(max_new_tokens=8), "cpu")
+    total = (tokens.sampled | tokens.prefix).sum(1).tolist()
+    assert tokens.prefix.sum(1).tolist() == [len(p) for p in prefixes]
+    assert tokens.sampled.sum(1).tolist() == [8, 7, 3, 0, 0]  # the ended prefix samples nothing; a full prefix leaves no room
+    assert max(total) <= 8 + 0 * 1 and total == [8, 8, 8, 3, 8]
+
+
+def test_model_generation_config_does_not_reshape_sampling(tmp_path):
+    plain = build_biased_llama(tmp_path / "plain", TOK, {PAD: 0.5, SEMI: 1.0, EOS: -1.0})
+    shaped = build_biased_llama(
+        tmp_path / "shaped",
+        TOK,
+        {PAD: 0.5, SEMI: 1.0, EOS: -1.0},
+        eos_ids=EOS,
+        generation={"do_sample": True, "repetition_penalty": 2.0, "top_k": 3, "no_repeat_ngram_size": 2, "suppress_tokens": [SEMI], "bad_words_ids": [[PAD]]},
+    )
+    assert load(tmp_path / "shaped").generation_config.top_k == 3
+    runs = []
+    for lm in (plain, load(tmp_path / "shaped")):
+        torch.manual_seed(7)
+        runs.append(rollout.sample(engine_for(lm), prompts(), [[]] * len(TEXTS), SamplingConfig(max_new_tokens=20), "cpu"))
+    assert torch.equal(runs[0].input_ids, runs[1].input_ids)
+    seen = runs[1].input_ids[:, 1:][runs[1].sampled]
+    assert len(set(seen.tolist())) > 3 and SEMI in seen and PAD in seen  # not top-3, suppressed and "bad" tokens sampled
+    assert shaped.generation_config.repetition_penalty == 2.0  # restored after generating
+
+
+def test_generation_in_micro_batches_equals_one_batch(tmp_path):
+    build_llama(tmp_path / "m", TOK, hidden=32, layers=1, heads=2, mlp=64, seed=5)
+    lm = load(tmp_path / "m")
+    ps = prompts(5)
+    prefixes = [[], TOK("3")["input_ids"], [], [], TOK("5;")["input_ids"]]
     greedy = SamplingConfig(max_new_tokens=6, temperature=0.0)
-    args = (engine, lm, prompts, prefixes, greedy, False, tok.pad_token_id, tok.eos_token_id, torch.device("cpu"))
-    whole = rollout.sample(*args)
+    whole = rollout.sample(engine_for(lm), ps, prefixes, greedy, "cpu")
     for micro in (1, 2, 3):
-        parts = rollout.sample(*args, micro_batch=micro)
+        parts = rollout.sample(engine_for(lm, micro_batch=micro), ps, prefixes, greedy, "cpu")
         for field in ("input_ids", "attention_mask", "sampled", "prefix"):
             assert torch.equal(getattr(parts, field), getattr(whole, field)), (micro, field)
-    assert whole.prefix.sum() == 3 and whole.sampled.sum() == 5 * 6
+    assert whole.prefix.sum() == 3
+
+
+def test_teacher_responses_end_at_the_first_end_token(tmp_path):
+    lm = build_biased_llama(tmp_path / "m", TOK, {EOS: 1.5, PAD: 1.0})
+    torch.manual_seed(3)
+    responses = rollout.teacher_responses(engine_for(lm), prompts(), SamplingConfig(max_new_tokens=30), "cpu")
+    assert all(r and (r[-1] == EOS or len(r) == 30) and EOS not in r[:-1] for r in responses)
+    assert any(PAD in r for r in responses)
+
+
+def test_response_keep_by_position():
+    gen = torch.tensor([[5, PAD, EOS, 7, EOS], [PAD, PAD, PAD, PAD, PAD], [EOS, 3, 3, 3, 3], [4, 4, SEMI, 4, 4]])
+    keep = rollout.response_keep(gen, (EOS, SEMI), torch.tensor([5, 5, 5, 2]))
+    assert keep.sum(1).tolist() == [3, 5, 1, 2]
+
+
+def test_generate_rollout_request_with_samples_per_prompt(tmp_path):
+    lm = build_biased_llama(tmp_path / "m", TOK, {EOS: 0.0})
+    ids, mask = rollout.left_pad([p.ids for p in prompts(3)], PAD, "cpu")
+    batch = engine_for(lm).generate(RolloutRequest(ids, mask), SamplingConfig(max_new_tokens=5, n_samples_per_prompt=2))
+    assert batch.input_ids.shape[0] == 6 and torch.equal(batch.input_ids[0, : ids.shape[1]], batch.input_ids[1, : ids.shape[1]])

@@ -150,7 +150,9 @@ def test_unknown_config_key_suggests_the_closest(workspace):
 
 
 def test_set_overrides_any_field_and_paths_resolve_against_the_config(workspace):
-    cfg = load_config(write_config(workspace, "ok"), ["objective.name=opd", "objective.options={}", "rollout.temperature=0.7", "optim.lr=3e-3"])
+    cfg = load_config(
+        write_config(workspace, "ok"), ["objective.name=opd", "objective.options={}", "rollout.temperature=0.7", "objective.temperature=0.7", "optim.lr=3e-3"]
+    )
     assert cfg.objective.name == "opd" and cfg.objective.options == {} and cfg.rollout.temperature == 0.7
     assert cfg.optim.lr == 0.003  # YAML 1.1 reads 3e-3 as a string; float fields accept it
     assert Path(cfg.student.path).is_absolute()
@@ -297,3 +299,14 @@ def test_data_loads_from_parquet_and_from_a_saved_datasets_folder(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown file type '.txt'"):
         (tmp_path / "x.txt").write_text("hi")
         load_rows(str(tmp_path / "x.txt"))
+
+
+def test_one_sampling_distribution_is_enforced_before_any_engine(workspace):
+    with pytest.raises(ConfigError, match=r"objective.temperature=1.0 differs from rollout.temperature=0.7"):
+        load_config(write_config(workspace, "temp"), ["rollout.temperature=0.7"])
+    with pytest.raises(ConfigError, match=r"rollout.top_p=0.9 with objective.name='tropd': top-p sampling draws from a truncated"):
+        load_config(write_config(workspace, "topp"), ["rollout.top_p=0.9"])
+    cfg = load_config(write_config(workspace, "topp_fkl"), ["rollout.top_p=0.9", "objective.name=fkl_topk"])
+    assert cfg.rollout.top_p == 0.9  # no log-ratio in the top-k forward KL: top-p is allowed there
+    with pytest.raises(ConfigError, match=r"rollout.guidance_max_len=20 exceeds rollout.max_new_tokens=12"):
+        load_config(write_config(workspace, "lmax"), ["rollout.guidance_max_len=20"])

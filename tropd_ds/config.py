@@ -45,9 +45,9 @@ class DataConfig:
 class RolloutConfig:
     prompts_per_step: int = 8  # global, across ranks
     samples_per_prompt: int = 2
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = 64  # the whole response: teacher prefix plus the student's continuation
+    temperature: float = 1.0  # sampling temperature; objective.temperature must equal it
+    top_p: float = 1.0  # < 1 only for objectives without a log-ratio (fkl_topk)
     gather_params: bool = True  # gather the whole student for generation; else layer by layer
     micro_batch_size: int = 0  # sequences generated at once per rank; 0 = all of the rank's share
     guidance: bool = True  # off-policy guidance with teacher prefixes
@@ -274,7 +274,34 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{section}.{name}={value!r}: expected one of {', '.join(allowed)}")
+    check_sampling(cfg)
     return cfg
+
+
+# Objectives whose loss uses no log-ratio of the sampled token (top-k forward KL on the student's states).
+RATIO_FREE_OBJECTIVES = ("fkl_topk",)
+
+
+def check_sampling(cfg: RunConfig) -> None:
+    """One sampling distribution: r and P_trust are log-ratios under the policy that sampled, so the
+    objective's temperature is the rollout's and nothing truncates what the student samples from."""
+    r, o = cfg.rollout, cfg.objective
+    if r.temperature != o.temperature:
+        raise ConfigError(
+            f"objective.temperature={o.temperature} differs from rollout.temperature={r.temperature}: the log-ratios r and "
+            "P_trust must be those of the distribution that sampled; set both to the same value"
+        )
+    if r.top_p < 1 and o.name not in RATIO_FREE_OBJECTIVES:
+        raise ConfigError(
+            f"rollout.top_p={r.top_p} with objective.name={o.name!r}: top-p sampling draws from a truncated distribution, so "
+            f"the student's log-probs would not be those of the policy that sampled; expected rollout.top_p=1.0 "
+            f"(top-p is accepted only for {', '.join(RATIO_FREE_OBJECTIVES)})"
+        )
+    if r.guidance_max_len > r.max_new_tokens:
+        raise ConfigError(
+            f"rollout.guidance_max_len={r.guidance_max_len} exceeds rollout.max_new_tokens={r.max_new_tokens}: a teacher prefix "
+            "counts towards the response length; expected at most max_new_tokens (0 = max_new_tokens)"
+        )
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -102,7 +102,7 @@ def dry_run(cfg: RunConfig, world: int, gpu_mem_gib: float = 80.0, gpus_per_node
     t_zero = read_ds_config(cfg.teacher.ds_config).get("zero_optimization", {})
     out.append(f"ok  DeepSpeed parses both engine configs (teacher offload_param={t_zero.get('offload_param', {}).get('device', 'none')})")
 
-    seq = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    seq = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens  # exact: a teacher prefix counts towards max_new_tokens
     k = objective.max_k()
     for role, model_cfg, batch in (("student", cfg.student, cfg.student.micro_batch_size), ("teacher", cfg.teacher, cfg.teacher.micro_batch_size)):
         lm = _meta_model(role, model_cfg, seq)

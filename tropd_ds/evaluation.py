@@ -8,14 +8,15 @@ import torch
 import torch.distributed as dist
 
 from .demo_task import is_correct
-from .rollout import gathered_for_generation, left_pad
+from .rollout import left_pad
 
 
-def evaluate(rollout_engine, engine, tokenizer, rows, cfg, gather: bool, device, batch_size: int = 64) -> dict:
+def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64) -> dict:
     """accuracy (avg@n over `cfg.samples` samples per prompt) on `rows` (dicts with prompt ids and answer).
 
     Every rank runs the same number of generate calls (ZeRO-3 gathers are collective): prompts are
-    split evenly and the last rank's share is padded with repeats that are not counted."""
+    split evenly and the last rank's share is padded with repeats that are not counted. Completions
+    are the response positions of the rollout's mask (up to and including the first end token)."""
     from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -27,13 +28,14 @@ def evaluate(rollout_engine, engine, tokenizer, rows, cfg, gather: bool, device,
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n_samples_per_prompt=cfg.samples)
     correct = torch.zeros(2, dtype=torch.float64)
     examples = []
+    engine = rollout_engine.engine
     engine.eval()
     for start in range(0, share, batch_size):
         chunk = mine[start : start + batch_size]
         ids, mask = left_pad([r["ids"] for r in chunk], tokenizer.pad_token_id, device)
-        with gathered_for_generation(engine, gather):
-            batch = rollout_engine.generate(RolloutRequest(ids, mask), sampling)
-        texts = tokenizer.batch_decode(batch.input_ids[:, ids.shape[1] :], skip_special_tokens=True)
+        batch = rollout_engine.generate(RolloutRequest(ids, mask), sampling)
+        width = ids.shape[1]
+        texts = [tokenizer.decode(row[width:][keep[width:].bool()], skip_special_tokens=True) for row, keep in zip(batch.input_ids, batch.attention_mask)]
         for j, text in enumerate(texts):
             pos = start + j // cfg.samples
             if pos >= counted:

@@ -301,7 +301,7 @@ def workload_from_run_config(cfg) -> tuple[str, str, Workload]:
     t_off = t_zero.get("offload_param", {})
     wl = Workload(
         prompt_len=cfg.data.max_prompt_tokens,
-        response_len=cfg.rollout.max_new_tokens,
+        response_len=cfg.rollout.max_new_tokens,  # teacher prefix plus continuation never exceed it (rollout.sample)
         prompts_per_step=cfg.rollout.prompts_per_step,
         samples_per_prompt=cfg.rollout.samples_per_prompt,
         student_micro_batch=cfg.student.micro_batch_size,

@@ -1,9 +1,19 @@
-"""Rollout: the student samples responses through DeepSpeed's rollout module, optionally continuing
-from a teacher prefix (off-policy guidance). Output masks say which targets are sampled and which
-are teacher prefix.
+"""Rollout: the student samples responses, optionally continuing from a teacher prefix (off-policy
+guidance). Output masks say which targets are sampled and which are teacher prefix.
 
-Any `deepspeed.runtime.rollout.RolloutEngine` works here (HybridEngineRollout today, a
-vLLM-backed engine later): this module only builds `RolloutRequest`s and reads `RolloutBatch`es.
+`GenerateRollout` is a `deepspeed.runtime.rollout.RolloutEngine` (the interface a vLLM-backed engine
+would also implement) built on Hugging Face `generate`, because DeepSpeed 0.19.8's
+`HybridEngineRollout` gets three things wrong for distillation:
+
+- it marks response tokens by id (`!= pad_token_id`), so a pad token the student *samples* drops
+  out of the loss (and a policy can learn to hide there). Here a response is every generated
+  position up to and including its first end token, whatever the ids: the mask comes from lengths;
+- it decodes with `eos_token_id=None`, always to `max_new_tokens`. Here decoding stops when every
+  row has ended (all of the model's EOS ids count) or reached its budget;
+- it runs every decoded token through ZeRO-3's per-module hooks, and `generate` applies the model's
+  `generation_config` (repetition penalty, top-k 50, ...). Here the student is gathered once per
+  rollout, generated with the hooks removed (restored exactly afterwards), and sampled from a clean
+  configuration: softmax(logits / T), nothing else, the distribution the objectives' log-ratios use.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from deepspeed.runtime.rollout import RolloutBatch, RolloutEngine, RolloutRequest, SamplingConfig
 
 from .data import Prompt
 from .objectives import draw_prefix_len
@@ -36,82 +47,197 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device)
 
 
-_PINNED = -7_000_001  # a sub-module id no real module has
+def end_token_ids(tokenizer, *models) -> tuple[int, ...]:
+    """Every id that ends a response: the tokenizer's EOS and each model's `generation_config.eos_token_id`
+    (an int or a list: Llama-3 and Qwen chat models end turns with several ids)."""
+    ids = [tokenizer.eos_token_id]
+    for model in models:
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        ids += eos if isinstance(eos, (list, tuple)) else [eos]
+    out = tuple(sorted({int(i) for i in ids if i is not None}))
+    if not out:
+        raise ValueError("neither the tokenizer nor the model's generation_config names an end-of-sequence token")
+    return out
+
+
+def response_keep(generated: torch.Tensor, end_ids, budgets: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, G] bool: generated positions that belong to the response, by position only: everything up to
+    and including the first end token, and at most `budgets[i]` tokens."""
+    positions = torch.arange(generated.shape[1], device=generated.device).unsqueeze(0)
+    ends = torch.isin(generated, torch.as_tensor(end_ids, device=generated.device))
+    length = torch.where(ends.any(1), ends.int().argmax(1) + 1, generated.shape[1])
+    if budgets is not None:
+        length = torch.minimum(length, budgets.to(length.device))
+    return positions < length.unsqueeze(1)
+
+
+def _zero3_offload(engine):
+    """The ZeRO-3 parameter-offload object that owns the per-module hooks, or None (no ZeRO-3)."""
+    if not hasattr(engine, "zero_optimization_stage") or engine.zero_optimization_stage() != 3:
+        return None
+    optimizer = getattr(engine, "optimizer", None)  # a ZeRO-3 optimiser, or DeepSpeedZeRoOffload for a frozen engine
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    if not hasattr(offload, "forward_hooks") or not hasattr(offload, "_register_deepspeed_module"):
+        raise RuntimeError(f"ZeRO-3 engine without the parameter-offload hooks this DeepSpeed version is expected to have ({type(optimizer).__name__})")
+    return offload
 
 
 @contextlib.contextmanager
-def _gathered_and_pinned(engine):
+def hook_free_gathered(engine):
+    """Every parameter gathered once, ZeRO-3's per-module hooks removed for the block, then the hooks
+    registered again exactly as before (same module ids, so the engine's next forward and backward
+    are those of an engine whose hooks were never touched).
+
+    Without this, each decoded token runs every module's pre/post-forward hook (bookkeeping and
+    collectives' checks) although the parameters are already there: 5-7x plain `generate` on small models."""
     import deepspeed
 
+    offload = _zero3_offload(engine)
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params):
-        # ZeRO-3 releases a module's parameters after its forward unless a sub-module still uses
-        # them; without this pin every decoded token would gather every layer again.
-        for p in params:
-            p.ds_active_sub_modules.add(_PINNED)
+        root_id = offload.module.ds_id
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
         try:
             yield
         finally:
-            for p in params:
-                p.ds_active_sub_modules.discard(_PINNED)
+            offload._register_deepspeed_module(offload.module, count=[root_id])
 
 
-def gathered_for_generation(engine, gather: bool):
-    """Gather every parameter once for the whole generate call (fast when the model fits), or let
-    ZeRO-3 gather layer by layer on each forward (slow, but any size)."""
-    if not gather or not hasattr(engine, "zero_optimization_stage") or engine.zero_optimization_stage() != 3:
-        return contextlib.nullcontext()
-    return _gathered_and_pinned(engine)
+class _RowBudget:
+    """A `generate` stopping criterion: row i is done after `budgets[i]` new tokens."""
+
+    def __init__(self, start: int, budgets: torch.Tensor):
+        self.start, self.budgets = start, budgets
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return (input_ids.shape[1] - self.start) >= self.budgets
 
 
-def sample(
-    rollout_engine,
-    student,
-    prompts: list[Prompt],
-    prefixes: list[list[int]],
-    sampling,
-    gather: bool,
-    pad_id: int,
-    eos_id: int,
-    device,
-    micro_batch: int = 0,
-) -> RolloutTokens:
+def clean_generation_config(sampling: SamplingConfig, max_new_tokens: int, pad_id: int, end_ids):
+    """Sampling from softmax(logits / T) and nothing else; greedy at T = 0. Every logits processor a
+    model's generation_config can switch on is set to its neutral value here (and the model's own
+    config is swapped out while generating, see `GenerateRollout`)."""
+    from transformers import GenerationConfig
+
+    do_sample = sampling.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        do_sample=do_sample,
+        temperature=sampling.temperature if do_sample else 1.0,
+        top_p=sampling.top_p if do_sample else 1.0,
+        top_k=max(sampling.top_k, 0) if do_sample else 0,
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        num_beams=1,
+        num_return_sequences=1,
+        eos_token_id=list(end_ids),
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+
+
+class GenerateRollout(RolloutEngine):
+    """Rollouts through the model's own `generate` (KV cache), with a response mask by position.
+
+    `gather`: with ZeRO-3, gather the whole model once per `generate` call and decode without the
+    per-module hooks (fast; the model must fit on one device). Otherwise ZeRO-3 gathers layer by
+    layer on every forward (any size), and the ranks decode in lock step until all have ended
+    (`synced_gpus`), since each forward is a collective.
+    `micro_batch` > 0 generates that many sequences at a time under one gather (the KV cache of a
+    long generation is what limits it on a GPU)."""
+
+    name = "generate"
+
+    def __init__(self, engine, pad_id: int, end_ids, gather: bool, micro_batch: int = 0):
+        self.engine, self.pad_id, self.end_ids = engine, pad_id, tuple(end_ids)
+        self.gather, self.micro_batch = gather, micro_batch
+        module = getattr(engine, "module", engine)
+        self.lm = getattr(module, "lm", module)  # tropd-ds wraps the causal LM; plain modules work too
+
+    def _context(self):
+        if _zero3_offload(self.engine) is None:
+            return contextlib.nullcontext(False)
+        if self.gather:
+            return _yielding(hook_free_gathered(self.engine), False)
+        import torch.distributed as dist
+
+        return contextlib.nullcontext(dist.is_initialized() and dist.get_world_size() > 1)
+
+    @torch.no_grad()
+    def generate(self, request: RolloutRequest, sampling: SamplingConfig, budgets: torch.Tensor | None = None) -> RolloutBatch:
+        """Prompt + response per row (n_samples_per_prompt rows per prompt, adjacent); `budgets` [B'] caps
+        each row's new tokens below `sampling.max_new_tokens`. The attention mask marks exactly the
+        prompt tokens and the response positions of `response_keep`."""
+        n = sampling.n_samples_per_prompt
+        ids = request.prompt_ids.repeat_interleave(n, 0) if n > 1 else request.prompt_ids
+        mask = request.prompt_attention_mask.repeat_interleave(n, 0) if n > 1 else request.prompt_attention_mask
+        rows, width = ids.shape
+        if budgets is None:
+            budgets = torch.full((rows,), sampling.max_new_tokens, dtype=torch.long)
+        budgets = budgets.to(ids.device).clamp(0, sampling.max_new_tokens)
+        step = self.micro_batch if self.micro_batch > 0 else rows
+        parts = []
+        saved = self.lm.generation_config
+        from transformers import GenerationConfig
+
+        with self._context() as synced:
+            self.lm.generation_config = GenerationConfig()  # the model's own defaults stay out of sampling
+            try:
+                for start in range(0, rows, step):
+                    sl = slice(start, start + step)
+                    parts.append(self._generate(ids[sl], mask[sl], budgets[sl], sampling, synced))
+            finally:
+                self.lm.generation_config = saved
+        full = max(p.shape[1] for p in parts)
+        out = torch.cat([torch.nn.functional.pad(p, (0, full - p.shape[1]), value=self.pad_id) for p in parts])
+        keep = response_keep(out[:, width:], self.end_ids, budgets)
+        out[:, width:] = out[:, width:].masked_fill(~keep, self.pad_id)
+        attention = torch.cat([mask, keep.long()], 1)
+        return RolloutBatch(out, attention, torch.full((rows,), width, dtype=torch.long, device=ids.device))
+
+    def _generate(self, ids, mask, budgets, sampling, synced: bool) -> torch.Tensor:
+        from transformers import StoppingCriteriaList
+
+        longest = max(int(budgets.max()), 1)
+        config = clean_generation_config(sampling, longest, self.pad_id, self.end_ids)
+        stop = StoppingCriteriaList([_RowBudget(ids.shape[1], budgets)]) if int(budgets.min()) < longest else None
+        return self.lm.generate(ids, attention_mask=mask, generation_config=config, stopping_criteria=stop, synced_gpus=synced)
+
+    def sync_weights(self, step: int) -> None:  # noqa: ARG002  (the rollout uses the training weights in place)
+        return None
+
+
+@contextlib.contextmanager
+def _yielding(ctx, value):
+    with ctx:
+        yield value
+
+
+def sample(rollout_engine: GenerateRollout, prompts: list[Prompt], prefixes: list[list[int]], sampling: SamplingConfig, device) -> RolloutTokens:
     """One rollout per entry of `prompts` (already expanded to n per prompt), continuing after its prefix.
 
-    `micro_batch` > 0 generates that many sequences at a time (the KV cache of a long generation
-    is what limits it on a GPU); the results are right-padded to one width."""
-    from deepspeed.runtime.rollout import ResponseTokenBatch, RolloutBatch, RolloutRequest
-
+    Prefix plus continuation never exceed `sampling.max_new_tokens`: a row with a prefix of l tokens
+    samples at most max_new_tokens - l, and a prefix that already ends with an end token samples nothing
+    (that trajectory is fully off-policy)."""
     seqs = [p.ids + pre for p, pre in zip(prompts, prefixes)]
-    ids, mask = left_pad(seqs, pad_id, device)
-    step = micro_batch if micro_batch > 0 else ids.shape[0]
-    parts = []
-    with gathered_for_generation(student, gather):
-        for start in range(0, ids.shape[0], step):
-            rows = slice(start, start + step)
-            parts.append(rollout_engine.generate(RolloutRequest(ids[rows], mask[rows]), sampling))
-    if len(parts) == 1:
-        batch = parts[0]
-    else:
-        full = max(b.seq_len for b in parts)
-        pad = lambda t, v: torch.nn.functional.pad(t, (0, full - t.shape[1]), value=v)  # noqa: E731
-        batch = RolloutBatch(
-            torch.cat([pad(b.input_ids, pad_id) for b in parts]),
-            torch.cat([pad(b.attention_mask, 0) for b in parts]),
-            torch.cat([b.response_start_idx for b in parts]),
-        )
-    targets = ResponseTokenBatch.from_rollout(batch)
+    ids, mask = left_pad(seqs, rollout_engine.pad_id, device)
+    ended = [bool(pre) and pre[-1] in rollout_engine.end_ids for pre in prefixes]
+    budgets = torch.tensor([0 if end else max(0, sampling.max_new_tokens - len(pre)) for pre, end in zip(prefixes, ended)], device=device)
+    batch = rollout_engine.generate(RolloutRequest(ids, mask), sampling, budgets)
     width = ids.shape[1]
     t = torch.arange(1, batch.seq_len, device=device).unsqueeze(0)  # position of each target
     lens = torch.tensor([len(pre) for pre in prefixes], device=device).unsqueeze(1)
     prefix = (t >= width - lens) & (t < width)
-    sampled = targets.response_mask.clone()
-    attention = batch.attention_mask.clone()
-    for i, pre in enumerate(prefixes):
-        if pre and pre[-1] == eos_id:  # the prefix already ends the response: fully off-policy
-            sampled[i] = False
-            attention[i, width:] = 0
-    return RolloutTokens(batch.input_ids, attention, sampled.bool(), prefix)
+    sampled = batch.attention_mask[:, 1:].bool() & (t >= width)
+    return RolloutTokens(batch.input_ids, batch.attention_mask, sampled, prefix)
 
 
 def choose_prefixes(prompts: list[Prompt], step: int, total_steps: int, l_max: int, enabled: bool, generator: torch.Generator) -> list[list[int]]:
@@ -126,16 +252,9 @@ def choose_prefixes(prompts: list[Prompt], step: int, total_steps: int, l_max: i
     return out
 
 
-def teacher_responses(teacher_rollout, prompts: list[Prompt], sampling, pad_id: int, eos_id: int, device) -> list[list[int]]:
-    """Responses generated by the teacher engine (prefix_source = teacher), cut after the first EOS."""
-    from deepspeed.runtime.rollout import RolloutRequest
-
-    ids, mask = left_pad([p.ids for p in prompts], pad_id, device)
+def teacher_responses(teacher_rollout: GenerateRollout, prompts: list[Prompt], sampling: SamplingConfig, device) -> list[list[int]]:
+    """Responses generated by the teacher engine (prefix_source = teacher), up to and including the first end token."""
+    ids, mask = left_pad([p.ids for p in prompts], teacher_rollout.pad_id, device)
     batch = teacher_rollout.generate(RolloutRequest(ids, mask), sampling)
-    out = []
-    for row, m in zip(batch.input_ids[:, ids.shape[1] :].tolist(), batch.attention_mask[:, ids.shape[1] :].tolist()):
-        resp = [tok for tok, keep in zip(row, m) if keep]
-        if eos_id in resp:
-            resp = resp[: resp.index(eos_id) + 1]
-        out.append(resp)
-    return out
+    width = ids.shape[1]
+    return [row[width:][keep[width:].bool()].tolist() for row, keep in zip(batch.input_ids, batch.attention_mask)]

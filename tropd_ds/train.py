@@ -212,7 +212,7 @@ def _seed_everything(seed: int) -> None:
 
 def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -> int:
     import deepspeed
-    from deepspeed.runtime.rollout import HybridEngineRollout, SamplingConfig
+    from deepspeed.runtime.rollout import SamplingConfig
 
     from . import checkpoint, rollout, scoring, update
     from .data import PromptStream
@@ -246,8 +246,10 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
         f"{teacher.zero_optimization_stage()} with offload_param={offload}; generation "
         f"{'with all parameters gathered' if cfg.rollout.gather_params else 'layer by layer (ZeRO-3 gathers per forward)'}",
     )
-    student_rollout = HybridEngineRollout(student, tokenizer)
-    teacher_rollout = HybridEngineRollout(teacher, tokenizer)
+    end_ids = rollout.end_token_ids(tokenizer, student.module.lm, teacher.module.lm)
+    student_rollout = rollout.GenerateRollout(student, tokenizer.pad_token_id, end_ids, cfg.rollout.gather_params, cfg.rollout.micro_batch_size)
+    # The teacher may not fit on one device (it is offloaded): it generates layer by layer.
+    teacher_rollout = rollout.GenerateRollout(teacher, tokenizer.pad_token_id, end_ids, gather=False, micro_batch=cfg.teacher.micro_batch_size)
 
     stream = PromptStream(
         train_rows,
@@ -291,7 +293,7 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
     def run_eval(step: int) -> None:
         if eval_set is None:
             return
-        result = evaluate(student_rollout, student, tokenizer, eval_set, cfg.eval, cfg.rollout.gather_params, device)
+        result = evaluate(student_rollout, tokenizer, eval_set, cfg.eval, device)
         metrics.write(step, {k_: v for k_, v in result.items() if k_ != "eval_examples"} | {"eval_examples": result["eval_examples"]})
         accuracies.append((step, result["eval_accuracy"]))
         log(rank, f"step {step}: held-out accuracy {result['eval_accuracy']:.3f} ({result['eval_completions']} completions)")
@@ -338,23 +340,12 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
         expanded = [p for p in batch_prompts for _ in range(cfg.rollout.samples_per_prompt)]
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
         if cfg.rollout.guidance and cfg.rollout.prefix_source == "teacher":
-            responses = rollout.teacher_responses(teacher_rollout, batch_prompts, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id, device)
+            responses = rollout.teacher_responses(teacher_rollout, batch_prompts, sampling, device)
             for p, r in zip(batch_prompts, responses):
                 p.response_ids = r
         prefixes = rollout.choose_prefixes(expanded, step, total, l_max, cfg.rollout.guidance, gen)
         student.eval()  # generation uses the KV cache (gradient checkpointing turns it off in train mode)
-        tokens = rollout.sample(
-            student_rollout,
-            student,
-            expanded,
-            prefixes,
-            sampling,
-            cfg.rollout.gather_params,
-            tokenizer.pad_token_id,
-            tokenizer.eos_token_id,
-            device,
-            cfg.rollout.micro_batch_size,
-        )
+        tokens = rollout.sample(student_rollout, expanded, prefixes, sampling, device)
         t1 = time.perf_counter()
         k = objective.kernel_options(step, total)["k"]
         scored = scoring.score(teacher, tokens, cfg.teacher.micro_batch_size, k, cfg.objective.temperature)
@@ -370,7 +361,14 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
 
         resp_len = (tokens.sampled.sum(1)).float().mean().item()
         pre_len = (tokens.prefix.sum(1)).float().mean().item()
-        local = [dict(m, response_len=resp_len, prefix_len=pre_len) for m in mb_metrics]
+        seen = tokens.input_ids[:, 1:][tokens.sampled]  # what the loss saw of the student's samples
+        shape = dict(
+            response_len=resp_len,
+            prefix_len=pre_len,
+            ended_fraction=float(torch.isin(seen, torch.tensor(end_ids)).sum()) / max(1, len(expanded)),
+            sampled_pad_fraction=float((seen == tokenizer.pad_token_id).float().mean()) if len(seen) else 0.0,
+        )
+        local = [dict(m, **shape) for m in mb_metrics]
         record = reduce_across_ranks(local)
         grad_norm = student.get_global_grad_norm()
         record.update(
@@ -392,7 +390,8 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
         else:
             bad_steps.clear()
         if cfg.logging.samples_every and (step + 1) % cfg.logging.samples_every == 0:
-            record["sample"] = tokenizer.decode(tokens.input_ids[0][tokens.attention_mask[0].bool()], skip_special_tokens=True)
+            # special tokens kept: a sampled pad or end token is part of what the loss saw
+            record["sample"] = tokenizer.decode(tokens.input_ids[0][tokens.attention_mask[0].bool()], skip_special_tokens=False)
         metrics.write(step + 1, record)
         if progress is not None:
             progress.set_postfix(

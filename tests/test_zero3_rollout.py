@@ -1,0 +1,48 @@
+"""ZeRO-3 rollouts under the real launcher (2 CPU ranks): a student that samples the pad token keeps
+every sampled token in the loss, and hook-free generation samples what the hooked path samples and
+leaves the engine so that the next update equals that of an engine whose hooks were never touched."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from biased_models import build_biased_llama  # noqa: E402
+from launch import cpu_ranks  # noqa: E402
+
+
+def test_hook_free_rollout_under_zero3(tmp_path):
+    from tropd_ds.demo_task import build_tokenizer
+
+    tok = build_tokenizer()
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    build_biased_llama(tmp_path / "student", tok, {pad: 2.5, eos: -0.5})
+    out = tmp_path / "rollout.json"
+    cpu_ranks([HERE / "zero3_rollout_worker.py", tmp_path / "student", out], cwd=tmp_path, timeout=600)
+    result = json.loads(out.read_text())
+    pads = 0
+    for rank in result["ranks"]:
+        free, hooked = rank["hook_free"], rank["hooked"]
+        for field in ("input_ids", "attention_mask", "sampled"):
+            assert free[field] == hooked[field], f"{field} differs between hook-free and hooked generation"
+        assert free["hooks_restored"] and free["hooks"][0] > 0, "the module hooks and ids are as before generation"
+        ids, sampled = torch.tensor(free["input_ids"]), torch.tensor(free["sampled"])
+        seen = ids[:, 1:][sampled]
+        pads += int((seen == pad).sum())
+        assert free["loss_sampled_tokens"] == int(sampled.sum()), "every sampled token, pads included, is in the loss"
+        width = len(free["input_ids"][0]) - int(sampled.sum(1).max())
+        for row, mask in zip(free["input_ids"], free["attention_mask"]):
+            n = sum(mask[width:])
+            assert all(t != eos for t in row[width : width + n - 1]) and all(t == pad for t in row[width + n :])
+    assert pads >= 10, "the student sampled pad tokens and they are in the mask"
+    bad = []
+    for name, want in result["params"]["hooked"].items():
+        got = torch.tensor(result["params"]["hook_free"][name])
+        if not torch.allclose(got, torch.tensor(want), rtol=1e-6, atol=0):
+            bad.append(name)
+    assert not bad, f"the update after hook-free generation differs in {bad}"

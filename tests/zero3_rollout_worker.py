@@ -1,0 +1,81 @@
+"""Rollouts from a ZeRO-3 student on 2 CPU ranks, then one update, twice from the same weights and seed:
+hook-free (gathered once, ZeRO-3's module hooks removed while generating) and hooked (layer by layer,
+hooks never touched). Rank 0 writes both runs' tokens, masks, counts and updated parameters.
+
+Launched by tests/test_zero3_rollout.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import tropd_kernels as tk
+from deepspeed.runtime.rollout import SamplingConfig
+
+from tropd_ds import rollout, update
+from tropd_ds.config import ModelConfig, OptimConfig
+from tropd_ds.data import Prompt
+from tropd_ds.demo_task import build_tokenizer
+from tropd_ds.models import student_engine
+from tropd_ds.objectives import loss_fn
+from tropd_ds.train import exit_without_teardown
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ("3+4=", "12-5+1=", "9=", "1+1+1+1+1=", "7-2=", "8-8=", "5+5=", "6=")
+MB, NEW = 4, 16
+
+
+def one_run(model_dir: str, gather: bool, rank: int, world: int) -> dict:
+    tok = build_tokenizer()
+    cfg = ModelConfig(path=model_dir, ds_config=str(ROOT / "ds_configs/cpu_student_zero3.json"), micro_batch_size=MB)
+    engine, _keep = student_engine(cfg, OptimConfig(lr=1e-2, steps=1), len(tok), MB, 1)
+    offload = rollout._zero3_offload(engine)
+    before = ([m.ds_id for m in engine.module.modules()], len(offload.forward_hooks), len(offload.backward_hooks))
+    ro = rollout.GenerateRollout(engine, tok.pad_token_id, rollout.end_token_ids(tok, engine.module.lm), gather=gather)
+    prompts = [Prompt(i, tok(TEXTS[(rank * MB + i) % len(TEXTS)])["input_ids"], None, None) for i in range(MB)]
+    torch.manual_seed(100 + rank)
+    engine.eval()
+    tokens = rollout.sample(ro, prompts, [[]] * MB, SamplingConfig(max_new_tokens=NEW), torch.device("cpu"))
+    after = ([m.ds_id for m in engine.module.modules()], len(offload.forward_hooks), len(offload.backward_hooks))
+    targets = tokens.input_ids[:, 1:][tokens.sampled]
+    teacher = tk.teacher_topk(torch.randn(len(targets), len(tok), generator=torch.Generator().manual_seed(rank)) * 2, targets, 4)
+    n = torch.tensor([float(tokens.sampled.sum())])
+    dist.all_reduce(n)
+    engine.train()
+    objective = loss_fn("tropd", trust_mode="expected", k=4, beta=0.1)
+    metrics = update.update(engine, objective, tokens, [teacher], MB, 0, 1, 1.0, float(n) / world, torch.Generator().manual_seed(0))
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        params = {name: p.detach().clone().tolist() for name, p in engine.module.named_parameters()}
+    return {
+        "input_ids": tokens.input_ids.tolist(),
+        "attention_mask": tokens.attention_mask.tolist(),
+        "sampled": tokens.sampled.tolist(),
+        "loss_sampled_tokens": sum(m["sampled_tokens"] for m in metrics),
+        "hooks_restored": before == after,
+        "hooks": before[1:],
+        "params": params,
+    }
+
+
+def main(model_dir: str, out: str) -> None:
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    runs = {"hook_free": one_run(model_dir, True, rank, world), "hooked": one_run(model_dir, False, rank, world)}
+    gathered = [None] * world
+    dist.all_gather_object(
+        gathered, {k: {f: v[f] for f in ("input_ids", "attention_mask", "sampled", "loss_sampled_tokens", "hooks_restored", "hooks")} for k, v in runs.items()}
+    )
+    if rank == 0:
+        Path(out).write_text(json.dumps({"ranks": gathered, "params": {k: v["params"] for k, v in runs.items()}}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    main(args[0], args[1])
+    exit_without_teardown(0)
