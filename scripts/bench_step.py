@@ -271,9 +271,8 @@ def table(result: dict) -> str:
     ]
     trl = result.get("trl")
     ratio = f"{t['per_step_s'] / trl['per_step_s']:.2f}x" if trl else "n/a"
-    lines.append(
-        f"| tropd-ds (opd, ZeRO-3 student, offloaded teacher) | {t['per_step_s']:.4f} | {ratio} | {t['rollout_s']:.4f} | {t['teacher_s']:.4f} | {t['update_s']:.4f} | {t['response_len']:.1f} |"
-    )
+    phases = f"{t['rollout_s']:.4f} | {t['teacher_s']:.4f} | {t['update_s']:.4f} | {t['response_len']:.1f}"
+    lines.append(f"| tropd-ds (opd, ZeRO-3 student, offloaded teacher) | {t['per_step_s']:.4f} | {ratio} | {phases} |")
     if trl:
         lines.append(f"| TRL DistillationTrainer (beta 1, reverse KL) | {trl['per_step_s']:.4f} | 1.00x | | | | |")
     return "\n".join(lines) + "\n"
