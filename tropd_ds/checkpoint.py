@@ -178,8 +178,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
             what = "another rank stopped while saving; its error is above"
         where = f" on rank {rank}" if world > 1 else ""
         raise CheckpointError(
-            f"saving checkpoint {tag} in {ckpt_dir} failed{where} ({what}){_space(ckpt_dir)}; "
-            f"the partial files were removed and {intact}",
+            f"saving checkpoint {tag} in {ckpt_dir} failed{where} ({what}){_space(ckpt_dir)}; the partial files were removed and {intact}",
             local=True,
         ) from exc
     _barrier()  # every rank's files are written
