@@ -83,9 +83,9 @@ def part_rollout(args) -> dict:
     work = Path(args.work)
     tok = build_tokenizer()
     cfg = ModelConfig(path=str(work / "student"), ds_config=str(ROOT / "ds_configs/cpu_student_zero3.json"), micro_batch_size=args.prompts)
+    plain = AutoModelForCausalLM.from_pretrained(work / "student").eval()  # before the engine: no ZeRO-3 partitioning of it
     engine, _keep = student_engine(cfg, OptimConfig(lr=1e-5, steps=1), len(tok), args.prompts, 1)
     engine.eval()
-    plain = AutoModelForCausalLM.from_pretrained(work / "student").eval()
     rows = load_rows(str(work / "data/train.jsonl"))
     ids, mask = rollout.left_pad([tok(rows[i]["prompt"])["input_ids"] for i in range(args.prompts)], tok.pad_token_id, "cpu")
     end_ids = rollout.end_token_ids(tok, plain)
@@ -142,7 +142,12 @@ def tropd_config(work: Path, args, name: str) -> Path:
     run = work / name
     cfg = {
         "student": {"path": str(work / "student"), "ds_config": str(ROOT / "ds_configs/cpu_student_zero3.json"), "micro_batch_size": args.prompts},
-        "teacher": {"path": str(work / "teacher"), "ds_config": str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json"), "micro_batch_size": args.prompts},
+        "teacher": {
+            "path": str(work / "teacher"),
+            "ds_config": str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json"),
+            "micro_batch_size": args.prompts,
+            "gather_params": True,
+        },
         "data": {"path": str(work / "data/train.jsonl"), "max_prompt_tokens": 32},
         "rollout": {"prompts_per_step": args.prompts, "samples_per_prompt": 1, "max_new_tokens": args.new_tokens, "guidance": False},
         "objective": {"name": "opd", "options": {}},
@@ -302,7 +307,7 @@ def main(argv=None) -> int:
         print(json.dumps(part_trl(args)))
         return 0
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     work = out / "work"
     build_workspace(work, args.student_d, args.teacher_d)
     result = {

@@ -158,3 +158,31 @@ def test_generate_rollout_request_with_samples_per_prompt(tmp_path):
     ids, mask = rollout.left_pad([p.ids for p in prompts(3)], PAD, "cpu")
     batch = engine_for(lm).generate(RolloutRequest(ids, mask), SamplingConfig(max_new_tokens=5, n_samples_per_prompt=2))
     assert batch.input_ids.shape[0] == 6 and torch.equal(batch.input_ids[0, : ids.shape[1]], batch.input_ids[1, : ids.shape[1]])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8), (0.0, 1.0)], ids=["t1", "t0.7_p0.8", "greedy"])
+def test_sampling_loop_draws_what_generate_draws(tmp_path, arch, temperature, top_p):
+    """The lean loop makes transformers' own draws (same seed) under a neutral generation config, for
+    rotary (Llama) and absolute (GPT-2) positions with left padding."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if arch == "llama":
+        build_llama(tmp_path / "m", TOK, hidden=32, layers=2, heads=2, mlp=64, seed=11)
+    else:
+        torch.manual_seed(11)
+        config = GPT2Config(vocab_size=len(TOK), n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
+        GPT2LMHeadModel(config).save_pretrained(tmp_path / "m")
+    lm = load(tmp_path / "m")
+    engine = engine_for(lm)
+    ids, mask = rollout.left_pad([p.ids for p in prompts()], PAD, "cpu")
+    sampling = SamplingConfig(max_new_tokens=20, temperature=temperature, top_p=top_p)
+    torch.manual_seed(4)
+    ours = engine.generate(RolloutRequest(ids, mask), sampling)
+    torch.manual_seed(4)
+    config = rollout.clean_generation_config(sampling, 20, PAD, engine.end_ids)
+    theirs = lm.generate(ids, attention_mask=mask, generation_config=config)
+    width = ids.shape[1]
+    keep = rollout.response_keep(theirs[:, width:], engine.end_ids)
+    assert torch.equal(ours.attention_mask[:, width:], keep.long()[:, : ours.input_ids.shape[1] - width])
+    assert torch.equal(ours.input_ids[:, width:][ours.attention_mask[:, width:].bool()], theirs[:, width:][keep])

@@ -33,7 +33,7 @@ def one_run(model_dir: str, gather: bool, rank: int, world: int) -> dict:
     tok = build_tokenizer()
     cfg = ModelConfig(path=model_dir, ds_config=str(ROOT / "ds_configs/cpu_student_zero3.json"), micro_batch_size=MB)
     engine, _keep = student_engine(cfg, OptimConfig(lr=1e-2, steps=1), len(tok), MB, 1)
-    offload = rollout._zero3_offload(engine)
+    offload = rollout.zero3_offload(engine)
     before = ([m.ds_id for m in engine.module.modules()], len(offload.forward_hooks), len(offload.backward_hooks))
     ro = rollout.GenerateRollout(engine, tok.pad_token_id, rollout.end_token_ids(tok, engine.module.lm), gather=gather)
     prompts = [Prompt(i, tok(TEXTS[(rank * MB + i) % len(TEXTS)])["input_ids"], None, None) for i in range(MB)]

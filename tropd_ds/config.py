@@ -28,6 +28,9 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     micro_batch_size: int = 4  # sequences per forward (the teacher's is independent of the student's)
     gradient_checkpointing: bool = False  # student only: recompute each layer in backward
+    # teacher only: score with the whole teacher gathered once per step and ZeRO-3's per-module hooks off
+    # (fast; the teacher must fit on one device). False: ZeRO-3 gathers (or fetches from offload) layer by layer.
+    gather_params: bool = False
 
 
 @dataclass
@@ -275,6 +278,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if value not in allowed:
             raise ConfigError(f"{section}.{name}={value!r}: expected one of {', '.join(allowed)}")
     check_sampling(cfg)
+    if cfg.student.gather_params:
+        raise ConfigError("student.gather_params=True: gathering applies to the teacher's scoring; the student's generation is set by rollout.gather_params")
+    if cfg.teacher.gradient_checkpointing:
+        raise ConfigError("teacher.gradient_checkpointing=True: the teacher is frozen and has no backward; it applies to the student only")
     return cfg
 
 

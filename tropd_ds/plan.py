@@ -129,6 +129,7 @@ class Workload:
     teacher_offload: str = "cpu"  # none | cpu | nvme
     gradient_checkpointing: bool = True
     gather_for_generation: bool = True
+    teacher_gathered: bool = False  # teacher.gather_params: the whole teacher on each GPU while scoring
     teacher_prefetch_params: float = 5e7  # stage3_prefetch_bucket_size
     nvme_buffer_count: int = 5  # offload_param.buffer_count (NVMe)
     nvme_buffer_size: float = 1e9  # offload_param.buffer_size, parameters per buffer
@@ -208,6 +209,8 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
         "teacher layer working set": n_teacher * 2 * (2 * teacher.hidden + 2 * teacher.kv_dim + 3 * teacher.intermediate),
         "teacher top-k (tropd_kernels)": LOSS_CHUNK_BYTES + wl.teacher_micro_batch * wl.response_len * wl.k * 12,
     }
+    if wl.teacher_gathered:
+        teacher_ws["gathered teacher (bf16)"] = 2 * pt
     teacher_full = wl.teacher_micro_batch * wl.response_len * teacher.vocab * (2 + 4)
     phases = {"rollout": rollout_ws, "teacher scoring": teacher_ws, "update": update_ws}
     resident = sum(gpu.values())
@@ -229,13 +232,15 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     rollout_s = gather_s + prefill_s + decode_s
     passes = math.ceil(rollouts / wl.teacher_micro_batch)
     t_compute = 2 * pt * wl.teacher_micro_batch * seq / flops
-    t_gather = 2 * pt * (G - 1) / G / coll
+    t_gather = 2 * pt * (G - 1) / G / coll / (passes if wl.teacher_gathered else 1)  # gathered once per step, or per pass
     if wl.teacher_offload == "cpu":
         t_fetch = 2 * pt / G / (hw.pcie_gbs * 1e9)
     elif wl.teacher_offload == "nvme":
         t_fetch = 2 * pt / G / (hw.nvme_gbs * 1e9 / hw.gpus_per_node)
     else:
         t_fetch = 0.0
+    if wl.teacher_gathered:
+        t_fetch /= passes
     teacher_pass = max(t_compute, t_gather, t_fetch)
     teacher_s = passes * teacher_pass
     micro = math.ceil(rollouts / wl.student_micro_batch)
@@ -312,6 +317,7 @@ def workload_from_run_config(cfg) -> tuple[str, str, Workload]:
         teacher_offload=t_off.get("device", "none"),
         gradient_checkpointing=cfg.student.gradient_checkpointing,
         gather_for_generation=cfg.rollout.gather_params,
+        teacher_gathered=cfg.teacher.gather_params,
         teacher_prefetch_params=float(t_zero.get("stage3_prefetch_bucket_size", 5e7)),
         nvme_buffer_count=int(t_off.get("buffer_count", 5)),
         nvme_buffer_size=float(t_off.get("buffer_size", 1e9)),

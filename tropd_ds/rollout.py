@@ -2,18 +2,20 @@
 guidance). Output masks say which targets are sampled and which are teacher prefix.
 
 `GenerateRollout` is a `deepspeed.runtime.rollout.RolloutEngine` (the interface a vLLM-backed engine
-would also implement) built on Hugging Face `generate`, because DeepSpeed 0.19.8's
-`HybridEngineRollout` gets three things wrong for distillation:
+would also implement): a lean sampling loop over the model's own forward and KV cache. It replaces
+DeepSpeed 0.19.8's `HybridEngineRollout`, which gets three things wrong for distillation:
 
 - it marks response tokens by id (`!= pad_token_id`), so a pad token the student *samples* drops
   out of the loss (and a policy can learn to hide there). Here a response is every generated
   position up to and including its first end token, whatever the ids: the mask comes from lengths;
 - it decodes with `eos_token_id=None`, always to `max_new_tokens`. Here decoding stops when every
   row has ended (all of the model's EOS ids count) or reached its budget;
-- it runs every decoded token through ZeRO-3's per-module hooks, and `generate` applies the model's
-  `generation_config` (repetition penalty, top-k 50, ...). Here the student is gathered once per
-  rollout, generated with the hooks removed (restored exactly afterwards), and sampled from a clean
-  configuration: softmax(logits / T), nothing else, the distribution the objectives' log-ratios use.
+- it runs every decoded token through ZeRO-3's per-module hooks, and transformers' `generate`
+  applies the model's `generation_config` (repetition penalty, top-k 50, suppressed tokens...). Here
+  the student is gathered once per rollout and run with the hooks removed (restored exactly
+  afterwards), and tokens are drawn from softmax(logits / T) and nothing else: the distribution
+  whose log-probs the objectives use. The loop makes the same draws as `generate` with a neutral
+  configuration (`clean_generation_config`), without its per-token bookkeeping.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def response_keep(generated: torch.Tensor, end_ids, budgets: torch.Tensor | None
     return positions < length.unsqueeze(1)
 
 
-def _zero3_offload(engine):
+def zero3_offload(engine):
     """The ZeRO-3 parameter-offload object that owns the per-module hooks, or None (no ZeRO-3)."""
     if not hasattr(engine, "zero_optimization_stage") or engine.zero_optimization_stage() != 3:
         return None
@@ -93,7 +95,7 @@ def hook_free_gathered(engine):
     collectives' checks) although the parameters are already there: 5-7x plain `generate` on small models."""
     import deepspeed
 
-    offload = _zero3_offload(engine)
+    offload = zero3_offload(engine)
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params):
         root_id = offload.module.ds_id
@@ -106,38 +108,31 @@ def hook_free_gathered(engine):
             offload._register_deepspeed_module(offload.module, count=[root_id])
 
 
-class _RowBudget:
-    """A `generate` stopping criterion: row i is done after `budgets[i]` new tokens."""
-
-    def __init__(self, start: int, budgets: torch.Tensor):
-        self.start, self.budgets = start, budgets
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return (input_ids.shape[1] - self.start) >= self.budgets
+def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering as transformers' TopPLogitsWarper: drop the least likely tokens whose total
+    probability is at most 1 - top_p, always keeping the most likely one."""
+    ordered, order = torch.sort(logits, descending=False)
+    drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[:, -1] = False
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
 def clean_generation_config(sampling: SamplingConfig, max_new_tokens: int, pad_id: int, end_ids):
-    """Sampling from softmax(logits / T) and nothing else; greedy at T = 0. Every logits processor a
-    model's generation_config can switch on is set to its neutral value here (and the model's own
-    config is swapped out while generating, see `GenerateRollout`)."""
+    """A transformers GenerationConfig that samples what `GenerateRollout` samples (same seed, same
+    draws): softmax(logits / T) and nothing else, every processor at its neutral value. For
+    benchmarks and tests that compare against plain `generate`."""
     from transformers import GenerationConfig
 
     do_sample = sampling.temperature > 0
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
         do_sample=do_sample,
         temperature=sampling.temperature if do_sample else 1.0,
         top_p=sampling.top_p if do_sample else 1.0,
-        top_k=max(sampling.top_k, 0) if do_sample else 0,
-        min_p=None,
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
+        top_k=0,
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
         num_beams=1,
-        num_return_sequences=1,
         eos_token_id=list(end_ids),
         pad_token_id=pad_id,
         use_cache=True,
@@ -145,7 +140,7 @@ def clean_generation_config(sampling: SamplingConfig, max_new_tokens: int, pad_i
 
 
 class GenerateRollout(RolloutEngine):
-    """Rollouts through the model's own `generate` (KV cache), with a response mask by position.
+    """Rollouts sampled with the model's forward and KV cache, with a response mask by position.
 
     `gather`: with ZeRO-3, gather the whole model once per `generate` call and decode without the
     per-module hooks (fast; the model must fit on one device). Otherwise ZeRO-3 gathers layer by
@@ -163,7 +158,7 @@ class GenerateRollout(RolloutEngine):
         self.lm = getattr(module, "lm", module)  # tropd-ds wraps the causal LM; plain modules work too
 
     def _context(self):
-        if _zero3_offload(self.engine) is None:
+        if zero3_offload(self.engine) is None:
             return contextlib.nullcontext(False)
         if self.gather:
             return _yielding(hook_free_gathered(self.engine), False)
@@ -176,6 +171,8 @@ class GenerateRollout(RolloutEngine):
         """Prompt + response per row (n_samples_per_prompt rows per prompt, adjacent); `budgets` [B'] caps
         each row's new tokens below `sampling.max_new_tokens`. The attention mask marks exactly the
         prompt tokens and the response positions of `response_keep`."""
+        if sampling.top_k > 0:
+            raise ValueError(f"top_k={sampling.top_k}: GenerateRollout samples from the full distribution (top_k <= 0) or nucleus (top_p)")
         n = sampling.n_samples_per_prompt
         ids = request.prompt_ids.repeat_interleave(n, 0) if n > 1 else request.prompt_ids
         mask = request.prompt_attention_mask.repeat_interleave(n, 0) if n > 1 else request.prompt_attention_mask
@@ -185,17 +182,10 @@ class GenerateRollout(RolloutEngine):
         budgets = budgets.to(ids.device).clamp(0, sampling.max_new_tokens)
         step = self.micro_batch if self.micro_batch > 0 else rows
         parts = []
-        saved = self.lm.generation_config
-        from transformers import GenerationConfig
-
         with self._context() as synced:
-            self.lm.generation_config = GenerationConfig()  # the model's own defaults stay out of sampling
-            try:
-                for start in range(0, rows, step):
-                    sl = slice(start, start + step)
-                    parts.append(self._generate(ids[sl], mask[sl], budgets[sl], sampling, synced))
-            finally:
-                self.lm.generation_config = saved
+            for start in range(0, rows, step):
+                sl = slice(start, start + step)
+                parts.append(self._decode(ids[sl], mask[sl], budgets[sl], sampling, synced))
         full = max(p.shape[1] for p in parts)
         out = torch.cat([torch.nn.functional.pad(p, (0, full - p.shape[1]), value=self.pad_id) for p in parts])
         keep = response_keep(out[:, width:], self.end_ids, budgets)
@@ -203,13 +193,60 @@ class GenerateRollout(RolloutEngine):
         attention = torch.cat([mask, keep.long()], 1)
         return RolloutBatch(out, attention, torch.full((rows,), width, dtype=torch.long, device=ids.device))
 
-    def _generate(self, ids, mask, budgets, sampling, synced: bool) -> torch.Tensor:
-        from transformers import StoppingCriteriaList
+    def _decode(self, ids, mask, budgets, sampling: SamplingConfig, synced: bool) -> torch.Tensor:
+        """Sampling with the model's KV cache: one forward for the prompts, then one per token, drawing
+        from softmax(logits / T) (argmax at T = 0) with torch.multinomial on the float32 logits, as
+        transformers' `generate` does, without its logits processors and per-token bookkeeping. Left
+        padding is positioned by the attention mask. A row is done at an end token or its budget; the
+        loop ends when every row is (with `synced`, when every rank's rows are: each forward is then a
+        ZeRO-3 collective, so a finished rank keeps feeding pads until all have finished)."""
+        from transformers import DynamicCache
 
-        longest = max(int(budgets.max()), 1)
-        config = clean_generation_config(sampling, longest, self.pad_id, self.end_ids)
-        stop = StoppingCriteriaList([_RowBudget(ids.shape[1], budgets)]) if int(budgets.min()) < longest else None
-        return self.lm.generate(ids, attention_mask=mask, generation_config=config, stopping_criteria=stop, synced_gpus=synced)
+        rows = ids.shape[0]
+        end = torch.as_tensor(self.end_ids, device=ids.device)
+        cache = DynamicCache(config=self.lm.config)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache_kw = self._cache_keyword()
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        done = budgets <= 0
+        generated = []
+        while True:
+            if bool(done.all()):  # only keeping other ranks company: draw nothing, so the RNG is as unsynced
+                token = torch.full((rows,), self.pad_id, dtype=torch.long, device=ids.device)
+            else:
+                logits = out.logits[:, -1, :].float()
+                if sampling.temperature > 0:
+                    logits = logits / sampling.temperature
+                    if sampling.top_p < 1.0:
+                        logits = _filter_top_p(logits, sampling.top_p)
+                    token = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    token = logits.argmax(-1)
+                token = torch.where(done, self.pad_id, token)
+            generated.append(token)
+            done = done | torch.isin(token, end) | (budgets <= len(generated))
+            if not self._continue(done, synced):  # once per token on every rank: the collectives stay paired
+                break
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
+            positions = positions[:, -1:] + 1
+            out = self.lm(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache})
+        return torch.cat([ids, torch.stack(generated, 1)], 1)
+
+    def _cache_keyword(self) -> str:
+        """transformers 5.x renames forward's `past_key_values` to `cache` (the old name warns, then goes)."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+
+    @staticmethod
+    def _continue(done: torch.Tensor, synced: bool) -> bool:
+        """Whether this rank (or, with `synced`, any rank) still has a row to decode."""
+        busy = torch.tensor([0.0 if bool(done.all()) else 1.0], device=done.device)
+        if synced:
+            import torch.distributed as dist
+
+            dist.all_reduce(busy, op=dist.ReduceOp.MAX)
+        return bool(busy.item() > 0)
 
     def sync_weights(self, step: int) -> None:  # noqa: ARG002  (the rollout uses the training weights in place)
         return None

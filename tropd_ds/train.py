@@ -244,7 +244,8 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
         rank,
         f"{world} ranks; student ZeRO stage {student.zero_optimization_stage()}, teacher ZeRO stage "
         f"{teacher.zero_optimization_stage()} with offload_param={offload}; generation "
-        f"{'with all parameters gathered' if cfg.rollout.gather_params else 'layer by layer (ZeRO-3 gathers per forward)'}",
+        f"{'with all parameters gathered' if cfg.rollout.gather_params else 'layer by layer (ZeRO-3 gathers per forward)'}; teacher scoring "
+        f"{'with all parameters gathered' if cfg.teacher.gather_params else 'layer by layer'}",
     )
     end_ids = rollout.end_token_ids(tokenizer, student.module.lm, teacher.module.lm)
     student_rollout = rollout.GenerateRollout(student, tokenizer.pad_token_id, end_ids, cfg.rollout.gather_params, cfg.rollout.micro_batch_size)
@@ -348,7 +349,7 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
         tokens = rollout.sample(student_rollout, expanded, prefixes, sampling, device)
         t1 = time.perf_counter()
         k = objective.kernel_options(step, total)["k"]
-        scored = scoring.score(teacher, tokens, cfg.teacher.micro_batch_size, k, cfg.objective.temperature)
+        scored = scoring.score(teacher, tokens, cfg.teacher.micro_batch_size, k, cfg.objective.temperature, cfg.teacher.gather_params)
         teachers = scoring.split_rows(scoring.concat(scored), tokens.sampled | tokens.prefix, mb)
         t2 = time.perf_counter()
         n_local = torch.tensor([float((tokens.sampled | tokens.prefix).sum())])
