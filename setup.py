@@ -22,6 +22,6 @@ setup(
         "matplotlib>=3.8,<4",
         "accelerate>=1.1,<2",
     ],
-    extras_require={"dev": ["pytest>=8,<10", "ruff>=0.6"], "liger": ["liger-kernel>=0.8"]},
+    extras_require={"dev": ["pytest>=8,<10", "ruff>=0.6"], "liger": ["liger-kernel>=0.8"], "bench": ["trl>=1.16,<2"]},
     entry_points={"console_scripts": ["tropd-ds=tropd_ds.cli:main"]},
 )
