@@ -69,6 +69,8 @@ def test_plain_opd_on_the_demo_does_not_learn_to_emit_pad(tmp_path):
         "objective.options": "{}",
         "rollout.guidance": "false",
         "optim.steps": 60,
+        "rollout.prompts_per_step": 16,
+        "student.micro_batch_size": 8,
         "eval.every": 0,
         "eval.max_prompts": 8,
         "checkpoint.dir": tmp_path / "ckpt",

@@ -310,3 +310,10 @@ def test_one_sampling_distribution_is_enforced_before_any_engine(workspace):
     assert cfg.rollout.top_p == 0.9  # no log-ratio in the top-k forward KL: top-p is allowed there
     with pytest.raises(ConfigError, match=r"rollout.guidance_max_len=20 exceeds rollout.max_new_tokens=12"):
         load_config(write_config(workspace, "lmax"), ["rollout.guidance_max_len=20"])
+
+
+def test_ppo_clip_is_refused_before_any_engine(workspace):
+    from tropd_ds.train import validate_before_engines
+
+    with pytest.raises(ConfigError, match=r"objective.options.ppo_clip=0.2: the trainer makes one update per rollout batch"):
+        validate_before_engines(load_config(write_config(workspace, "ppo"), ["objective.name=opd", "objective.options={ppo_clip: 0.2}"]))

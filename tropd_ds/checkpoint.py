@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import faults
+from . import collectives, faults
 
 INCOMPLETE = ".incomplete-"
 MANIFEST = "manifest.json"
@@ -35,32 +35,13 @@ class CheckpointError(RuntimeError):
         self.local = local
 
 
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+_barrier = collectives.barrier
+_rank_world = collectives.rank_world
+_gather = collectives.all_gather_object
 
 
 def _all_true(flag: bool) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0])
-    dist.all_reduce(t)
-    return float(t) == 0.0
-
-
-def _gather(obj) -> list:
-    rank, world = _rank_world()
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+    return float(collectives.all_reduce([0.0 if flag else 1.0])[0]) == 0.0
 
 
 def _sha256(path: Path) -> str:

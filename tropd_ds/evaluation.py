@@ -7,6 +7,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from . import collectives
 from .demo_task import is_correct
 from .rollout import left_pad
 
@@ -45,6 +46,5 @@ def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64)
             if len(examples) < 3:
                 examples.append({"completion": text, "answer": mine[pos]["answer"], "correct": ok})
     engine.train()
-    if dist.is_initialized():
-        dist.all_reduce(correct)
+    correct = collectives.all_reduce(correct)
     return {"eval_accuracy": float(correct[0] / max(correct[1], 1.0)), "eval_completions": int(correct[1]), "eval_examples": examples}

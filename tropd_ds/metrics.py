@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-import torch.distributed as dist
+from . import collectives
 
 
 def mean_over(dicts: list[dict]) -> dict:
@@ -23,11 +23,7 @@ def mean_over(dicts: list[dict]) -> dict:
 
 
 def reduce_across_ranks(local: list[dict]) -> dict:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-        local = [d for part in gathered for d in part]
-    return mean_over(local)
+    return mean_over([d for part in collectives.all_gather_object(local) for d in part])
 
 
 class MetricsWriter:

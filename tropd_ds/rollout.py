@@ -241,12 +241,12 @@ class GenerateRollout(RolloutEngine):
     @staticmethod
     def _continue(done: torch.Tensor, synced: bool) -> bool:
         """Whether this rank (or, with `synced`, any rank) still has a row to decode."""
-        busy = torch.tensor([0.0 if bool(done.all()) else 1.0], device=done.device)
+        busy = not bool(done.all())
         if synced:
-            import torch.distributed as dist
+            from . import collectives
 
-            dist.all_reduce(busy, op=dist.ReduceOp.MAX)
-        return bool(busy.item() > 0)
+            return bool(collectives.all_reduce([float(busy)], op="max")[0] > 0)
+        return busy
 
     def sync_weights(self, step: int) -> None:  # noqa: ARG002  (the rollout uses the training weights in place)
         return None

@@ -64,6 +64,12 @@ def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: b
         objective = loss_fn(cfg.objective.name, **cfg.objective.options)
     except ValueError as exc:
         raise ConfigError(f"objective: {exc}") from exc
+    if objective.ppo_clip is not None:
+        raise ConfigError(
+            f"objective.options.ppo_clip={objective.ppo_clip}: the trainer makes one update per rollout batch, where the ratio to "
+            "the sampling policy is 1 and the clip never acts (several updates per batch are not implemented); remove ppo_clip. "
+            "Callers of tropd_ds.objectives.loss_fn that keep the rollout's log-probs can still pass it with old_logprob"
+        )
     if objective.max_k() > n_tokens:
         key = "k" if objective.k >= objective.max_k() else "k_end"
         raise ConfigError(f"objective.options.{key}={objective.max_k()} exceeds the vocabulary ({n_tokens} tokens): expected at most {n_tokens}")
@@ -214,7 +220,7 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
     import deepspeed
     from deepspeed.runtime.rollout import SamplingConfig
 
-    from . import checkpoint, rollout, scoring, update
+    from . import checkpoint, collectives, rollout, scoring, update
     from .data import PromptStream
     from .evaluation import evaluate
     from .metrics import MetricsWriter, reduce_across_ranks
@@ -230,6 +236,8 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     _seed_everything(cfg.seed + rank)
+    if torch.cuda.is_available():  # each rank on its own GPU before anything is placed (the engines set it only later)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     mb = cfg.student.micro_batch_size
@@ -352,10 +360,8 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
         scored = scoring.score(teacher, tokens, cfg.teacher.micro_batch_size, k, cfg.objective.temperature, cfg.teacher.gather_params)
         teachers = scoring.split_rows(scoring.concat(scored), tokens.sampled | tokens.prefix, mb)
         t2 = time.perf_counter()
-        n_local = torch.tensor([float((tokens.sampled | tokens.prefix).sum())])
-        if world > 1:
-            dist.all_reduce(n_local)
-        token_count = float(n_local) / (world * grad_accum)
+        n_local = float((tokens.sampled | tokens.prefix).sum())
+        token_count = float(collectives.all_reduce([n_local])[0]) / (world * grad_accum)
         student.train()
         mb_metrics = update.update(student, objective, tokens, teachers, mb, step, total, cfg.objective.temperature, token_count, gen)
         t3 = time.perf_counter()
@@ -412,9 +418,7 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
             return 4
         if cfg.eval.every and done % cfg.eval.every == 0 and done < total:
             run_eval(done)
-        signalled = torch.tensor([1.0 if stop_signal else 0.0])
-        if world > 1:
-            dist.all_reduce(signalled)  # a signal on any rank stops every rank after the same step
+        signalled = collectives.all_reduce([1.0 if stop_signal else 0.0])[0]  # a signal on any rank stops every rank after the same step
         stopping = bool(cfg.checkpoint.stop_after) and done - start_step >= cfg.checkpoint.stop_after and done < total
         interrupted = float(signalled) > 0 and done < total
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or stopping or interrupted:

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import tropd_kernels as tk
 
-from . import faults
+from . import collectives, faults
 from .rollout import RolloutTokens
 
 
@@ -29,16 +29,18 @@ def update(
     opts = objective.kernel_options(step, total_steps)
     opts.pop("k")
     select_all = rollout.sampled | rollout.prefix
+    kernel_args = (temperature, opts["fkl_mode"], opts["logprob_floor"], opts["fkl_cover"])
+    starts = list(range(0, rollout.input_ids.shape[0], micro_batch))
+    stats = global_statistics(engine, objective, rollout, teachers, starts, micro_batch, step, total_steps, kernel_args)
     metrics = []
-    for i, start in enumerate(range(0, rollout.input_ids.shape[0], micro_batch)):
+    for i, start in enumerate(starts):
         rows = slice(start, start + micro_batch)
         select = select_all[rows]
         teacher = teachers[i]
-        fields = engine(
-            rollout.input_ids[rows], rollout.attention_mask[rows], select, *teacher, temperature, opts["fkl_mode"], opts["logprob_floor"], opts["fkl_cover"]
-        )
+        fields = engine(rollout.input_ids[rows], rollout.attention_mask[rows], select, *teacher, *kernel_args)
         terms = tk.TokenTerms(*fields)
-        out = objective(terms, teacher, rollout.sampled[rows][select], rollout.prefix[rows][select], step, total_steps, generator, token_count=token_count)
+        sampled, prefix = rollout.sampled[rows][select], rollout.prefix[rows][select]
+        out = objective(terms, teacher, sampled, prefix, step, total_steps, generator, token_count=token_count, **stats)
         if faults.active("nan_loss", step + 1, dist.get_rank() if dist.is_initialized() else 0):
             out.loss = out.loss * float("nan")
             out.metrics["loss"] = float("nan")
@@ -46,3 +48,33 @@ def update(
         engine.step()
         metrics.append(out.metrics)
     return metrics
+
+
+BATCH_STATISTICS = ("entropy_opd", "reopold")  # objectives that select or normalise by a statistic of the whole batch
+
+
+@torch.no_grad()
+def global_statistics(engine, objective, rollout: RolloutTokens, teachers, starts, micro_batch, step, total_steps, kernel_args) -> dict:
+    """`entropy_opd`'s top-fraction entropy threshold and `reopold`'s selection (threshold and count M)
+    over the global batch, every micro-batch of every rank, as ALGORITHM.md section 2 defines them:
+    one gradient-free pass over this rank's micro-batches, the sampled tokens' entropy and log-ratio
+    gathered from every rank. The count is divided by ranks x micro-batches, the factor DeepSpeed's
+    gradient averaging undoes (as for `token_count`)."""
+    if objective.name not in BATCH_STATISTICS:
+        return {}
+    entropy, log_ratio = [], []
+    select_all = rollout.sampled | rollout.prefix
+    for i, start in enumerate(starts):
+        rows = slice(start, start + micro_batch)
+        select = select_all[rows]
+        terms = tk.TokenTerms(*engine.module(rollout.input_ids[rows], rollout.attention_mask[rows], select, *teachers[i], *kernel_args))
+        sampled = rollout.sampled[rows][select]
+        entropy.append(terms.entropy[sampled].float().cpu())
+        log_ratio.append((teachers[i].target_logprob[sampled] - terms.logprob[sampled]).float().cpu())
+    parts = collectives.all_gather_object((torch.cat(entropy), torch.cat(log_ratio)))
+    entropy_all = torch.cat([e for e, _ in parts])
+    r_all = torch.cat([r for _, r in parts])
+    stats = objective.batch_statistics(entropy_all, r_all, torch.ones_like(r_all, dtype=torch.bool), step, total_steps)
+    if "selection_count" in stats:
+        stats["selection_count"] /= len(parts) * len(starts)
+    return stats

@@ -1,0 +1,58 @@
+"""Every collective tropd-ds issues, through one place that puts its tensors where the process
+group's backend needs them: the accelerator's current device under NCCL (or any device backend),
+where a CPU tensor raises, and CPU under gloo. Values go in and come back as CPU tensors or Python
+objects, so callers never think about devices. A test fails if the package calls a
+`torch.distributed` collective anywhere else."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+CPU_BACKENDS = ("gloo",)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
+
+
+def device() -> torch.device:
+    """Where this process group's collectives want their tensors."""
+    if not active() or dist.get_backend() in CPU_BACKENDS:
+        return torch.device("cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    return torch.device(accelerator.device_name(), accelerator.current_device())
+
+
+_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def all_reduce(values, op: str = "sum") -> torch.Tensor:
+    """Element-wise reduction of a list of numbers (or a tensor) over every rank; a CPU float64 tensor
+    comes back. Without a process group, the values themselves."""
+    local = torch.as_tensor(values, dtype=torch.float64).detach().flatten().cpu()
+    if not active() or dist.get_world_size() == 1:
+        return local
+    t = local.to(device())
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, _OPS[op]))
+    return t.cpu()
+
+
+def all_gather_object(obj) -> list:
+    """`obj` of every rank, in rank order (pickled; torch moves the bytes to the current device itself)."""
+    if not active() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if active() and dist.get_world_size() > 1:
+        dist.barrier()
