@@ -34,13 +34,18 @@ def one_run(model_dir: str, gather: bool, rank: int, world: int) -> dict:
     cfg = ModelConfig(path=model_dir, ds_config=str(ROOT / "ds_configs/cpu_student_zero3.json"), micro_batch_size=MB)
     engine, _keep = student_engine(cfg, OptimConfig(lr=1e-2, steps=1), len(tok), MB, 1)
     offload = rollout.zero3_offload(engine)
-    before = ([m.ds_id for m in engine.module.modules()], len(offload.forward_hooks), len(offload.backward_hooks))
+    hooks = lambda: [(m.ds_id, list(m._forward_pre_hooks.items()), list(m._forward_hooks.items())) for m in engine.module.modules()]  # noqa: E731
+    before = hooks()
+    calls = []
+    original = offload.pre_sub_module_forward_function
+    offload.pre_sub_module_forward_function = lambda module: (calls.append(1), original(module))[1]
     ro = rollout.GenerateRollout(engine, tok.pad_token_id, rollout.end_token_ids(tok, engine.module.lm), gather=gather)
     prompts = [Prompt(i, tok(TEXTS[(rank * MB + i) % len(TEXTS)])["input_ids"], None, None) for i in range(MB)]
     torch.manual_seed(100 + rank)
     engine.eval()
     tokens = rollout.sample(ro, prompts, [[]] * MB, SamplingConfig(max_new_tokens=NEW), torch.device("cpu"))
-    after = ([m.ds_id for m in engine.module.modules()], len(offload.forward_hooks), len(offload.backward_hooks))
+    after = hooks()
+    offload.pre_sub_module_forward_function = original
     targets = tokens.input_ids[:, 1:][tokens.sampled]
     teacher = tk.teacher_topk(torch.randn(len(targets), len(tok), generator=torch.Generator().manual_seed(rank)) * 2, targets, 4)
     n = torch.tensor([float(tokens.sampled.sum())])
@@ -56,7 +61,8 @@ def one_run(model_dir: str, gather: bool, rank: int, world: int) -> dict:
         "sampled": tokens.sampled.tolist(),
         "loss_sampled_tokens": sum(m["sampled_tokens"] for m in metrics),
         "hooks_restored": before == after,
-        "hooks": before[1:],
+        "hooks": sum(len(pre) + len(post) for _, pre, post in before),
+        "hook_calls_while_generating": len(calls),
         "params": params,
     }
 
@@ -67,7 +73,11 @@ def main(model_dir: str, out: str) -> None:
     runs = {"hook_free": one_run(model_dir, True, rank, world), "hooked": one_run(model_dir, False, rank, world)}
     gathered = [None] * world
     dist.all_gather_object(
-        gathered, {k: {f: v[f] for f in ("input_ids", "attention_mask", "sampled", "loss_sampled_tokens", "hooks_restored", "hooks")} for k, v in runs.items()}
+        gathered,
+        {
+            k: {f: v[f] for f in ("input_ids", "attention_mask", "sampled", "loss_sampled_tokens", "hooks_restored", "hooks", "hook_calls_while_generating")}
+            for k, v in runs.items()
+        },
     )
     if rank == 0:
         Path(out).write_text(json.dumps({"ranks": gathered, "params": {k: v["params"] for k, v in runs.items()}}))
