@@ -93,11 +93,44 @@ def load_causal_lm(cfg: ModelConfig, ds_config: dict):
     return model, keep_alive
 
 
+SOFTCAP_FIELDS = ("final_logit_softcapping",)  # Gemma-2/3: logits = c tanh(logits / c)
+
+
+def logit_scale(config) -> float:
+    """The factor an architecture applies to h W^T before the softmax: Cohere's `logit_scale`
+    (multiplies), Granite's `logits_scaling` (divides); 1.0 for everything else."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = 1.0
+    if getattr(text, "model_type", "").startswith("cohere") and getattr(text, "logit_scale", None) is not None:
+        scale *= float(text.logit_scale)
+    if getattr(text, "logits_scaling", None) is not None:
+        scale /= float(text.logits_scaling)
+    return scale
+
+
+def check_logit_transforms(path: str, role: str) -> None:
+    """Refuse, before any engine, a model whose logits are not an affine function of its final hidden
+    states: the fused kernels reduce the vocabulary from h W^T + b and cannot apply it."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in SOFTCAP_FIELDS:
+        value = getattr(text, name, None)
+        if value:
+            raise ConfigError(
+                f"{role}.path={path!r}: its config sets {name}={value} (logits soft-capped as c tanh(logits / c)), which "
+                "the vocabulary kernels cannot apply (they reduce h W^T chunk by chunk); tropd-ds would train against another "
+                f"distribution than the model's. Accepted: models without {name} (or with it null)"
+            )
+
+
 class _Wrapped(nn.Module):
     def __init__(self, lm, n_tokens: int):
         super().__init__()
         self.lm = lm
         self.n_tokens = n_tokens
+        self.logit_scale = logit_scale(lm.config)
 
     def generate(self, *args, **kwargs):
         return self.lm.generate(*args, **kwargs)
@@ -108,11 +141,15 @@ class _Wrapped(nn.Module):
         RoPE it removes a bf16 drift of ~2e-3 at 1,000 pads)."""
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
-        return out.last_hidden_state[:, :-1]
+        hidden = out.last_hidden_state[:, :-1]
+        return hidden * self.logit_scale if self.logit_scale != 1.0 else hidden  # s (h W^T) = (s h) W^T
 
     def _head(self):
         head = self.lm.get_output_embeddings()
-        return head.weight, getattr(head, "bias", None)
+        bias = getattr(head, "bias", None)
+        if bias is not None and self.logit_scale != 1.0:
+            bias = bias * self.logit_scale
+        return head.weight, bias
 
 
 def _vocab_slice(weight, bias, n_tokens):
@@ -145,6 +182,32 @@ class StudentTerms(_Wrapped):
         teacher = tk.TeacherTopK(t_ids, t_logprobs, t_target, t_entropy)
         terms = tk.token_terms_from_hidden(hidden, weight, targets, teacher, temperature, fkl_mode, logprob_floor, fkl_cover, bias)
         return tuple(terms)
+
+
+PARITY_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}  # largest |difference| of a log-prob
+
+
+@torch.no_grad()
+def logit_parity(student, teacher, input_ids, attention_mask) -> dict[str, tuple[float, float]]:
+    """Per role, (largest, mean) |difference| between each next token's log-prob as tropd-ds computes it
+    (the vocabulary kernels on the final hidden states, through the wrapper's forward) and as the
+    model's own forward computes it. `student` and `teacher` are the wrapped modules (engine.module):
+    every call is a module forward, so ZeRO-3 gathers what each one uses."""
+    select = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    targets = input_ids[:, 1:][select]
+    teacher_fields = teacher(input_ids, attention_mask, select, 1, 1.0)
+    ours = {
+        "teacher": tk.TeacherTopK(*teacher_fields).target_logprob,
+        "student": tk.TokenTerms(*student(input_ids, attention_mask, select, *teacher_fields, 1.0, "paper", None, None)).logprob,
+    }
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = {}
+    for role, wrapped in (("student", student), ("teacher", teacher)):
+        logits = wrapped.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits[:, :-1][select]
+        theirs = logits[:, : wrapped.n_tokens].float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(1)
+        diff = (ours[role].float() - theirs).abs()
+        out[role] = (float(diff.max()), float(diff.mean()))
+    return out
 
 
 def lr_lambda(optim: OptimConfig):

@@ -49,13 +49,15 @@ def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: b
     With `dry_run`, model folders may hold only config.json (no weights, no tokenizer): the
     vocabulary then comes from the configs and the tokenizer is None."""
     from .data import load_rows
-    from .models import load_tokenizers_and_check, vocab_from_configs
+    from .models import check_logit_transforms, load_tokenizers_and_check, vocab_from_configs
     from .objectives import loss_fn
 
     if dry_run and not all(has_tokenizer(m.path) for m in (cfg.student, cfg.teacher)):
         tokenizer, n_tokens = None, vocab_from_configs(cfg.student, cfg.teacher)
     else:
         tokenizer, n_tokens = load_tokenizers_and_check(cfg.student, cfg.teacher, weights=not dry_run)
+    check_logit_transforms(cfg.student.path, "student")
+    check_logit_transforms(cfg.teacher.path, "teacher")
     train_rows = load_rows(cfg.data.path, cfg.data.split, "data.path")
     eval_rows = load_rows(cfg.data.eval_path, cfg.data.split, "data.eval_path") if cfg.data.eval_path else None
     if eval_rows is not None and "answer" not in eval_rows.column_names:
@@ -211,6 +213,38 @@ def watch_extension_locks(every_s: float = 30.0, patience: int = 2):
         done.set()
 
 
+def check_logit_parity(cfg: RunConfig, student, teacher, stream, device, rank: int) -> bool:
+    """Before the first step: on the first training row (its prompt and teacher response, at most 64
+    tokens, the same on every rank), tropd-ds's log-probs must equal each model's own forward's. A
+    model whose logits the package does not reproduce (an unhandled logit transform) stops the run here
+    with the figures, instead of training against the wrong distribution."""
+    from . import collectives
+    from .models import PARITY_TOLERANCE, logit_parity
+
+    counters = stream.truncated, stream.skipped
+    row = stream.encode(0) or stream.encode(len(stream.ds) - 1)
+    stream.truncated, stream.skipped = counters
+    ids = (row.ids + (row.response_ids or []))[:64] if row is not None else []
+    if len(ids) < 2:
+        return True
+    input_ids = torch.tensor([ids], device=device)
+    found = logit_parity(student.module, teacher.module, input_ids, torch.ones_like(input_ids))
+    ok = True
+    for role, model_cfg in (("student", cfg.student), ("teacher", cfg.teacher)):
+        worst = float(collectives.all_reduce([found[role][0]], op="max")[0])
+        tolerance = PARITY_TOLERANCE[model_cfg.dtype]
+        if worst > tolerance:
+            ok = False
+            log(
+                rank,
+                f"error: {role} log-probs from the vocabulary kernels differ from the model's own forward by up to {worst:.3g} "
+                f"(mean {found[role][1]:.3g}; accepted at {model_cfg.dtype}: {tolerance:g}) on {len(ids) - 1} tokens of the first "
+                f"training row: {model_cfg.path} transforms its logits in a way tropd-ds does not reproduce (soft-capping, "
+                "scaling, a custom head). Training would follow another distribution than the model's; stopping before step 1.",
+            )
+    return ok
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -276,6 +310,8 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
         enc = PromptStream(eval_rows, tokenizer, world, 0, world, 0, cfg.data.max_prompt_tokens, "truncate", cfg.data.chat_template)
         eval_set = [{"ids": enc.encode(i).ids, "answer": str(eval_rows[i]["answer"])} for i in range(min(len(eval_rows), cfg.eval.max_prompts))]
 
+    if not check_logit_parity(cfg, student, teacher, stream, device, rank):
+        return 2
     metrics = MetricsWriter(cfg.logging.dir, rank, getattr(student, "monitor", None))
     start_step = 0
     if cfg.checkpoint.resume:
