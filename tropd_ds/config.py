@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -128,6 +129,23 @@ PATH_FIELDS = {
     ("checkpoint", "export_dir"),
     ("logging", "dir"),
 }
+# Model and data fields that may name a Hugging Face hub repository instead of a local path.
+HUB_FIELDS = {("student", "path"), ("teacher", "path"), ("data", "path"), ("data", "eval_path")}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def looks_like_hub_id(value: str) -> bool:
+    return bool(_HUB_ID.match(value)) and Path(value).suffix.lower() not in {".json", ".jsonl", ".parquet", ".arrow", ".csv", ".yaml"}
+
+
+def is_hub_id(value: str, base: Path) -> bool:
+    """A path that exists relative to the config (or starts with ./, ../, ~) is a file path; otherwise a
+    name shaped like `org/name` is a hub id, for from_pretrained / load_dataset."""
+    if value.startswith((".", "~", "/")) or (base / value).exists():
+        return False
+    return looks_like_hub_id(value)
+
+
 # (section, field): (lowest, lowest included, highest, highest included); None = unbounded.
 RANGES = {
     ("student", "micro_batch_size"): (1, True, None, False),
@@ -265,7 +283,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for section, name in PATH_FIELDS:
         sub = getattr(cfg, section)
         value = getattr(sub, name)
-        if value and not Path(value).is_absolute():
+        if value and not Path(value).is_absolute() and not ((section, name) in HUB_FIELDS and is_hub_id(value, base)):
             setattr(sub, name, str((base / value).resolve()))
     for (section, name), (lo, lo_in, hi, hi_in) in RANGES.items():
         value = getattr(getattr(cfg, section), name)

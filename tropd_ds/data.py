@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, looks_like_hub_id
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 
@@ -33,8 +33,8 @@ def load_rows(path: str, split: str = "train", what: str = "data.path"):
             ds = datasets.load_dataset(builder, data_files=str(p), split="train")
         except Exception as exc:  # datasets raises many kinds of errors for unreadable files
             raise ConfigError(f"{what}={path!r} could not be read as {builder}: {type(exc).__name__}: {exc}") from exc
-    elif "/" in path and not path.startswith(("/", ".")) and not p.parent.exists():
-        ds = datasets.load_dataset(path, split=split)  # a hub name (needs a network)
+    elif looks_like_hub_id(path) and not p.exists():
+        ds = load_hub_dataset(path, split, what)
     else:
         raise ConfigError(f"{what}={path!r} does not exist: expected a data file, a saved dataset folder or a hub name")
     if isinstance(ds, datasets.DatasetDict):
@@ -46,6 +46,26 @@ def load_rows(path: str, split: str = "train", what: str = "data.path"):
     if len(ds) == 0:
         raise ConfigError(f"{what}={path!r} has no rows: expected at least one prompt")
     return ds
+
+
+def load_hub_dataset(name: str, split: str, what: str):
+    """A data set by hub id: from the hub, or, offline (HF_HUB_OFFLINE=1), from the repository files in
+    the hub cache (what `huggingface-cli download --repo-type dataset` leaves there)."""
+    import datasets
+    from huggingface_hub import snapshot_download
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as online:  # offline, unknown repository, no network: try the hub cache
+        try:
+            folder = snapshot_download(name, repo_type="dataset", local_files_only=True)
+        except Exception:
+            raise ConfigError(
+                f"{what}={name!r} is not a local file or folder, and as a hub data set it cannot be loaded: "
+                f"{type(online).__name__}: {str(online).splitlines()[0] if str(online) else ''}. Offline, its files must be in the "
+                "hub cache (HF_HOME / HF_HUB_CACHE) with HF_HUB_OFFLINE=1"
+            ) from online
+        return datasets.load_dataset(folder, split=split)
 
 
 def render_prompt(tokenizer, prompt, chat_template: bool) -> str:

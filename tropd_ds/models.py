@@ -15,7 +15,7 @@ import torch
 import tropd_kernels as tk
 from torch import nn
 
-from .config import ConfigError, ModelConfig, OptimConfig
+from .config import ConfigError, ModelConfig, OptimConfig, looks_like_hub_id
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,15 +24,31 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.
 
 
 def check_model_folder(cfg: ModelConfig, role: str, weights: bool = True) -> None:
-    if not cfg.path or not (Path(cfg.path) / "config.json").is_file():
-        raise ConfigError(f"{role}.path={cfg.path!r}: expected a Hugging Face model folder with config.json")
-    if weights and not any(any(Path(cfg.path).glob(pattern)) for pattern in WEIGHT_PATTERNS):
+    if cfg.path and looks_like_hub_id(cfg.path) and not Path(cfg.path).exists():
+        check_hub_model(cfg, role)
+    elif not cfg.path or not (Path(cfg.path) / "config.json").is_file():
+        raise ConfigError(f"{role}.path={cfg.path!r}: expected a Hugging Face model folder with config.json, or a hub id such as org/name")
+    elif weights and not any(any(Path(cfg.path).glob(pattern)) for pattern in WEIGHT_PATTERNS):
         raise ConfigError(
             f"{role}.path={cfg.path!r} has a config.json but no weights (*.safetensors or *.bin): point it at a downloaded "
             "checkpoint, or check the config without weights with `tropd-ds train --config ... --dry-run`"
         )
     if not cfg.ds_config or not Path(cfg.ds_config).is_file():
         raise ConfigError(f"{role}.ds_config={cfg.ds_config!r}: expected a DeepSpeed JSON config file (see ds_configs/)")
+
+
+def check_hub_model(cfg: ModelConfig, role: str) -> None:
+    """A hub id: its config must resolve (from the hub, or from the local cache when HF_HUB_OFFLINE=1)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(cfg.path)
+    except Exception as exc:  # OSError, ValueError, connection errors from huggingface_hub
+        raise ConfigError(
+            f"{role}.path={cfg.path!r} is not a local folder (relative paths are taken from the config's folder), and as a hub "
+            f"id it does not resolve: {type(exc).__name__}: {str(exc).splitlines()[0]}. Offline, the model must be in the "
+            "hub cache (HF_HOME / HF_HUB_CACHE) with HF_HUB_OFFLINE=1"
+        ) from exc
 
 
 def vocab_from_configs(student: ModelConfig, teacher: ModelConfig) -> int:

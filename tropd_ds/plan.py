@@ -69,9 +69,17 @@ def load_arch(spec: str) -> Arch:
         path = MODELS_DIR / spec / "config.json"
     elif path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise ValueError(f"model {spec!r}: expected one of {', '.join(SHIPPED)}, a model folder or a config.json file")
-    c = json.loads(path.read_text())
+    if path.is_file():
+        c = json.loads(path.read_text())
+    elif spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        raise ValueError(f"model {spec!r}: expected one of {', '.join(SHIPPED)}, a model folder, a config.json file or a hub id org/name")
+    else:
+        try:  # a hub id (from the hub, or its offline cache)
+            from transformers import AutoConfig
+
+            c = AutoConfig.from_pretrained(spec).to_dict()
+        except Exception as exc:
+            raise ValueError(f"model {spec!r}: expected one of {', '.join(SHIPPED)}, a model folder, a config.json file or a hub id ({exc})") from exc
     c = c.get("text_config", c)
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in c]
     if missing:
