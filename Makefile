@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench-cpu lint
+.PHONY: setup test demo bench-cpu bench-step gpu-check lint
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,16 @@ demo: setup
 
 bench-cpu: setup
 	$(PY) scripts/bench_kernels.py --preset cpu --out bench_out/cpu
+
+# Per-phase step time on tiny models, and TRL's DistillationTrainer on the same work (docs/BENCHMARKS.md).
+bench-step: setup
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) scripts/bench_step.py --out bench_out/step
+
+# On a machine lent a GPU, with its own python3 (torch, triton): kernels on CUDA, GPU benchmarks and a
+# short real run; the wheels it lacks come from scripts/gpu_wheels.sh (see scripts/gpu_check.py).
+gpu-check:
+	python3 scripts/gpu_check.py --out $${OUT:-gpu_out}
 
 lint: setup
 	$(VENV)/bin/ruff check .
