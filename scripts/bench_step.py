@@ -166,17 +166,7 @@ def run_tropd(work: Path, args, steps: int) -> dict:
     name = f"tropd_{steps}"
     shutil.rmtree(work / name, ignore_errors=True)
     config = tropd_config(work, args, name)
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "tropd_ds.train", "--config", str(config), "--set", f"optim.steps={steps}"],
-        env=env(args.threads),
-        cwd=work,
-        capture_output=True,
-        text=True,
-    )
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"tropd-ds run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    _, wall = timed_run([sys.executable, "-m", "tropd_ds.train", "--config", str(config), "--set", f"optim.steps={steps}"], work, args, "tropd-ds")
     recs = [json.loads(x) for x in (work / name / "logs/metrics.jsonl").read_text().splitlines()]
     steps_recs = [r for r in recs if "loss" in r][2:]  # the first steps build caches
     mean = lambda key: statistics.fmean(r[key] for r in steps_recs)  # noqa: E731
@@ -229,18 +219,18 @@ def part_trl(args) -> dict:
 
 
 def run_trl(work: Path, args, steps: int) -> dict | None:
+    proc, wall = timed_run([sys.executable, __file__, "--part", "trl", "--work", str(work), "--steps", str(steps), *common(args)], work, args, "TRL")
+    return {"wall_s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def timed_run(cmd: list[str], work: Path, args, what: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `cmd` in a fresh process; (its result, wall seconds). A failure stops the benchmark with its output."""
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, __file__, "--part", "trl", "--work", str(work), "--steps", str(steps), *common(args)],
-        env=env(args.threads),
-        cwd=work,
-        capture_output=True,
-        text=True,
-    )
+    proc = subprocess.run(cmd, env=env(args.threads), cwd=work, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"TRL run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return {"wall_s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+        raise SystemExit(f"{what} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc, wall
 
 
 def common(args) -> list[str]:
@@ -323,11 +313,7 @@ def main(argv=None) -> int:
         },
     }
     print("rollout ...", flush=True)
-    proc = subprocess.run(
-        [sys.executable, __file__, "--part", "rollout", "--work", str(work), *common(args)], env=env(args.threads), cwd=work, capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"rollout benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    proc, _ = timed_run([sys.executable, __file__, "--part", "rollout", "--work", str(work), *common(args)], work, args, "rollout benchmark")
     result["rollout"] = json.loads(proc.stdout.strip().splitlines()[-1])
     print("tropd-ds ...", flush=True)
     short, long = run_tropd(work, args, args.short), run_tropd(work, args, args.long)
