@@ -168,7 +168,8 @@ def run_tropd(work: Path, args, steps: int) -> dict:
     config = tropd_config(work, args, name)
     _, wall = timed_run([sys.executable, "-m", "tropd_ds.train", "--config", str(config), "--set", f"optim.steps={steps}"], work, args, "tropd-ds")
     recs = [json.loads(x) for x in (work / name / "logs/metrics.jsonl").read_text().splitlines()]
-    steps_recs = [r for r in recs if "loss" in r][2:]  # the first steps build caches
+    all_steps = [r for r in recs if "loss" in r]
+    steps_recs = all_steps[2:] or all_steps  # the first steps build caches
     mean = lambda key: statistics.fmean(r[key] for r in steps_recs)  # noqa: E731
     return {
         "wall_s": wall,
