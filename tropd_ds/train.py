@@ -408,7 +408,7 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
         shape = dict(
             response_len=resp_len,
             prefix_len=pre_len,
-            ended_fraction=float(torch.isin(seen, torch.tensor(end_ids)).sum()) / max(1, len(expanded)),
+            ended_fraction=float(torch.isin(seen, torch.tensor(end_ids, device=seen.device)).sum()) / max(1, len(expanded)),
             sampled_pad_fraction=float((seen == tokenizer.pad_token_id).float().mean()) if len(seen) else 0.0,
         )
         local = [dict(m, **shape) for m in mb_metrics]
