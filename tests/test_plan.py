@@ -92,3 +92,14 @@ def test_plan_errors_name_the_bad_value():
     assert r.returncode == 2 and "nodes=0" in r.stderr
     r = run_plan("--student", "llama-3.1-8b", "--teacher", "llama-3.1-70b", "--teacher-offload", "disk")
     assert r.returncode == 2 and "invalid choice: 'disk'" in r.stderr
+
+
+def test_a_gathered_teacher_is_planned_whole_on_each_gpu_while_scoring():
+    student, teacher = P.load_arch("llama-3.1-8b"), P.load_arch("llama-3.1-70b")
+    hw = P.Hardware()
+    streamed = P.plan(student, teacher, hw, P.Workload())
+    gathered = P.plan(student, teacher, hw, P.Workload(teacher_gathered=True))
+    assert "gathered teacher (bf16)" not in streamed["gpu_gib"]["phases"]["teacher scoring"]
+    added = gathered["gpu_gib"]["phases"]["teacher scoring"]["gathered teacher (bf16)"]
+    assert added == pytest.approx(2 * teacher.params() / 2**30, abs=0.01)  # the whole bf16 teacher
+    assert not gathered["fits"]  # 131 GiB of teacher on an 80 GiB GPU: the 70B presets stream it
