@@ -18,7 +18,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from . import collectives, faults
 
@@ -33,11 +32,6 @@ class CheckpointError(RuntimeError):
     def __init__(self, message: str, local: bool = False):
         super().__init__(message)
         self.local = local
-
-
-_barrier = collectives.barrier
-_rank_world = collectives.rank_world
-_gather = collectives.all_gather_object
 
 
 def _all_true(flag: bool) -> bool:
@@ -127,7 +121,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
     A rank whose write fails takes part in no further collective: the others may be waiting inside
     DeepSpeed's own barriers, and a mismatched collective would hang every rank. It removes the partial
     folder and raises; its non-zero exit makes the launcher stop the other ranks."""
-    rank, world = _rank_world()
+    rank, world = collectives.rank_world()
     root = Path(ckpt_dir)
     tag = f"step{step}"
     tmp = root / f"{INCOMPLETE}{tag}"
@@ -146,7 +140,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    collectives.barrier()
     try:
         faults.inject_into_deepspeed_save(engine, step, rank)
         engine.save_checkpoint(ckpt_dir, tag=tmp.name, client_state={**client_state, "step": step}, save_latest=False)
@@ -162,10 +156,10 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
             f"saving checkpoint {tag} in {ckpt_dir} failed{where} ({what}){_space(ckpt_dir)}; the partial files were removed and {intact}",
             local=True,
         ) from exc
-    _barrier()  # every rank's files are written
+    collectives.barrier()  # every rank's files are written
     files = _files(tmp)
     mine = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for i, p in enumerate(files) if i % world == rank}
-    manifest = {k: v for part in _gather(mine) for k, v in part.items()}
+    manifest = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
     if rank == 0:
         _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "world_size": world, "files": manifest}, indent=1))
         final = root / tag
@@ -177,12 +171,12 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
         if keep_last > 0:
             for old in complete_checkpoints(ckpt_dir)[keep_last:]:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    collectives.barrier()
 
 
 def verify(folder: Path) -> str | None:
     """None when every file matches the manifest, else what is wrong (checked by all ranks together)."""
-    rank, world = _rank_world()
+    rank, world = collectives.rank_world()
     try:
         manifest = json.loads((folder / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError) as exc:
@@ -198,23 +192,23 @@ def verify(folder: Path) -> str | None:
             problems.append(f"{name} has {p.stat().st_size} bytes, the manifest says {want['bytes']}")
         elif _sha256(p) != want["sha256"]:
             problems.append(f"{name} does not match its SHA-256")
-    problems = [x for part in _gather(problems) for x in part]
+    problems = [x for part in collectives.all_gather_object(problems) for x in part]
     return "; ".join(problems) if problems else None
 
 
 def resume(engine, ckpt_dir: str, log=print) -> dict | None:
     """Load the newest complete, intact checkpoint if there is one; returns its client state."""
-    rank, _ = _rank_world()
+    rank, _ = collectives.rank_world()
     root = Path(ckpt_dir)
     if not root.is_dir():
         return None
     stale = sorted(root.glob(f"{INCOMPLETE}*"))
-    _barrier()  # every rank has listed the folder before rank 0 removes anything
+    collectives.barrier()  # every rank has listed the folder before rank 0 removes anything
     for folder in stale:
         log(f"ignoring {folder.name}: a save that did not finish (removed)")
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
-    _barrier()
+    collectives.barrier()
     candidates = complete_checkpoints(ckpt_dir)
     if not candidates and (root / "latest").is_file():
         raise CheckpointError(
@@ -250,14 +244,14 @@ def export(engine, tokenizer, out_dir: str) -> None:
         state = engine._zero3_consolidated_16bit_state_dict()  # full weights on rank 0 only
     else:
         state = engine.module.state_dict()
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, _ = collectives.rank_world()
     if rank == 0:
         state = {k.removeprefix("lm."): v for k, v in state.items()}
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         lm.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
-    _barrier()
+    collectives.barrier()
 
 
 def export_from_checkpoint(ckpt_dir: str, student_path: str, out_dir: str, tag: str | None = None) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from . import collectives
 from .demo_task import is_correct
@@ -20,8 +19,7 @@ def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64)
     are the response positions of the rollout's mask (up to and including the first end token)."""
     from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world = collectives.rank_world()
     share = math.ceil(len(rows) / world)
     mine = rows[rank * share : (rank + 1) * share]
     counted = len(mine)

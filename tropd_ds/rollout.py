@@ -21,11 +21,13 @@ DeepSpeed 0.19.8's `HybridEngineRollout`, which gets three things wrong for dist
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
 from deepspeed.runtime.rollout import RolloutBatch, RolloutEngine, RolloutRequest, SamplingConfig
 
+from . import collectives
 from .data import Prompt
 from .objectives import draw_prefix_len
 
@@ -161,8 +163,8 @@ class GenerateRollout(RolloutEngine):
 
     `gather`: with ZeRO-3, gather the whole model once per `generate` call and decode without the
     per-module hooks (fast; the model must fit on one device). Otherwise ZeRO-3 gathers layer by
-    layer on every forward (any size), and the ranks decode in lock step until all have ended
-    (`synced_gpus`), since each forward is a collective.
+    layer on every forward (any size), and the ranks decode in lock step until all have ended,
+    since each forward is then a collective.
     `micro_batch` > 0 generates that many sequences at a time under one gather (the KV cache of a
     long generation is what limits it on a GPU)."""
 
@@ -173,15 +175,11 @@ class GenerateRollout(RolloutEngine):
         self.gather, self.micro_batch = gather, micro_batch
         module = getattr(engine, "module", engine)
         self.lm = getattr(module, "lm", module)  # tropd-ds wraps the causal LM; plain modules work too
-
-    def _context(self):
-        if zero3_offload(self.engine) is None:
-            return contextlib.nullcontext(False)
-        if self.gather:
-            return _yielding(hook_free_gathered(self.engine), False)
-        import torch.distributed as dist
-
-        return contextlib.nullcontext(dist.is_initialized() and dist.get_world_size() > 1)
+        # transformers 5.x renames forward's `past_key_values` to `cache` (the old name warns, then goes)
+        self.cache_keyword = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+        zero3 = zero3_offload(engine) is not None
+        self.hook_free = zero3 and gather
+        self.synced = zero3 and not gather and collectives.rank_world()[1] > 1  # every decode forward is a collective
 
     @torch.no_grad()
     def generate(self, request: RolloutRequest, sampling: SamplingConfig, budgets: torch.Tensor | None = None) -> RolloutBatch:
@@ -199,10 +197,10 @@ class GenerateRollout(RolloutEngine):
         budgets = budgets.to(ids.device).clamp(0, sampling.max_new_tokens)
         step = self.micro_batch if self.micro_batch > 0 else rows
         parts = []
-        with self._context() as synced:
+        with hook_free_gathered(self.engine) if self.hook_free else contextlib.nullcontext():
             for start in range(0, rows, step):
                 sl = slice(start, start + step)
-                parts.append(self._decode(ids[sl], mask[sl], budgets[sl], sampling, synced))
+                parts.append(self._decode(ids[sl], mask[sl], budgets[sl], sampling))
         full = max(p.shape[1] for p in parts)
         out = torch.cat([torch.nn.functional.pad(p, (0, full - p.shape[1]), value=self.pad_id) for p in parts])
         keep = response_keep(out[:, width:], self.end_ids, budgets)
@@ -210,25 +208,26 @@ class GenerateRollout(RolloutEngine):
         attention = torch.cat([mask, keep.long()], 1)
         return RolloutBatch(out, attention, torch.full((rows,), width, dtype=torch.long, device=ids.device))
 
-    def _decode(self, ids, mask, budgets, sampling: SamplingConfig, synced: bool) -> torch.Tensor:
+    def _decode(self, ids, mask, budgets, sampling: SamplingConfig) -> torch.Tensor:
         """Sampling with the model's KV cache: one forward for the prompts, then one per token, drawing
         from softmax(logits / T) (argmax at T = 0) with torch.multinomial on the float32 logits, as
         transformers' `generate` does, without its logits processors and per-token bookkeeping. Left
         padding is positioned by the attention mask. A row is done at an end token or its budget; the
-        loop ends when every row is (with `synced`, when every rank's rows are: each forward is then a
-        ZeRO-3 collective, so a finished rank keeps feeding pads until all have finished)."""
+        loop ends when every row is (layer by layer on several ranks, when every rank's rows are: each
+        forward is then a ZeRO-3 collective, so a finished rank keeps feeding pads until all have finished)."""
         from transformers import DynamicCache
 
         rows = ids.shape[0]
         end = torch.as_tensor(self.end_ids, device=ids.device)
         cache = DynamicCache(config=self.lm.config)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache_kw = self._cache_keyword()
-        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        cache_kw = {self.cache_keyword: cache}
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kw)
         done = budgets <= 0
+        busy = not bool(done.all())  # this rank still has a row to decode (one device sync per token)
         generated = []
         while True:
-            if bool(done.all()):  # only keeping other ranks company: draw nothing, so the RNG is as unsynced
+            if not busy:  # only keeping other ranks company: draw nothing, so the RNG is as unsynced
                 token = torch.full((rows,), self.pad_id, dtype=torch.long, device=ids.device)
             else:
                 logits = out.logits[:, -1, :].float()
@@ -242,37 +241,16 @@ class GenerateRollout(RolloutEngine):
                 token = torch.where(done, self.pad_id, token)
             generated.append(token)
             done = done | torch.isin(token, end) | (budgets <= len(generated))
-            if not self._continue(done, synced):  # once per token on every rank: the collectives stay paired
+            busy = not bool(done.all())
+            if not (collectives.all_reduce([float(busy)], op="max")[0] > 0 if self.synced else busy):  # once per token on every rank
                 break
             mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
             positions = positions[:, -1:] + 1
-            out = self.lm(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache})
+            out = self.lm(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **cache_kw)
         return torch.cat([ids, torch.stack(generated, 1)], 1)
-
-    def _cache_keyword(self) -> str:
-        """transformers 5.x renames forward's `past_key_values` to `cache` (the old name warns, then goes)."""
-        import inspect
-
-        return "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
-
-    @staticmethod
-    def _continue(done: torch.Tensor, synced: bool) -> bool:
-        """Whether this rank (or, with `synced`, any rank) still has a row to decode."""
-        busy = not bool(done.all())
-        if synced:
-            from . import collectives
-
-            return bool(collectives.all_reduce([float(busy)], op="max")[0] > 0)
-        return busy
 
     def sync_weights(self, step: int) -> None:  # noqa: ARG002  (the rollout uses the training weights in place)
         return None
-
-
-@contextlib.contextmanager
-def _yielding(ctx, value):
-    with ctx:
-        yield value
 
 
 def sample(rollout_engine: GenerateRollout, prompts: list[Prompt], prefixes: list[list[int]], sampling: SamplingConfig, device) -> RolloutTokens:

@@ -291,8 +291,8 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
     )
     end_ids = rollout.end_token_ids(tokenizer, student.module.lm, teacher.module.lm)
     student_rollout = rollout.GenerateRollout(student, tokenizer.pad_token_id, end_ids, cfg.rollout.gather_params, cfg.rollout.micro_batch_size)
-    # The teacher may not fit on one device (it is offloaded): it generates layer by layer.
-    teacher_rollout = rollout.GenerateRollout(teacher, tokenizer.pad_token_id, end_ids, gather=False, micro_batch=cfg.teacher.micro_batch_size)
+    # A teacher that may not fit on one device (teacher.gather_params false) generates layer by layer.
+    teacher_rollout = rollout.GenerateRollout(teacher, tokenizer.pad_token_id, end_ids, cfg.teacher.gather_params, cfg.teacher.micro_batch_size)
 
     stream = PromptStream(
         train_rows,
@@ -405,11 +405,12 @@ def run(cfg: RunConfig, tokenizer, n_tokens, train_rows, eval_rows, objective) -
         resp_len = (tokens.sampled.sum(1)).float().mean().item()
         pre_len = (tokens.prefix.sum(1)).float().mean().item()
         seen = tokens.input_ids[:, 1:][tokens.sampled]  # what the loss saw of the student's samples
+        ends = torch.isin(seen, torch.tensor(end_ids, device=seen.device))
         shape = dict(
             response_len=resp_len,
             prefix_len=pre_len,
-            ended_fraction=float(torch.isin(seen, torch.tensor(end_ids, device=seen.device)).sum()) / max(1, len(expanded)),
-            sampled_pad_fraction=float((seen == tokenizer.pad_token_id).float().mean()) if len(seen) else 0.0,
+            ended_fraction=float(ends.sum()) / max(1, len(expanded)),
+            sampled_pad_fraction=float(((seen == tokenizer.pad_token_id) & ~ends).float().mean()) if len(seen) else 0.0,  # pad may be EOS
         )
         local = [dict(m, **shape) for m in mb_metrics]
         record = reduce_across_ranks(local)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import tropd_kernels as tk
 
 from . import collectives, faults
@@ -41,7 +40,7 @@ def update(
         terms = tk.TokenTerms(*fields)
         sampled, prefix = rollout.sampled[rows][select], rollout.prefix[rows][select]
         out = objective(terms, teacher, sampled, prefix, step, total_steps, generator, token_count=token_count, **stats)
-        if faults.active("nan_loss", step + 1, dist.get_rank() if dist.is_initialized() else 0):
+        if faults.active("nan_loss", step + 1, collectives.rank_world()[0]):
             out.loss = out.loss * float("nan")
             out.metrics["loss"] = float("nan")
         engine.backward(out.loss)
