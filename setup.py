@@ -7,8 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["tropd_ds", "tropd_ds.*"]) + ["tropd_kernels"],
-    package_dir={"tropd_kernels": "kernels/tropd_kernels"},
+    packages=find_packages(include=["tropd_ds", "tropd_ds.*"]) + ["tropd_kernels", "tropd_kernels.ops"],
+    package_dir={"tropd_kernels": "kernels/tropd_kernels", "tropd_kernels.ops": "kernels/tropd_kernels/ops"},
     install_requires=[
         "torch>=2.4,<2.15",
         "triton>=3.2,<4; platform_system == 'Linux'",

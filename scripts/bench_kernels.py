@@ -40,10 +40,21 @@ PRESETS = {
         ("token_terms_from_hidden", 4096, 32000, 64, 256, "float32"),
         ("token_terms_from_hidden", 8192, 32000, 64, 256, "float32"),
     ],
-    "gpu": [(op, n, v, 64, 0, "bfloat16") for op in ("token_terms", "teacher_topk") for n in (4096, 16384) for v in (32000, 128256, 151936)]
+    "gpu": [
+        (op, n, v, 64, 0, "bfloat16")
+        for op in ("token_terms", "teacher_topk")
+        for n in (4096, 16384)
+        for v in (32000, 128256, 151936)
+    ]
     + [
         ("token_terms_from_hidden", n, v, 64, d, "bfloat16")
-        for n, v, d in ((8192, 128256, 4096), (16384, 128256, 4096), (16384, 151936, 4096), (8192, 128256, 8192), (16384, 151936, 8192))
+        for n, v, d in (
+            (8192, 128256, 4096),
+            (16384, 128256, 4096),
+            (16384, 151936, 4096),
+            (8192, 128256, 8192),
+            (16384, 151936, 8192),
+        )
     ],
 }
 # Physical limits of an H100 SXM (ANCHORS.md): used for the floors in the GPU table.
@@ -176,7 +187,18 @@ def measure(op, impl, n, vocab, k, d, dtype, device, warmup, repeats) -> dict:
     else:
         peak = _status_kib("VmHWM") * 1024 - base
     working = max(0, peak - grad_bytes(op, n, vocab, d, dtype))
-    return dict(op=op, impl=impl, N=n, V=vocab, k=k, d=d, dtype=dtype, device=device, median_ms=1e3 * statistics.median(times), working_mib=working / 2**20)
+    return dict(
+        op=op,
+        impl=impl,
+        N=n,
+        V=vocab,
+        k=k,
+        d=d,
+        dtype=dtype,
+        device=device,
+        median_ms=1e3 * statistics.median(times),
+        working_mib=working / 2**20,
+    )
 
 
 def floor_ms(row) -> float | None:
@@ -195,9 +217,14 @@ def table(rows, device) -> str:
         head += " H100 floor ms |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        ref = next((o for o in rows if o["impl"] == "oracle" and all(o[x] == r[x] for x in ("op", "N", "V", "k", "d"))), None)
+        ref = next(
+            (o for o in rows if o["impl"] == "oracle" and all(o[x] == r[x] for x in ("op", "N", "V", "k", "d"))), None
+        )
         if "error" in r:
-            lines.append(f"| {r['op']} | {r['N']} | {r['V']} | {r['k']} | {r['d']} | {r['dtype']} | {r['impl']} | error: {r['error']} |")
+            lines.append(
+                f"| {r['op']} | {r['N']} | {r['V']} | {r['k']} | {r['d']} | {r['dtype']} | {r['impl']} | error: "
+                f"{r['error']} |"
+            )
             continue
         t_ratio = f"{r['median_ms'] / ref['median_ms']:.2f}x" if ref and "median_ms" in ref else "-"
         m_ratio = f"{r['working_mib'] / ref['working_mib']:.3f}x" if ref and ref.get("working_mib") else "-"

@@ -77,17 +77,25 @@ def part_rollout(args) -> dict:
     from tropd_ds.config import ModelConfig, OptimConfig
     from tropd_ds.data import load_rows
     from tropd_ds.demo_task import build_tokenizer
-    from tropd_ds.models import student_engine
+    from tropd_ds.update import student_engine
 
     deepspeed.init_distributed(dist_backend="gloo")
     work = Path(args.work)
     tok = build_tokenizer()
-    cfg = ModelConfig(path=str(work / "student"), ds_config=str(ROOT / "ds_configs/cpu_student_zero3.json"), micro_batch_size=args.prompts)
-    plain = AutoModelForCausalLM.from_pretrained(work / "student").eval()  # before the engine: no ZeRO-3 partitioning of it
+    cfg = ModelConfig(
+        path=str(work / "student"),
+        ds_config=str(ROOT / "ds_configs/cpu_student_zero3.json"),
+        micro_batch_size=args.prompts,
+    )
+    plain = AutoModelForCausalLM.from_pretrained(
+        work / "student"
+    ).eval()  # before the engine: no ZeRO-3 partitioning of it
     engine, _keep = student_engine(cfg, OptimConfig(lr=1e-5, steps=1), len(tok), args.prompts, 1)
     engine.eval()
     rows = load_rows(str(work / "data/train.jsonl"))
-    ids, mask = rollout.left_pad([tok(rows[i]["prompt"])["input_ids"] for i in range(args.prompts)], tok.pad_token_id, "cpu")
+    ids, mask = rollout.left_pad(
+        [tok(rows[i]["prompt"])["input_ids"] for i in range(args.prompts)], tok.pad_token_id, "cpu"
+    )
     end_ids = rollout.end_token_ids(tok, plain)
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0)
     request = RolloutRequest(ids, mask)
@@ -141,7 +149,11 @@ def tropd_config(work: Path, args, name: str) -> Path:
 
     run = work / name
     cfg = {
-        "student": {"path": str(work / "student"), "ds_config": str(ROOT / "ds_configs/cpu_student_zero3.json"), "micro_batch_size": args.prompts},
+        "student": {
+            "path": str(work / "student"),
+            "ds_config": str(ROOT / "ds_configs/cpu_student_zero3.json"),
+            "micro_batch_size": args.prompts,
+        },
         "teacher": {
             "path": str(work / "teacher"),
             "ds_config": str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json"),
@@ -149,7 +161,12 @@ def tropd_config(work: Path, args, name: str) -> Path:
             "gather_params": True,
         },
         "data": {"path": str(work / "data/train.jsonl"), "max_prompt_tokens": 32},
-        "rollout": {"prompts_per_step": args.prompts, "samples_per_prompt": 1, "max_new_tokens": args.new_tokens, "guidance": False},
+        "rollout": {
+            "prompts_per_step": args.prompts,
+            "samples_per_prompt": 1,
+            "max_new_tokens": args.new_tokens,
+            "guidance": False,
+        },
         "objective": {"name": "opd", "options": {}},
         "optim": {"lr": args.lr},
         "checkpoint": {"dir": str(run / "ckpt"), "every": 0, "resume": False, "export_dir": str(run / "export")},
@@ -166,7 +183,12 @@ def run_tropd(work: Path, args, steps: int) -> dict:
     name = f"tropd_{steps}"
     shutil.rmtree(work / name, ignore_errors=True)
     config = tropd_config(work, args, name)
-    _, wall = timed_run([sys.executable, "-m", "tropd_ds.train", "--config", str(config), "--set", f"optim.steps={steps}"], work, args, "tropd-ds")
+    _, wall = timed_run(
+        [sys.executable, "-m", "tropd_ds.train", "--config", str(config), "--set", f"optim.steps={steps}"],
+        work,
+        args,
+        "tropd-ds",
+    )
     recs = [json.loads(x) for x in (work / name / "logs/metrics.jsonl").read_text().splitlines()]
     all_steps = [r for r in recs if "loss" in r]
     steps_recs = all_steps[2:] or all_steps  # the first steps build caches
@@ -213,14 +235,21 @@ def part_trl(args) -> dict:
         dataloader_num_workers=0,
         seed=0,
     )
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=data, processing_class=tok)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=config, train_dataset=data, processing_class=tok
+    )
     t0 = time.perf_counter()
     trainer.train()
     return {"train_s": time.perf_counter() - t0, "steps": args.steps}
 
 
 def run_trl(work: Path, args, steps: int) -> dict | None:
-    proc, wall = timed_run([sys.executable, __file__, "--part", "trl", "--work", str(work), "--steps", str(steps), *common(args)], work, args, "TRL")
+    proc, wall = timed_run(
+        [sys.executable, __file__, "--part", "trl", "--work", str(work), "--steps", str(steps), *common(args)],
+        work,
+        args,
+        "TRL",
+    )
     return {"wall_s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
@@ -254,9 +283,16 @@ def per_step(short: dict, long: dict) -> float:
 
 
 def table(result: dict) -> str:
-    lines = ["## Rollout alone", "", "| path | median s | vs plain generate | decode steps | response tokens |", "|---|---|---|---|---|"]
+    lines = [
+        "## Rollout alone",
+        "",
+        "| path | median s | vs plain generate | decode steps | response tokens |",
+        "|---|---|---|---|---|",
+    ]
     for name, v in result["rollout"].items():
-        lines.append(f"| {name} | {v['median_s']:.4f} | {v['vs_plain']:.2f}x | {v['decode_steps']} | {v['response_tokens']} |")
+        lines.append(
+            f"| {name} | {v['median_s']:.4f} | {v['vs_plain']:.2f}x | {v['decode_steps']} | {v['response_tokens']} |"
+        )
     t = result["tropd"]
     lines += [
         "",
@@ -314,7 +350,12 @@ def main(argv=None) -> int:
         },
     }
     print("rollout ...", flush=True)
-    proc, _ = timed_run([sys.executable, __file__, "--part", "rollout", "--work", str(work), *common(args)], work, args, "rollout benchmark")
+    proc, _ = timed_run(
+        [sys.executable, __file__, "--part", "rollout", "--work", str(work), *common(args)],
+        work,
+        args,
+        "rollout benchmark",
+    )
     result["rollout"] = json.loads(proc.stdout.strip().splitlines()[-1])
     print("tropd-ds ...", flush=True)
     short, long = run_tropd(work, args, args.short), run_tropd(work, args, args.long)

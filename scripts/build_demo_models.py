@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from tropd_ds.demo_models import build_llama
-from tropd_ds.demo_task import build_tokenizer, is_correct, write_splits
+from tropd_ds.demo_task import build_tokenizer, write_splits
+from tropd_ds.evaluation import is_correct
 
 TEACHER = dict(hidden=256, layers=4, heads=4, mlp=1024)
 STUDENT = dict(hidden=128, layers=2, heads=4, mlp=512)
@@ -53,7 +54,12 @@ def train_sft(model, pairs, steps, batch, lr, seed, bf16, label):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warm = min(50, steps // 4)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+        opt,
+        lambda s: (
+            (s + 1) / warm
+            if s < warm
+            else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+        ),
     )
     rng = random.Random(seed)
     model.train()
@@ -78,7 +84,13 @@ def accuracy(model, tok, rows, max_new_tokens=48):
     for start in range(0, len(rows), 100):
         chunk = rows[start : start + 100]
         enc = tok([r["prompt"] for r in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         correct += sum(is_correct(t, r["answer"]) for t, r in zip(texts, chunk))
     return correct / len(rows)
@@ -89,7 +101,15 @@ def mismatch(student, teacher, tok, rows, seed=0):
     """Student samples at temperature 1; r = lp_T - lp_S on its tokens: mean, p1, p10, trust fraction."""
     torch.manual_seed(seed)
     enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
-    out = student.generate(**enc, max_new_tokens=48, do_sample=True, temperature=1.0, top_k=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    out = student.generate(
+        **enc,
+        max_new_tokens=48,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     width = enc["input_ids"].shape[1]
     attn = torch.cat([enc["attention_mask"], torch.ones_like(out[:, width:])], 1)
     resp = out[:, width:]

@@ -65,7 +65,9 @@ def run_dir_of(label: str) -> str:
 def run_one(label: str, name: str, options: dict, seed: int, steps: int, out: Path, ranks: int) -> Path:
     run_dir = out / run_dir_of(label) / f"seed{seed}"
     metrics = run_dir / "logs/metrics.jsonl"
-    if metrics.is_file() and any(json.loads(x).get("step") == steps and "eval_accuracy" in x for x in metrics.read_text().splitlines()):
+    if metrics.is_file() and any(
+        json.loads(x).get("step") == steps and "eval_accuracy" in x for x in metrics.read_text().splitlines()
+    ):
         return metrics
     guidance = label in GUIDED
     sets = {
@@ -144,7 +146,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "runs/compare")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs/RESULTS.md")
-    ap.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="seeds of the k/coverage ablation (default: --seeds)")
+    ap.add_argument(
+        "--ablation-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds of the k/coverage ablation (default: --seeds)",
+    )
     ap.add_argument("--ranks", type=int, default=1, help="CPU ranks per run (the global batch does not change)")
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side")
     ap.add_argument("--skip-ablation", action="store_true")
@@ -178,7 +186,8 @@ def main() -> None:
         lines += [
             f"## {title}",
             "",
-            "| run | held-out accuracy before (%) | after (%) | grad norm, mean | grad norm, max | trust fraction, mean | r p1, mean "
+            "| run | held-out accuracy before (%) | after (%) | grad norm, mean | grad norm, max | trust fraction, "
+            "mean | r p1, mean "
             "| response length, last 20 steps | student entropy, last 20 steps |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
@@ -186,8 +195,10 @@ def main() -> None:
             rs = results[label]
             lines.append(
                 f"| {label} | {fmt([r['before'] for r in rs], True)} | {fmt([r['after'] for r in rs], True)} | "
-                f"{fmt([r['grad_norm'] for r in rs])} | {fmt([r['grad_norm_max'] for r in rs])} | {fmt([r['trust'] for r in rs])} | "
-                f"{fmt([r['r_p1'] for r in rs])} | {fmt([r['response_len'] for r in rs])} | {fmt([r['entropy'] for r in rs])} |"
+                f"{fmt([r['grad_norm'] for r in rs])} | {fmt([r['grad_norm_max'] for r in rs])} | "
+                f"{fmt([r['trust'] for r in rs])} | "
+                f"{fmt([r['r_p1'] for r in rs])} | {fmt([r['response_len'] for r in rs])} | "
+                f"{fmt([r['entropy'] for r in rs])} |"
             )
         lines.append("")
     # Hand-written analysis below ANALYSIS in an existing file is kept.
@@ -206,7 +217,9 @@ def main() -> None:
     for label in RUNS:
         curves = [r["curve"] for r in results[label]]
         steps = [s for s, _ in curves[0]]
-        line = ax.plot(steps, [100 * statistics.mean(c[i][1] for c in curves) for i in range(len(steps))], marker="o", label=label)
+        line = ax.plot(
+            steps, [100 * statistics.mean(c[i][1] for c in curves) for i in range(len(steps))], marker="o", label=label
+        )
         lengths = [r["lengths"] for r in results[label]]
         n = min(len(x) for x in lengths)
         mean_len = [statistics.mean(x[i] for x in lengths) for i in range(n)]

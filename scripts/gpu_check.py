@@ -54,12 +54,24 @@ def run_config(out: Path, steps: int) -> Path:
     student_ds["optimizer"]["params"]["lr"] = "auto"  # the run config's optim.lr decides
     student_ds["tensorboard"]["output_path"] = str(out / "run/tensorboard")
     (out / "student_ds.json").write_text(json.dumps(student_ds, indent=1))
-    cfg["student"].update(ds_config=str(out / "student_ds.json"), dtype="bfloat16", path=str(ROOT / "demo_assets/student"))
-    cfg["teacher"].update(ds_config=str(ROOT / "ds_configs/teacher_zero3_offload_cpu.json"), dtype="bfloat16", path=str(ROOT / "demo_assets/teacher"))
+    cfg["student"].update(
+        ds_config=str(out / "student_ds.json"), dtype="bfloat16", path=str(ROOT / "demo_assets/student")
+    )
+    cfg["teacher"].update(
+        ds_config=str(ROOT / "ds_configs/teacher_zero3_offload_cpu.json"),
+        dtype="bfloat16",
+        path=str(ROOT / "demo_assets/teacher"),
+    )
     cfg["teacher"]["gather_params"] = False  # the offloaded teacher streams layer by layer, as a 70B one would
     cfg["data"].update(path=str(ROOT / "demo_assets/train.jsonl"), eval_path=str(ROOT / "demo_assets/eval.jsonl"))
     cfg["optim"].update(steps=steps, warmup_steps=2)
-    cfg["checkpoint"] = {"dir": str(out / "run/ckpt"), "every": steps, "keep_last": 1, "export_dir": str(out / "run/export"), "resume": False}
+    cfg["checkpoint"] = {
+        "dir": str(out / "run/ckpt"),
+        "every": steps,
+        "keep_last": 1,
+        "export_dir": str(out / "run/export"),
+        "resume": False,
+    }
     cfg["logging"] = {"dir": str(out / "run/logs"), "samples_every": 4, "progress": False}
     cfg["eval"] = {"every": 0, "max_prompts": 64, "max_new_tokens": 36}
     path = out / "gpu_run.yaml"
@@ -85,7 +97,14 @@ def summary(result: dict) -> str:
         lines += ["", "## Kernel benchmarks (bench_kernels.py --preset gpu)", "", bench]
     train = result.get("train_metrics")
     if train:
-        lines += ["", "## Short run (demo task, bf16 engines, NCCL, teacher offloaded to CPU)", "", "```", json.dumps(train, indent=1)[:3000], "```"]
+        lines += [
+            "",
+            "## Short run (demo task, bf16 engines, NCCL, teacher offloaded to CPU)",
+            "",
+            "```",
+            json.dumps(train, indent=1)[:3000],
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +122,11 @@ def main(argv=None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("TRITON_INTERPRET", None)
     result = {
         "device": torch.cuda.get_device_name(0),
@@ -113,14 +136,28 @@ def main(argv=None) -> int:
         "machine": platform.platform(),
     }
     if "kernels" not in skip:
-        result["kernels"] = step("kernels", [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_kernels.py"], out, 180, env)
+        result["kernels"] = step(
+            "kernels",
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_kernels.py"],
+            out,
+            180,
+            env,
+        )
     if "bench" not in skip:
-        result["bench"] = step("bench", [sys.executable, "scripts/bench_kernels.py", "--preset", "gpu", "--out", str(out / "bench")], out, 240, env)
+        result["bench"] = step(
+            "bench",
+            [sys.executable, "scripts/bench_kernels.py", "--preset", "gpu", "--out", str(out / "bench")],
+            out,
+            240,
+            env,
+        )
         table = out / "bench/RESULTS.md"
         result["bench_table"] = table.read_text() if table.is_file() else ""
     if "train" not in skip:
         config = run_config(out, args.steps)
-        result["train"] = step("train", [sys.executable, "-m", "tropd_ds.train", "--config", str(config)], out, 300, env)
+        result["train"] = step(
+            "train", [sys.executable, "-m", "tropd_ds.train", "--config", str(config)], out, 300, env
+        )
         metrics = out / "run/logs/metrics.jsonl"
         if metrics.is_file():
             recs = [json.loads(x) for x in metrics.read_text().splitlines()]

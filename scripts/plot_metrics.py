@@ -18,7 +18,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 PANELS = [
     ("accuracy.png", "held-out accuracy", [("eval_accuracy", "exact match")]),
     ("trust_fraction.png", "trust fraction (mean M over sampled tokens)", [("trust_fraction", "trust fraction")]),
-    ("log_ratio.png", "log-ratio r = lp_T - lp_S on sampled tokens", [("log_ratio_mean", "mean"), ("log_ratio_p10", "p10"), ("log_ratio_p1", "p1")]),
+    (
+        "log_ratio.png",
+        "log-ratio r = lp_T - lp_S on sampled tokens",
+        [("log_ratio_mean", "mean"), ("log_ratio_p10", "p10"), ("log_ratio_p1", "p1")],
+    ),
     ("grad_norm.png", "gradient norm", [("grad_norm", "grad norm")]),
 ]
 

@@ -24,7 +24,8 @@ from tropd_ds.config import load_config  # noqa: E402
 
 def preset_rows() -> list[str]:
     rows = [
-        "| preset | GPUs | teacher offload | peak GiB per GPU (phase) | host GiB per node | step s (rollout / teacher / update) | verdict |",
+        "| preset | GPUs | teacher offload | peak GiB per GPU (phase) | host GiB per node | step s (rollout / "
+        "teacher / update) | verdict |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in ("llama70b_to_llama8b", "qwen72b_to_qwen7b"):
@@ -36,8 +37,10 @@ def preset_rows() -> list[str]:
                 r = P.plan(P.load_arch(s), P.load_arch(t), P.Hardware(nodes=nodes), w)
                 st, g = r["step_seconds"], r["gpu_gib"]
                 rows.append(
-                    f"| {name}_{shape} | {8 * nodes} | {offload} | {g['total']:.1f} ({g['peak_phase']}) | {r['host_gib_per_node']['total']:.0f} | "
-                    f"{st['total']:.0f} ({st['rollout']:.0f} / {st['teacher_scoring']:.0f} / {st['update']:.0f}) | {'fits' if r['fits'] else 'no'} |"
+                    f"| {name}_{shape} | {8 * nodes} | {offload} | {g['total']:.1f} ({g['peak_phase']}) | "
+                    f"{r['host_gib_per_node']['total']:.0f} | "
+                    f"{st['total']:.0f} ({st['rollout']:.0f} / {st['teacher_scoring']:.0f} / {st['update']:.0f}) | "
+                    f"{'fits' if r['fits'] else 'no'} |"
                 )
     return rows
 
@@ -58,14 +61,17 @@ def largest(base: str, other: str, role: str, hw: P.Hardware, wl: P.Workload) ->
 def largest_rows() -> list[str]:
     wl = P.Workload(rollout_micro_batch=16)
     rows = [
-        "| GPUs (80 GB, 1 TiB host per node) | largest student beside Llama-3.1-70B | largest teacher beside Llama-3.1-8B (CPU offload) |",
+        "| GPUs (80 GB, 1 TiB host per node) | largest student beside Llama-3.1-70B | largest teacher beside "
+        "Llama-3.1-8B (CPU offload) |",
         "|---|---|---|",
     ]
     for nodes, gpn in ((1, 8), (2, 8), (4, 8)):
         hw = P.Hardware(gpus_per_node=gpn, nodes=nodes)
         s_b, s_l = largest("llama-3.1-8b", "llama-3.1-70b", "student", hw, wl)
         t_b, t_l = largest("llama-3.1-70b", "llama-3.1-8b", "teacher", hw, wl)
-        rows.append(f"| {nodes} x {gpn} | {s_b:.1f} B ({s_l} layers of d 4,096) | {t_b:.0f} B ({t_l} layers of d 8,192) |")
+        rows.append(
+            f"| {nodes} x {gpn} | {s_b:.1f} B ({s_l} layers of d 4,096) | {t_b:.0f} B ({t_l} layers of d 8,192) |"
+        )
     return rows
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 
-def build_biased_llama(out_dir: Path, tokenizer, biases: dict[int, float], eos_ids=None, generation: dict | None = None, hidden: int = 32):
+def build_biased_llama(
+    out_dir: Path, tokenizer, biases: dict[int, float], eos_ids=None, generation: dict | None = None, hidden: int = 32
+):
     """One residual dimension is held constant (embedding column 0 = 4, no layer writes to it), so after
     the final norm it is about sqrt(hidden) at every position; the lm_head reads only that dimension."""
     from transformers import AutoModelForCausalLM, GenerationConfig

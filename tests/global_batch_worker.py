@@ -13,11 +13,12 @@ import tropd_kernels as tk
 
 from tropd_ds.config import ModelConfig
 from tropd_ds.objectives import loss_fn
+from tropd_ds.process import exit_without_teardown
 from tropd_ds.rollout import RolloutTokens
-from tropd_ds.train import exit_without_teardown
 
 ROWS, MB, SEQ, K, LR = 4, 2, 12, 4, 0.5
-# (run name, objective, options, step, total steps): reopold at step 0 is its r-based stage, at step 1 of 1 its entropy stage
+# (run name, objective, options, step, total steps):
+# reopold at step 0 is its r-based stage, at step 1 of 1 its entropy stage
 RUNS = [
     ("opd", "opd", {}, 0, 1),
     ("tropd", "tropd", {"trust_mode": "expected", "beta": 0.1, "k": K}, 0, 1),
@@ -54,7 +55,8 @@ def main(model_dir: str, out_path: str) -> None:
     import deepspeed
 
     from tropd_ds import collectives, update
-    from tropd_ds.models import StudentTerms, load_causal_lm
+    from tropd_ds.models import load_causal_lm
+    from tropd_ds.update import StudentTerms
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = collectives.rank_world()
@@ -70,11 +72,15 @@ def main(model_dir: str, out_path: str) -> None:
     for name, objective_name, options, step, total in RUNS:
         lm, _keep = load_causal_lm(ModelConfig(path=model_dir), config)
         model = StudentTerms(lm, lm.config.vocab_size)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config
+        )
         tokens, teachers = rank_batch(rank, lm.config.vocab_size)
-        n = collectives.all_reduce([float((tokens.sampled | tokens.prefix).sum())])[0]
         objective = loss_fn(objective_name, **options)
-        update.update(engine, objective, tokens, teachers, MB, step, total, 1.0, float(n) / (world * ROWS // MB), torch.Generator().manual_seed(0))
+        options_at_step = objective.step_options(step, total, 1.0)
+        update.update(
+            engine, objective, tokens, teachers, MB, step, total, options_at_step, torch.Generator().manual_seed(0)
+        )
         params = {}
         for pname, p in engine.module.named_parameters():
             with deepspeed.zero.GatheredParameters([p]):

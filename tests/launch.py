@@ -39,7 +39,7 @@ def cpu_ranks(args: list[str], cwd, timeout: int = 900) -> subprocess.CompletedP
 def release_shm(port: int) -> None:
     """DeepSpeed's CPU all-reduce buffers of every rank of a finished launch (the trainer unlinks its
     own at exit; test workers and killed ranks do not): 66 MiB of /dev/shm each."""
-    from tropd_ds.train import release_cpu_shm_buffers
+    from tropd_ds.process import release_cpu_shm_buffers
 
     release_cpu_shm_buffers(str(port), "*")
 
@@ -49,13 +49,30 @@ def release_shm(port: int) -> None:
 
 def write_config(root: Path, name: str, **sections) -> Path:
     cfg = {
-        "student": {"path": str(root / "student"), "ds_config": str(ROOT / "ds_configs/cpu_student_zero3.json"), "micro_batch_size": 2},
-        "teacher": {"path": str(root / "teacher"), "ds_config": str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json"), "micro_batch_size": 4},
-        "data": {"path": str(root / "data/train.jsonl"), "eval_path": str(root / "data/eval.jsonl"), "max_prompt_tokens": 32},
+        "student": {
+            "path": str(root / "student"),
+            "ds_config": str(ROOT / "ds_configs/cpu_student_zero3.json"),
+            "micro_batch_size": 2,
+        },
+        "teacher": {
+            "path": str(root / "teacher"),
+            "ds_config": str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json"),
+            "micro_batch_size": 4,
+        },
+        "data": {
+            "path": str(root / "data/train.jsonl"),
+            "eval_path": str(root / "data/eval.jsonl"),
+            "max_prompt_tokens": 32,
+        },
         "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 12, "guidance": True},
         "objective": {"name": "tropd", "options": {"k": 8}},
         "optim": {"steps": 6, "lr": 1e-3},
-        "checkpoint": {"dir": str(root / name / "ckpt"), "every": 3, "keep_last": 2, "export_dir": str(root / name / "export")},
+        "checkpoint": {
+            "dir": str(root / name / "ckpt"),
+            "every": 3,
+            "keep_last": 2,
+            "export_dir": str(root / name / "export"),
+        },
         "logging": {"dir": str(root / name / "logs"), "samples_every": 2, "progress": True},
         "eval": {"max_prompts": 8, "max_new_tokens": 12},
     }

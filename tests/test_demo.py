@@ -45,7 +45,13 @@ def test_shortened_demo_runs_end_to_end_and_plots(tmp_path):
     proc = cpu_ranks(args, cwd=tmp_path)
     assert "held-out accuracy:" in proc.stdout and (tmp_path / "export/model.safetensors").is_file()
     plots = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/plot_metrics.py"), str(tmp_path / "logs/metrics.jsonl"), "--out", str(tmp_path / "plots")],
+        [
+            sys.executable,
+            str(ROOT / "scripts/plot_metrics.py"),
+            str(tmp_path / "logs/metrics.jsonl"),
+            "--out",
+            str(tmp_path / "plots"),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -84,7 +90,9 @@ def test_plain_opd_on_the_demo_does_not_learn_to_emit_pad(tmp_path):
         args += ["--set", f"{k}={v}"]
     cpu_ranks(args, cwd=tmp_path)
     steps = [json.loads(x) for x in (tmp_path / "logs/metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    assert len(steps) == 60 and all(r["sampled_pad_fraction"] < 0.02 for r in steps[-10:]), [r["sampled_pad_fraction"] for r in steps[-10:]]
+    assert len(steps) == 60 and all(r["sampled_pad_fraction"] < 0.02 for r in steps[-10:]), [
+        r["sampled_pad_fraction"] for r in steps[-10:]
+    ]
     assert steps[-1]["response_len"] > 10  # answers keep their length
 
     lm = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
@@ -93,6 +101,8 @@ def test_plain_opd_on_the_demo_does_not_learn_to_emit_pad(tmp_path):
     prompts = [Prompt(i, tok(r["prompt"])["input_ids"], None, None) for i, r in enumerate(rows)]
     engine = rollout.GenerateRollout(lm, tok.pad_token_id, rollout.end_token_ids(tok, lm), gather=False)
     torch.manual_seed(0)
-    tokens = rollout.sample(engine, prompts, [[]] * len(prompts), SamplingConfig(max_new_tokens=36, temperature=1.0), "cpu")
+    tokens = rollout.sample(
+        engine, prompts, [[]] * len(prompts), SamplingConfig(max_new_tokens=36, temperature=1.0), "cpu"
+    )
     seen = tokens.input_ids[:, 1:][tokens.sampled]
     assert float((seen == tok.pad_token_id).float().mean()) < 0.02

@@ -23,7 +23,10 @@ def dry(capsys, config: Path, *args: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize(
     "preset,world,params",
-    [("llama70b_to_llama8b_1x8.yaml", 8, ("8.03 B", "70.55 B")), ("qwen72b_to_qwen7b_2x8.yaml", 16, ("7.62 B", "72.71 B"))],
+    [
+        ("llama70b_to_llama8b_1x8.yaml", 8, ("8.03 B", "70.55 B")),
+        ("qwen72b_to_qwen7b_2x8.yaml", 16, ("7.62 B", "72.71 B")),
+    ],
 )
 def test_presets_check_out_on_the_meta_device_in_seconds(capsys, preset, world, params):
     start = time.perf_counter()
@@ -60,8 +63,15 @@ def test_deepspeed_rejects_a_bad_engine_config_in_the_dry_run(capsys, tmp_path):
     bad["zero_optimization"]["stage3_prefetch_bucket_size"] = "large"
     path = tmp_path / "teacher.json"
     path.write_text(json.dumps(bad))
-    code, out, err = dry(capsys, PRESETS / "llama70b_to_llama8b_1x8.yaml", "--world-size", "8", "--set", f"teacher.ds_config={path}")
-    assert code == 2 and "teacher.ds_config=" in err and "DeepSpeed rejects it" in err and "stage3_prefetch_bucket_size" in err, err
+    code, out, err = dry(
+        capsys, PRESETS / "llama70b_to_llama8b_1x8.yaml", "--world-size", "8", "--set", f"teacher.ds_config={path}"
+    )
+    assert (
+        code == 2
+        and "teacher.ds_config=" in err
+        and "DeepSpeed rejects it" in err
+        and "stage3_prefetch_bucket_size" in err
+    ), err
 
 
 def test_training_on_config_only_folders_says_weights_are_missing(capsys):

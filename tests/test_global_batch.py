@@ -19,8 +19,8 @@ def reference(model_dir: str, objective_name: str, options: dict, step: int, tot
     import tropd_kernels as tk
     from transformers import AutoModelForCausalLM
 
-    from tropd_ds.models import StudentTerms
     from tropd_ds.objectives import loss_fn
+    from tropd_ds.update import StudentTerms
 
     lm = AutoModelForCausalLM.from_pretrained(model_dir)
     model = StudentTerms(lm, lm.config.vocab_size)
@@ -33,9 +33,11 @@ def reference(model_dir: str, objective_name: str, options: dict, step: int, tot
     teacher = tk.TeacherTopK(*(torch.cat(x) for x in zip(*[t for b in batches for t in b[1]])))
     select = sampled | prefix
     objective = loss_fn(objective_name, **options)
-    opts = objective.kernel_options(step, total)
-    terms = tk.TokenTerms(*model(ids, mask, select, *teacher, 1.0, opts["fkl_mode"], opts["logprob_floor"], opts["fkl_cover"]))
-    loss = objective(terms, teacher, sampled[select], prefix[select], step, total, torch.Generator().manual_seed(0)).loss
+    opts = objective.step_options(step, total, 1.0)
+    terms = model(ids, mask, select, teacher, options=opts.kernel)
+    loss = objective(
+        terms, teacher, sampled[select], prefix[select], step, total, torch.Generator().manual_seed(0)
+    ).loss
     loss.backward()
     opt.step()
     return {name: p.detach() for name, p in model.named_parameters()}

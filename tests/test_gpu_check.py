@@ -15,7 +15,7 @@ def test_gpu_run_config_passes_the_trainer_checks(tmp_path):
     import gpu_check
 
     from tropd_ds.config import load_config
-    from tropd_ds.train import validate_before_engines
+    from tropd_ds.preflight import validate_before_engines
 
     cfg = load_config(gpu_check.run_config(tmp_path, 12))
     assert cfg.student.dtype == cfg.teacher.dtype == "bfloat16" and cfg.optim.steps == 12
@@ -27,5 +27,7 @@ def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
 
     if torch.cuda.is_available():
         return
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--out", str(tmp_path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/gpu_check.py"), "--out", str(tmp_path)], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr

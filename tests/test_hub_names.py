@@ -34,7 +34,9 @@ def test_hub_ids_resolve_from_an_offline_cache(tmp_path):
     tok = build_tokenizer()
     build_llama(tmp_path / "files/model", tok, hidden=32, layers=1, heads=2, mlp=64)
     (tmp_path / "files/data").mkdir(parents=True)
-    (tmp_path / "files/data/train.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    (tmp_path / "files/data/train.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(8))
+    )
     hub = tmp_path / "hub"
     cache_repo(hub, "model", "tiny-org/tiny-llama", tmp_path / "files/model")
     cache_repo(hub, "dataset", "tiny-org/tiny-sums", tmp_path / "files/data")
@@ -42,8 +44,14 @@ def test_hub_ids_resolve_from_an_offline_cache(tmp_path):
     config.write_text(
         json.dumps(
             {
-                "student": {"path": "tiny-org/tiny-llama", "ds_config": str(ROOT / "ds_configs/cpu_student_zero3.json")},
-                "teacher": {"path": "tiny-org/tiny-llama", "ds_config": str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json")},
+                "student": {
+                    "path": "tiny-org/tiny-llama",
+                    "ds_config": str(ROOT / "ds_configs/cpu_student_zero3.json"),
+                },
+                "teacher": {
+                    "path": "tiny-org/tiny-llama",
+                    "ds_config": str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json"),
+                },
                 "data": {"path": "tiny-org/tiny-sums", "eval_path": "tiny-org/tiny-sums"},
                 "rollout": {"guidance": False, "prompts_per_step": 4, "samples_per_prompt": 1},
                 "objective": {"name": "opd", "options": {}},
@@ -55,10 +63,16 @@ def test_hub_ids_resolve_from_an_offline_cache(tmp_path):
     assert Path(cfg.checkpoint.dir).is_absolute()  # outputs still resolve against the config
     missing = tmp_path / "missing.yaml"
     missing.write_text(config.read_text().replace("tiny-org/tiny-llama", "tiny-org/absent", 1))
-    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(hub),
+        "HF_HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
     code = f"""
 from tropd_ds.config import ConfigError, load_config
-from tropd_ds.train import validate_before_engines
+from tropd_ds.preflight import validate_before_engines
 tok, n, rows, ev, obj = validate_before_engines(load_config({str(config)!r}), world=1)
 print(n, len(rows), rows.column_names)
 try:
@@ -69,7 +83,10 @@ except ConfigError as exc:
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[0] == str(len(tok)) and "8" in proc.stdout and "prompt" in proc.stdout
-    assert "ERROR student.path='tiny-org/absent' is not a local folder" in proc.stdout and "HF_HUB_OFFLINE=1" in proc.stdout
+    assert (
+        "ERROR student.path='tiny-org/absent' is not a local folder" in proc.stdout
+        and "HF_HUB_OFFLINE=1" in proc.stdout
+    )
 
 
 def test_a_relative_path_next_to_the_config_stays_a_path(tmp_path):

@@ -9,15 +9,34 @@ import torch
 
 from tropd_ds.config import ConfigError
 from tropd_ds.demo_task import build_tokenizer
-from tropd_ds.models import StudentTerms, TeacherScorer, check_logit_transforms, logit_parity
+from tropd_ds.models import check_logit_transforms
+from tropd_ds.preflight import logit_parity
+from tropd_ds.scoring import TeacherScorer
+from tropd_ds.update import StudentTerms
 
 TOK = build_tokenizer()
 
 
 def tiny(kind: str, **extra):
-    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
-    common = dict(vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    common = dict(
+        vocab_size=len(TOK),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     classes = {
         "llama": (LlamaConfig, LlamaForCausalLM, {}),
         "cohere": (CohereConfig, CohereForCausalLM, {"logit_scale": 0.0625}),
@@ -59,23 +78,23 @@ def test_soft_capped_models_are_refused_naming_the_field(tmp_path):
     check_logit_transforms(str(tmp_path / "cohere"), "student")  # scaling is applied: accepted
 
 
-def test_a_mismatch_stops_the_run_before_step_1_with_the_figures(capsys):
+def test_a_mismatch_stops_the_run_before_step_1_with_the_figures():
     from types import SimpleNamespace
 
     import datasets
 
     from tropd_ds.config import RunConfig
-    from tropd_ds.data import PromptStream
-    from tropd_ds.train import check_logit_parity
+    from tropd_ds.preflight import check_logit_parity
 
     rows = datasets.Dataset.from_list([{"prompt": "7+8-3=", "teacher_response": "7+8=15;15-3=12;#12"}])
-    stream = PromptStream(rows, TOK, 1, 0, 1, 0, 32, "truncate")
     lm = tiny("cohere")
     student, teacher = StudentTerms(lm, len(TOK)), TeacherScorer(lm, len(TOK))
     engines = SimpleNamespace(module=student), SimpleNamespace(module=teacher)
-    assert check_logit_parity(RunConfig(), *engines, stream, torch.device("cpu"), 0)
+    logged = []
+    assert check_logit_parity(RunConfig(), *engines, rows, TOK, torch.device("cpu"), logged.append)
+    assert logged == []
     student.logit_scale = 1.0
-    assert not check_logit_parity(RunConfig(), *engines, stream, torch.device("cpu"), 0)
-    out = capsys.readouterr().out
+    assert not check_logit_parity(RunConfig(), *engines, rows, TOK, torch.device("cpu"), logged.append)
+    out = "\n".join(logged)
     assert "student log-probs from the vocabulary kernels differ from the model's own forward by up to" in out
-    assert "teacher log-probs" not in out and stream.truncated == 0
+    assert "teacher log-probs" not in out

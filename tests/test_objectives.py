@@ -8,7 +8,8 @@ import pytest
 import torch
 import tropd_kernels as tk
 
-from tropd_ds.objectives import OBJECTIVES, draw_prefix_len, loss_fn, max_prefix_len
+from tropd_ds.objectives import OBJECTIVES, StepOptions, loss_fn
+from tropd_ds.rollout import draw_prefix_len, max_prefix_len
 
 
 def hand_case(n=12, seed=0, all_trusted=False):
@@ -34,7 +35,9 @@ def hand_case(n=12, seed=0, all_trusted=False):
 
 def grads(out, terms):
     lp, fkl = torch.autograd.grad(out.loss, [terms.logprob, terms.fkl], allow_unused=True)
-    return (torch.zeros_like(terms.logprob) if lp is None else lp), (torch.zeros_like(terms.fkl) if fkl is None else fkl)
+    return (torch.zeros_like(terms.logprob) if lp is None else lp), (
+        torch.zeros_like(terms.fkl) if fkl is None else fkl
+    )
 
 
 def test_tropd_with_every_token_trusted_equals_opd():
@@ -86,7 +89,9 @@ def test_outlier_fkl_gradient_equals_autograd_on_the_formula():
     z = student.clone().requires_grad_()
     terms = tk.token_terms(z, targets, teacher, logprob_floor=-10.0)
     sampled, prefix = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
-    out = loss_fn("tropd", trust_mode="threshold", trust_tau=1.0, logprob_floor=-10.0)(terms, teacher, sampled, prefix, 0, 1)
+    out = loss_fn("tropd", trust_mode="threshold", trust_tau=1.0, logprob_floor=-10.0)(
+        terms, teacher, sampled, prefix, 0, 1
+    )
     assert out.metrics["trust_fraction"] == 0.0
     out.loss.backward()
     # the formula, written out: sum_{v in K} q (log q - max(lp_S(v), floor)), token mean
@@ -127,7 +132,7 @@ def test_eopd_adds_fkl_only_where_teacher_entropy_exceeds_threshold():
     torch.testing.assert_close(eopd.loss - opd.loss, terms.fkl[gate].sum() / len(gate))
     _, g_fkl = grads(eopd, terms)
     assert torch.all((g_fkl != 0) == gate)
-    assert loss_fn("eopd").kernel_options() == dict(k=16, fkl_mode="renorm", logprob_floor=None, fkl_cover=None)
+    assert loss_fn("eopd").step_options() == StepOptions(16, tk.KernelOptions(1.0, "renorm", None, None))
 
 
 def test_reopold_changes_its_token_selection_at_the_switch_step():
@@ -162,7 +167,7 @@ def test_fkl_topk_with_tail_mode_is_never_negative():
     teacher = tk.teacher_topk(teacher_logits, targets, 8)
     obj = loss_fn("fkl_topk", fkl_mode="tail", k=8)
     for scale in (0.5, 1.5, 3.0):  # students flatter and sharper than the teacher
-        terms = tk.token_terms(teacher_logits * scale, targets, teacher, **{k: v for k, v in obj.kernel_options().items() if k != "k"})
+        terms = tk.token_terms(teacher_logits * scale, targets, teacher, options=obj.step_options().kernel)
         assert terms.fkl.min() >= -1e-6
         out = obj(terms, teacher, torch.ones(30, dtype=torch.bool), torch.zeros(30, dtype=torch.bool), 0, 1)
         assert out.loss >= 0
@@ -177,7 +182,9 @@ def test_guidance_tokens_receive_exactly_beta_times_minus_logprob():
     g_lp, g_fkl = grads(out, terms)
     torch.testing.assert_close(g_lp[:4], torch.full((4,), -0.01 / 10))
     assert torch.all(g_fkl[:4] == 0)  # no FKL, no trust mask on prefix tokens
-    torch.testing.assert_close(torch.tensor(out.metrics["loss_guidance"]), (0.01 * -terms.logprob[:4]).sum().detach() / 10)
+    torch.testing.assert_close(
+        torch.tensor(out.metrics["loss_guidance"]), (0.01 * -terms.logprob[:4]).sum().detach() / 10
+    )
 
 
 @pytest.mark.parametrize("name", OBJECTIVES)
@@ -226,13 +233,13 @@ def test_ppo_ratio_with_old_logprobs_equal_to_current_gives_the_plain_gradient()
 
 def test_k_and_coverage_schedules():
     obj = loss_fn("tropd", k=64, k_end=16, fkl_cover=0.9, cover_end=0.5)
-    assert obj.kernel_options(0, 100)["k"] == 64 and obj.kernel_options(100, 100)["k"] == 16
-    assert obj.kernel_options(50, 100)["fkl_cover"] == pytest.approx(0.7)
+    assert obj.step_options(0, 100).k == 64 and obj.step_options(100, 100).k == 16
+    assert obj.step_options(50, 100).kernel.fkl_cover == pytest.approx(0.7)
 
 
 def test_objectives_without_a_topk_term_ask_the_teacher_for_k_1():
     for name in ("opd", "mask_outlier", "clip_outlier", "reopold", "entropy_opd"):
-        assert loss_fn(name).kernel_options()["k"] == 1 and loss_fn(name).max_k() == 1
+        assert loss_fn(name).step_options().k == 1 and loss_fn(name).max_k() == 1
     assert loss_fn("tropd").max_k() == 64 and loss_fn("tropd", k=8, k_end=32).max_k() == 32
     assert loss_fn("eopd").max_k() == 16
 

@@ -25,7 +25,9 @@ def test_parameter_counts_equal_the_model_built_on_the_meta_device(name):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ROOT / "configs/models" / name))
     assert arch.params() == sum(p.numel() for p in model.parameters())
-    assert arch.largest_layer_params() == max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    assert arch.largest_layer_params() == max(
+        sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()
+    )
     assert round(arch.params() / 1e9, 2) == PUBLISHED_B[name]
 
 
@@ -51,13 +53,17 @@ def test_model_states_agree_with_deepspeeds_estimator_within_5_percent(name, gpu
 
 
 def run_plan(*args):
-    return subprocess.run([sys.executable, "-m", "tropd_ds.cli", "plan", *args], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "tropd_ds.cli", "plan", *args], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 def test_plan_cli_prints_the_budget_and_json_and_exit_status_says_whether_it_fits():
     base = ["--student", "llama-3.1-8b", "--teacher", "llama-3.1-70b", "--response-len", "8096"]
     whole = run_plan(*base, "--rollout-micro-batch", "0")
-    assert whole.returncode == 1 and "DOES NOT FIT" in whole.stdout and "KV cache" in whole.stdout, whole.stdout + whole.stderr
+    assert whole.returncode == 1 and "DOES NOT FIT" in whole.stdout and "KV cache" in whole.stdout, (
+        whole.stdout + whole.stderr
+    )
     chunked = run_plan(*base, "--rollout-micro-batch", "16", "--json")
     assert chunked.returncode == 0, chunked.stdout + chunked.stderr
     r = json.loads(chunked.stdout)
@@ -79,7 +85,11 @@ def test_plan_reads_a_run_config():
     r = run_plan("--config", str(ROOT / "configs/presets/llama70b_to_llama8b_1x8.yaml"), "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
-    assert out["workload"]["k"] == 64 and out["workload"]["teacher_offload"] == "cpu" and out["workload"]["gradient_checkpointing"]
+    assert (
+        out["workload"]["k"] == 64
+        and out["workload"]["teacher_offload"] == "cpu"
+        and out["workload"]["gradient_checkpointing"]
+    )
     assert out["teacher"]["params"] == P.load_arch("llama-3.1-70b").params()
 
 

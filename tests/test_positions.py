@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from tropd_ds.demo_task import build_tokenizer
-from tropd_ds.models import StudentTerms, TeacherScorer
+from tropd_ds.scoring import TeacherScorer
+from tropd_ds.update import StudentTerms
 
 
 def tiny_gpt2(vocab: int):
@@ -36,9 +37,15 @@ def test_left_padded_rows_score_as_unpadded_with_absolute_positions():
     torch.testing.assert_close(got.target_logprob, want.target_logprob, rtol=1e-5, atol=1e-6)
 
     student = StudentTerms(lm, len(tok))
-    a = tk.TokenTerms(*student(padded, mask, select_p, *want, 1.0, "paper", None, None))
-    b = tk.TokenTerms(*student(alone, torch.ones_like(alone), select_a, *want, 1.0, "paper", None, None))
+    a = student(padded, mask, select_p, want, options=tk.KernelOptions())
+    b = student(alone, torch.ones_like(alone), select_a, want, options=tk.KernelOptions())
     torch.testing.assert_close(a.logprob, b.logprob, rtol=1e-5, atol=1e-6)
     # without positions from the mask the padded row would be shifted by 5 positions: the test can fail
-    shifted = lm(padded, attention_mask=mask).logits[0, pads:-1].log_softmax(-1).gather(-1, torch.tensor(row[1:])[:, None]).squeeze(1)
+    shifted = (
+        lm(padded, attention_mask=mask)
+        .logits[0, pads:-1]
+        .log_softmax(-1)
+        .gather(-1, torch.tensor(row[1:])[:, None])
+        .squeeze(1)
+    )
     assert not torch.allclose(shifted, want.target_logprob, atol=1e-3)

@@ -44,17 +44,31 @@ def _release_shm_of_started_runs():
 
 def start(config: Path, env: dict | None = None) -> subprocess.Popen:
     PORTS.append(free_port())
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(PORTS[-1]), "--module", "tropd_ds.train", "--config", str(config)]
+    cmd = [
+        DEEPSPEED,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(PORTS[-1]),
+        "--module",
+        "tropd_ds.train",
+        "--config",
+        str(config),
+    ]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     full_env.pop("TRITON_INTERPRET", None)
-    return subprocess.Popen(cmd, cwd=config.parent, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, cwd=config.parent, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     path = run_dir / "logs/metrics.jsonl"
     while time.time() < deadline:
-        if path.is_file() and any(f'"step": {step},' in line and '"loss"' in line for line in path.read_text().splitlines()):
+        if path.is_file() and any(
+            f'"step": {step},' in line and '"loss"' in line for line in path.read_text().splitlines()
+        ):
             return
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.2)
@@ -80,7 +94,10 @@ def test_sigkill_of_one_rank_then_the_same_command_resumes_exactly(workspace, fu
     assert "at step 3" in relaunch.stdout
     assert_same_steps(workspace / "killed", full_run[0], (4, 5, 6))
     # the steps the killed run logged after its checkpoint were set aside, not lost
-    assert any(json.loads(x)["step"] >= 4 for x in (workspace / "killed/logs/metrics.rolled_back.jsonl").read_text().splitlines())
+    assert any(
+        json.loads(x)["step"] >= 4
+        for x in (workspace / "killed/logs/metrics.rolled_back.jsonl").read_text().splitlines()
+    )
 
 
 @pytest.mark.parametrize("sig,rank", [(signal.SIGTERM, 1), (signal.SIGINT, 0)], ids=["SIGTERM-rank1", "SIGINT-rank0"])
@@ -120,9 +137,13 @@ def small_disk(tmp_path):
     root (CI runs as root); elsewhere the test is skipped and says why."""
     mount = tmp_path / "small_disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}); the injected ENOSPC tests cover the write path")
+        pytest.skip(
+            f"cannot mount a small tmpfs here ({done.stderr.strip()}); the injected ENOSPC tests cover the write path"
+        )
     yield mount
     subprocess.run(["umount", str(mount)], capture_output=True)
 
@@ -140,7 +161,10 @@ def test_a_disk_without_room_for_the_next_checkpoint_is_refused_before_writing(w
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, out[-3000:]  # each rank exits 3; the launcher reports whichever rank it saw last
     size = sum(f["bytes"] for f in json.loads((ckpt / "step3/manifest.json").read_text())["files"].values())
-    assert f"not enough space to save checkpoint step6 in {ckpt}: it needs about {size / 2**20:.1f} MiB (the size of step3)" in out, out[-3000:]
+    assert (
+        f"not enough space to save checkpoint step6 in {ckpt}: it needs about {size / 2**20:.1f} MiB (the size of "
+        "step3)" in out
+    ), out[-3000:]
     assert "MiB are free; nothing was written and the previous checkpoint" in out and "step3 is intact" in out
     assert "lower checkpoint.keep_last (now 2" in out
     assert_only_step3(ckpt)
@@ -148,7 +172,11 @@ def test_a_disk_without_room_for_the_next_checkpoint_is_refused_before_writing(w
 
 @pytest.mark.parametrize(
     "fault,where",
-    [("disk_full_in_save@6:r1", " on rank 1"), ("disk_full_in_deepspeed_save@6:r0", " on rank 0"), ("disk_full_in_save@6", " on rank ")],
+    [
+        ("disk_full_in_save@6:r1", " on rank 1"),
+        ("disk_full_in_deepspeed_save@6:r0", " on rank 0"),
+        ("disk_full_in_save@6", " on rank "),
+    ],
     ids=["rank1-alone", "rank0-inside-deepspeed", "every-rank"],
 )
 def test_a_failed_write_is_a_clear_error_and_the_previous_checkpoint_stays_intact(workspace, fault, where):
@@ -184,14 +212,21 @@ def test_a_corrupted_checkpoint_is_detected_and_resume_takes_the_previous_one(wo
     shutil.copytree(full_run[0] / "ckpt", broken)
     for folder in broken.glob("step*"):
         (folder / "rng_rank0.pt").write_bytes(b"flipped")
-    with pytest.raises(checkpoint.CheckpointError, match=r"every checkpoint in .* is damaged: step6 \(rng_rank0.pt has 7 bytes"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"every checkpoint in .* is damaged: step6 \(rng_rank0.pt has 7 bytes"
+    ):
         checkpoint.resume(None, str(broken), log=lambda m: None)
 
 
 def test_non_finite_steps_are_skipped_without_changing_parameters_and_too_many_stop_the_run(workspace):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    config = write_config(workspace, "nonfinite", checkpoint={"every": 1, "keep_last": 0}, optim={"steps": 6, "lr": 1e-3, "max_bad_steps": 2})
+    config = write_config(
+        workspace,
+        "nonfinite",
+        checkpoint={"every": 1, "keep_last": 0},
+        optim={"steps": 6, "lr": 1e-3, "max_bad_steps": 2},
+    )
     proc = start(config, {"TROPD_DS_FAULT": "nan_loss@2,nan_loss@4,nan_loss@5"})
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0
@@ -227,11 +262,14 @@ def test_out_of_range_values_name_the_value_and_what_is_accepted(workspace, over
 
 
 def test_deepspeed_configs_that_contradict_the_run_config_are_refused(workspace, tmp_path):
-    from tropd_ds.train import validate_before_engines
+    from tropd_ds.preflight import validate_before_engines
 
     base = json.loads((ROOT / "ds_configs/cpu_student_zero3.json").read_text())
     cases = [
-        ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu=4 contradicts the run config, which implies 2"),
+        (
+            {"train_micro_batch_size_per_gpu": 4},
+            "train_micro_batch_size_per_gpu=4 contradicts the run config, which implies 2",
+        ),
         ({"bf16": {"enabled": True}}, "enables bf16 but student.dtype='float32'"),
         ({"gradient_clipping": 5.0}, "gradient_clipping=5.0 contradicts optim.grad_clip=1.0"),
         ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage=2: expected 3"),
@@ -245,14 +283,16 @@ def test_deepspeed_configs_that_contradict_the_run_config_are_refused(workspace,
 
 
 def test_an_embedding_table_smaller_than_the_shared_tokenizer_is_refused(workspace, tmp_path):
-    from tropd_ds.train import validate_before_engines
+    from tropd_ds.preflight import validate_before_engines
 
     small = tmp_path / "student_small"
     shutil.copytree(workspace / "student", small)
     cfg = json.loads((small / "config.json").read_text())
     cfg["vocab_size"] = 10
     (small / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=r"student embedding has 10 rows but the shared tokenizer has 18 tokens: expected at least 18"):
+    with pytest.raises(
+        ConfigError, match=r"student embedding has 10 rows but the shared tokenizer has 18 tokens: expected at least 18"
+    ):
         validate_before_engines(load_config(write_config(workspace, "small_vocab"), [f"student.path={small}"]))
 
 
@@ -270,22 +310,24 @@ def test_the_space_needed_by_a_first_checkpoint_is_a_floor_of_its_real_size(work
     assert checkpoint.needed_bytes(None, [ckpt]) == (real, "the size of step3")
 
 
-def test_a_lock_left_by_an_interrupted_op_build_is_reported_with_the_command_that_frees_the_launch(tmp_path, monkeypatch, capsys):
-    from tropd_ds import train
+def test_a_lock_left_by_an_interrupted_op_build_is_reported_with_the_command_that_frees_the_launch(
+    tmp_path, monkeypatch, capsys
+):
+    from tropd_ds import process
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("RANK", "0")
     lock = tmp_path / "py311_cpu/deepspeed_shm_comm/lock"
     lock.parent.mkdir(parents=True)
-    with train.watch_extension_locks(every_s=0.05, patience=2):
+    with process.watch_extension_locks(every_s=0.05, patience=2):
         time.sleep(0.5)
     assert capsys.readouterr().out == ""  # no lock, no message
     lock.touch()
-    assert train.stale_extension_locks() == [lock]
-    with train.watch_extension_locks(every_s=0.05, patience=2):
+    assert process.stale_extension_locks() == [lock]
+    with process.watch_extension_locks(every_s=0.05, patience=2):
         time.sleep(0.5)
     out = capsys.readouterr().out
     assert f"waiting on {lock}: no compiler is running" in out and f"(rm {lock})" in out
     assert out.count("waiting on") == 1  # said once
-    monkeypatch.setattr(train, "COMPILERS", train.COMPILERS | {psutil.Process().name()})  # a build in progress
-    assert train.stale_extension_locks() == []
+    monkeypatch.setattr(process, "COMPILERS", process.COMPILERS | {psutil.Process().name()})  # a build in progress
+    assert process.stale_extension_locks() == []

@@ -21,7 +21,9 @@ TEXTS = ("3+4=", "12-5+1=", "9=", "1+1+1+1+1=", "7-2=", "8-8=", "5+5=", "6=")
 
 def prompts(n=None):
     n = len(TEXTS) if n is None else n
-    return [Prompt(index=i, ids=TOK(TEXTS[i % len(TEXTS)])["input_ids"], response_ids=None, answer=None) for i in range(n)]
+    return [
+        Prompt(index=i, ids=TOK(TEXTS[i % len(TEXTS)])["input_ids"], response_ids=None, answer=None) for i in range(n)
+    ]
 
 
 def load(path):
@@ -97,11 +99,23 @@ def test_prefix_plus_continuation_within_budget_and_ended_prefixes(tmp_path):
     lm = build_biased_llama(tmp_path / "m", TOK, {EOS: -30.0})
     engine = engine_for(lm)
     ps = prompts(5)
-    prefixes = [[], TOK("3")["input_ids"], TOK("7;4;1")["input_ids"], TOK("1;")["input_ids"] + [EOS], TOK("12345678")["input_ids"]]
+    prefixes = [
+        [],
+        TOK("3")["input_ids"],
+        TOK("7;4;1")["input_ids"],
+        TOK("1;")["input_ids"] + [EOS],
+        TOK("12345678")["input_ids"],
+    ]
     tokens = rollout.sample(engine, ps, prefixes, SamplingConfig(max_new_tokens=8), "cpu")
     total = (tokens.sampled | tokens.prefix).sum(1).tolist()
     assert tokens.prefix.sum(1).tolist() == [len(p) for p in prefixes]
-    assert tokens.sampled.sum(1).tolist() == [8, 7, 3, 0, 0]  # the ended prefix samples nothing; a full prefix leaves no room
+    assert tokens.sampled.sum(1).tolist() == [
+        8,
+        7,
+        3,
+        0,
+        0,
+    ]  # the ended prefix samples nothing; a full prefix leaves no room
     assert max(total) <= 8 + 0 * 1 and total == [8, 8, 8, 3, 8]
 
 
@@ -112,16 +126,27 @@ def test_model_generation_config_does_not_reshape_sampling(tmp_path):
         TOK,
         {PAD: 0.5, SEMI: 1.0, EOS: -1.0},
         eos_ids=EOS,
-        generation={"do_sample": True, "repetition_penalty": 2.0, "top_k": 3, "no_repeat_ngram_size": 2, "suppress_tokens": [SEMI], "bad_words_ids": [[PAD]]},
+        generation={
+            "do_sample": True,
+            "repetition_penalty": 2.0,
+            "top_k": 3,
+            "no_repeat_ngram_size": 2,
+            "suppress_tokens": [SEMI],
+            "bad_words_ids": [[PAD]],
+        },
     )
     assert load(tmp_path / "shaped").generation_config.top_k == 3
     runs = []
     for lm in (plain, load(tmp_path / "shaped")):
         torch.manual_seed(7)
-        runs.append(rollout.sample(engine_for(lm), prompts(), [[]] * len(TEXTS), SamplingConfig(max_new_tokens=20), "cpu"))
+        runs.append(
+            rollout.sample(engine_for(lm), prompts(), [[]] * len(TEXTS), SamplingConfig(max_new_tokens=20), "cpu")
+        )
     assert torch.equal(runs[0].input_ids, runs[1].input_ids)
     seen = runs[1].input_ids[:, 1:][runs[1].sampled]
-    assert len(set(seen.tolist())) > 3 and SEMI in seen and PAD in seen  # not top-3, suppressed and "bad" tokens sampled
+    assert (
+        len(set(seen.tolist())) > 3 and SEMI in seen and PAD in seen
+    )  # not top-3, suppressed and "bad" tokens sampled
     assert shaped.generation_config.repetition_penalty == 2.0  # restored after generating
 
 
@@ -157,7 +182,9 @@ def test_generate_rollout_request_with_samples_per_prompt(tmp_path):
     lm = build_biased_llama(tmp_path / "m", TOK, {EOS: 0.0})
     ids, mask = rollout.left_pad([p.ids for p in prompts(3)], PAD, "cpu")
     batch = engine_for(lm).generate(RolloutRequest(ids, mask), SamplingConfig(max_new_tokens=5, n_samples_per_prompt=2))
-    assert batch.input_ids.shape[0] == 6 and torch.equal(batch.input_ids[0, : ids.shape[1]], batch.input_ids[1, : ids.shape[1]])
+    assert batch.input_ids.shape[0] == 6 and torch.equal(
+        batch.input_ids[0, : ids.shape[1]], batch.input_ids[1, : ids.shape[1]]
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -171,7 +198,16 @@ def test_sampling_loop_draws_what_generate_draws(tmp_path, arch, temperature, to
         build_llama(tmp_path / "m", TOK, hidden=32, layers=2, heads=2, mlp=64, seed=11)
     else:
         torch.manual_seed(11)
-        config = GPT2Config(vocab_size=len(TOK), n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
+        config = GPT2Config(
+            vocab_size=len(TOK),
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            bos_token_id=BOS,
+        )
         GPT2LMHeadModel(config).save_pretrained(tmp_path / "m")
     lm = load(tmp_path / "m")
     engine = engine_for(lm)

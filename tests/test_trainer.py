@@ -87,7 +87,13 @@ def test_stopping_after_step_3_and_resuming_reproduces_steps_4_to_6(workspace, f
 
 
 def run_main(*argv: str) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "tropd_ds.train", *argv], capture_output=True, text=True, timeout=300, env={**os.environ, "WORLD_SIZE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "tropd_ds.train", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WORLD_SIZE": "1"},
+    )
     return proc.returncode, proc.stderr
 
 
@@ -129,15 +135,26 @@ def test_batch_shapes_that_do_not_divide_are_refused(workspace):
 
 
 def test_k_beyond_the_vocabulary_is_refused_only_where_a_topk_term_uses_it(workspace):
-    from tropd_ds.train import validate_before_engines
+    from tropd_ds.preflight import validate_before_engines
 
-    n_tokens = validate_before_engines(load_config(write_config(workspace, "k1"), ["objective.name=opd", "objective.options={}"]))[1]
+    n_tokens = validate_before_engines(
+        load_config(write_config(workspace, "k1"), ["objective.name=opd", "objective.options={}"])
+    )[1]
     assert n_tokens < 64  # opd passed with the default k = 64: its teacher pass uses k = 1
     too_big = n_tokens + 1
-    with pytest.raises(ConfigError, match=rf"objective.options.k={too_big} exceeds the vocabulary \({n_tokens} tokens\)"):
-        validate_before_engines(load_config(write_config(workspace, "k2"), ["objective.name=tropd", f"objective.options={{k: {too_big}}}"]))
+    with pytest.raises(
+        ConfigError, match=rf"objective.options.k={too_big} exceeds the vocabulary \({n_tokens} tokens\)"
+    ):
+        validate_before_engines(
+            load_config(write_config(workspace, "k2"), ["objective.name=tropd", f"objective.options={{k: {too_big}}}"])
+        )
     with pytest.raises(ConfigError, match=rf"objective.options.k_end={too_big} exceeds"):
-        validate_before_engines(load_config(write_config(workspace, "k3"), ["objective.name=fkl_topk", f"objective.options={{k: 2, k_end: {too_big}}}"]))
+        validate_before_engines(
+            load_config(
+                write_config(workspace, "k3"),
+                ["objective.name=fkl_topk", f"objective.options={{k: 2, k_end: {too_big}}}"],
+            )
+        )
 
 
 def test_unknown_config_key_suggests_the_closest(workspace):
@@ -151,7 +168,14 @@ def test_unknown_config_key_suggests_the_closest(workspace):
 
 def test_set_overrides_any_field_and_paths_resolve_against_the_config(workspace):
     cfg = load_config(
-        write_config(workspace, "ok"), ["objective.name=opd", "objective.options={}", "rollout.temperature=0.7", "objective.temperature=0.7", "optim.lr=3e-3"]
+        write_config(workspace, "ok"),
+        [
+            "objective.name=opd",
+            "objective.options={}",
+            "rollout.temperature=0.7",
+            "objective.temperature=0.7",
+            "optim.lr=3e-3",
+        ],
     )
     assert cfg.objective.name == "opd" and cfg.objective.options == {} and cfg.rollout.temperature == 0.7
     assert cfg.optim.lr == 0.003  # YAML 1.1 reads 3e-3 as a string; float fields accept it
@@ -186,12 +210,27 @@ def test_export_and_eval_commands_on_the_finished_run(workspace, full_run, tmp_p
     run_dir, _ = full_run
     cli = str(Path(sys.executable).with_name("tropd-ds"))
     out = tmp_path / "exported"
-    proc = subprocess.run([cli, "export", "--config", str(workspace / "full.yaml"), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [cli, "export", "--config", str(workspace / "full.yaml"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours, runs = load_file(out / "model.safetensors"), load_file(run_dir / "export/model.safetensors")
     assert sorted(ours) == sorted(runs) and all(bool((ours[k] == runs[k]).all()) for k in ours)
     proc = subprocess.run(
-        [cli, "eval", str(out), "--data", str(workspace / "data/eval.jsonl"), "--max-prompts", "8", "--max-new-tokens", "12"],
+        [
+            cli,
+            "eval",
+            str(out),
+            "--data",
+            str(workspace / "data/eval.jsonl"),
+            "--max-prompts",
+            "8",
+            "--max-new-tokens",
+            "12",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -199,7 +238,11 @@ def test_export_and_eval_commands_on_the_finished_run(workspace, full_run, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["eval_completions"] == 8 and 0 <= result["eval_accuracy"] <= 1
-    bad = subprocess.run([cli, "export", "--config", str(workspace / "full.yaml"), "--out", str(out), "--tag", "step99"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [cli, "export", "--config", str(workspace / "full.yaml"), "--out", str(out), "--tag", "step99"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "checkpoint tag 'step99' is not in" in bad.stderr and "step6" in bad.stderr
 
 
@@ -233,7 +276,8 @@ def test_teacher_generated_prefixes_with_a_teacher_micro_batch_of_its_own(worksp
 
 
 def test_answers_are_extracted_from_boxed_hash_or_last_number():
-    from tropd_ds.demo_task import extract_answer, is_correct, make_problem
+    from tropd_ds.demo_task import make_problem
+    from tropd_ds.evaluation import extract_answer, is_correct
 
     assert extract_answer(r"so \boxed{42} and 7") == "42"
     assert extract_answer("8+4=12;12-1=11;#11") == "11"
@@ -263,7 +307,7 @@ def test_padded_embedding_rows_beyond_the_tokenizer_are_masked_out(workspace):
     import tropd_kernels as tk
     from transformers import AutoModelForCausalLM
 
-    from tropd_ds.models import StudentTerms
+    from tropd_ds.update import StudentTerms
 
     lm = AutoModelForCausalLM.from_pretrained(workspace / "student")
     n = lm.config.vocab_size
@@ -275,9 +319,9 @@ def test_padded_embedding_rows_beyond_the_tokenizer_are_masked_out(workspace):
     select = torch.ones(2, 6, dtype=torch.bool)
     targets = ids[:, 1:][select]
     teacher = tk.teacher_topk(torch.randn(len(targets), n), targets, 4)
-    args = (ids, torch.ones_like(ids), select, *teacher, 1.0, "paper", None, None)
-    plain = StudentTerms(lm, n)(*args)
-    masked = StudentTerms(padded, n)(*args)
+    args = (ids, torch.ones_like(ids), select, teacher)
+    plain = StudentTerms(lm, n)(*args, options=tk.KernelOptions())
+    masked = StudentTerms(padded, n)(*args, options=tk.KernelOptions())
     for a, b in zip(plain, masked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -304,7 +348,9 @@ def test_data_loads_from_parquet_and_from_a_saved_datasets_folder(tmp_path):
 def test_one_sampling_distribution_is_enforced_before_any_engine(workspace):
     with pytest.raises(ConfigError, match=r"objective.temperature=1.0 differs from rollout.temperature=0.7"):
         load_config(write_config(workspace, "temp"), ["rollout.temperature=0.7"])
-    with pytest.raises(ConfigError, match=r"rollout.top_p=0.9 with objective.name='tropd': top-p sampling draws from a truncated"):
+    with pytest.raises(
+        ConfigError, match=r"rollout.top_p=0.9 with objective.name='tropd': top-p sampling draws from a truncated"
+    ):
         load_config(write_config(workspace, "topp"), ["rollout.top_p=0.9"])
     cfg = load_config(write_config(workspace, "topp_fkl"), ["rollout.top_p=0.9", "objective.name=fkl_topk"])
     assert cfg.rollout.top_p == 0.9  # no log-ratio in the top-k forward KL: top-p is allowed there
@@ -313,7 +359,11 @@ def test_one_sampling_distribution_is_enforced_before_any_engine(workspace):
 
 
 def test_ppo_clip_is_refused_before_any_engine(workspace):
-    from tropd_ds.train import validate_before_engines
+    from tropd_ds.preflight import validate_before_engines
 
-    with pytest.raises(ConfigError, match=r"objective.options.ppo_clip=0.2: the trainer makes one update per rollout batch"):
-        validate_before_engines(load_config(write_config(workspace, "ppo"), ["objective.name=opd", "objective.options={ppo_clip: 0.2}"]))
+    with pytest.raises(
+        ConfigError, match=r"objective.options.ppo_clip=0.2: the trainer makes one update per rollout batch"
+    ):
+        validate_before_engines(
+            load_config(write_config(workspace, "ppo"), ["objective.name=opd", "objective.options={ppo_clip: 0.2}"])
+        )

@@ -30,7 +30,9 @@ def test_hook_free_rollout_under_zero3(tmp_path):
         free, hooked = rank["hook_free"], rank["hooked"]
         for field in ("input_ids", "attention_mask", "sampled"):
             assert free[field] == hooked[field], f"{field} differs between hook-free and hooked generation"
-        assert free["hooks_restored"] and free["hooks"] > 10, "the module hooks (ids, functions, order) are as before generation"
+        assert free["hooks_restored"] and free["hooks"] > 10, (
+            "the module hooks (ids, functions, order) are as before generation"
+        )
         assert free["hook_calls_while_generating"] == 0 and hooked["hook_calls_while_generating"] > 100
         ids, sampled = torch.tensor(free["input_ids"]), torch.tensor(free["sampled"])
         seen = ids[:, 1:][sampled]

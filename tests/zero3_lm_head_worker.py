@@ -14,7 +14,7 @@ import torch
 import tropd_kernels as tk
 from torch import nn
 
-from tropd_ds.train import exit_without_teardown
+from tropd_ds.process import exit_without_teardown
 
 VOCAB, DIM, SEQ, K = 97, 16, 11, 8
 
@@ -31,13 +31,20 @@ class TinyStudent(nn.Module):
 
     def forward(self, tokens, targets, teacher_ids, teacher_logprobs, token_count):
         hidden = torch.tanh(self.body(self.embed(tokens)))
-        teacher = tk.TeacherTopK(teacher_ids, teacher_logprobs, torch.zeros_like(targets, dtype=torch.float32), torch.zeros_like(targets, dtype=torch.float32))
+        teacher = tk.TeacherTopK(
+            teacher_ids,
+            teacher_logprobs,
+            torch.zeros_like(targets, dtype=torch.float32),
+            torch.zeros_like(targets, dtype=torch.float32),
+        )
         if self.oracle:  # the reference: full logits, plain autograd, no DeepSpeed
             terms = tk.token_terms_oracle(hidden @ self.lm_head.weight.t(), targets, teacher, fkl_mode="tail")
         else:
             # lm_head.weight is a partitioned parameter under ZeRO-3: it is gathered for this call
             # (and for its backward) because the call happens inside a module's forward.
-            terms = tk.token_terms_from_hidden(hidden, self.lm_head.weight, targets, teacher, fkl_mode="tail", chunk_size=4)
+            terms = tk.token_terms_from_hidden(
+                hidden, self.lm_head.weight, targets, teacher, fkl_mode="tail", chunk_size=4
+            )
         return ((terms.fkl - 0.5 * terms.logprob) * (targets != -100)).sum() / token_count
 
 

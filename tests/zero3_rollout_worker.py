@@ -20,9 +20,9 @@ from tropd_ds import rollout, update
 from tropd_ds.config import ModelConfig, OptimConfig
 from tropd_ds.data import Prompt
 from tropd_ds.demo_task import build_tokenizer
-from tropd_ds.models import student_engine
 from tropd_ds.objectives import loss_fn
-from tropd_ds.train import exit_without_teardown
+from tropd_ds.process import exit_without_teardown
+from tropd_ds.update import student_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ("3+4=", "12-5+1=", "9=", "1+1+1+1+1=", "7-2=", "8-8=", "5+5=", "6=")
@@ -34,7 +34,9 @@ def one_run(model_dir: str, gather: bool, rank: int, world: int) -> dict:
     cfg = ModelConfig(path=model_dir, ds_config=str(ROOT / "ds_configs/cpu_student_zero3.json"), micro_batch_size=MB)
     engine, _keep = student_engine(cfg, OptimConfig(lr=1e-2, steps=1), len(tok), MB, 1)
     offload = rollout.zero3_offload(engine)
-    hooks = lambda: [(m.ds_id, list(m._forward_pre_hooks.items()), list(m._forward_hooks.items())) for m in engine.module.modules()]  # noqa: E731
+    hooks = lambda: [
+        (m.ds_id, list(m._forward_pre_hooks.items()), list(m._forward_hooks.items())) for m in engine.module.modules()
+    ]  # noqa: E731
     before = hooks()
     calls = []
     original = offload.pre_sub_module_forward_function
@@ -47,12 +49,12 @@ def one_run(model_dir: str, gather: bool, rank: int, world: int) -> dict:
     after = hooks()
     offload.pre_sub_module_forward_function = original
     targets = tokens.input_ids[:, 1:][tokens.sampled]
-    teacher = tk.teacher_topk(torch.randn(len(targets), len(tok), generator=torch.Generator().manual_seed(rank)) * 2, targets, 4)
-    n = torch.tensor([float(tokens.sampled.sum())])
-    dist.all_reduce(n)
-    engine.train()
+    teacher = tk.teacher_topk(
+        torch.randn(len(targets), len(tok), generator=torch.Generator().manual_seed(rank)) * 2, targets, 4
+    )
     objective = loss_fn("tropd", trust_mode="expected", k=4, beta=0.1)
-    metrics = update.update(engine, objective, tokens, [teacher], MB, 0, 1, 1.0, float(n) / world, torch.Generator().manual_seed(0))
+    options = objective.step_options(0, 1, 1.0)
+    metrics = update.update(engine, objective, tokens, [teacher], MB, 0, 1, options, torch.Generator().manual_seed(0))
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         params = {name: p.detach().clone().tolist() for name, p in engine.module.named_parameters()}
     return {
@@ -75,7 +77,18 @@ def main(model_dir: str, out: str) -> None:
     dist.all_gather_object(
         gathered,
         {
-            k: {f: v[f] for f in ("input_ids", "attention_mask", "sampled", "loss_sampled_tokens", "hooks_restored", "hooks", "hook_calls_while_generating")}
+            k: {
+                f: v[f]
+                for f in (
+                    "input_ids",
+                    "attention_mask",
+                    "sampled",
+                    "loss_sampled_tokens",
+                    "hooks_restored",
+                    "hooks",
+                    "hook_calls_while_generating",
+                )
+            }
             for k, v in runs.items()
         },
     )

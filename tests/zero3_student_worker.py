@@ -14,7 +14,7 @@ import tropd_kernels as tk
 
 from tropd_ds.config import ModelConfig
 from tropd_ds.objectives import loss_fn
-from tropd_ds.train import exit_without_teardown
+from tropd_ds.process import exit_without_teardown
 
 SEQ, K, LR = 10, 6, 0.5
 
@@ -34,7 +34,7 @@ def batch(rank: int, vocab: int):
 
 def loss_of(model, rank: int, vocab: int, token_count: float):
     ids, mask, select, teacher, sampled, prefix = batch(rank, vocab)
-    terms = tk.TokenTerms(*model(ids, mask, select, *teacher, 1.0, "tail", -10.0, None))
+    terms = model(ids, mask, select, teacher, options=tk.KernelOptions(1.0, "tail", -10.0))
     objective = loss_fn("tropd", trust_mode="expected", beta=0.1)
     return objective(terms, teacher, sampled, prefix, 0, 1, token_count=token_count).loss
 
@@ -46,7 +46,7 @@ def total_tokens(vocab: int) -> float:
 def reference_step(model_dir: str) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from tropd_ds.models import StudentTerms
+    from tropd_ds.update import StudentTerms
 
     lm = AutoModelForCausalLM.from_pretrained(model_dir)
     model = StudentTerms(lm, lm.config.vocab_size)
@@ -61,7 +61,8 @@ def reference_step(model_dir: str) -> dict:
 def main(model_dir: str, out_path: str, checkpointing: bool) -> None:
     import deepspeed
 
-    from tropd_ds.models import StudentTerms, load_causal_lm
+    from tropd_ds.models import load_causal_lm
+    from tropd_ds.update import StudentTerms
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()

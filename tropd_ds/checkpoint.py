@@ -133,7 +133,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
     if not _all_true(room):
         have = f"{free / 2**20:.1f} MiB are free" if free is not None and not room else "another rank's disk has less"
         raise CheckpointError(
-            f"not enough space to save checkpoint {tag} in {ckpt_dir}: it needs about {need / 2**20:.1f} MiB ({basis}) and {have}; "
+            f"not enough space to save checkpoint {tag} in {ckpt_dir}: it needs about {need / 2**20:.1f} MiB "
+            f"({basis}) and {have}; "
             f"nothing was written and {intact}. Free space, point checkpoint.dir at a larger disk, or lower "
             f"checkpoint.keep_last (now {keep_last}; older checkpoints are removed only after a new one is complete)"
         )
@@ -153,12 +154,17 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
             what = "another rank stopped while saving; its error is above"
         where = f" on rank {rank}" if world > 1 else ""
         raise CheckpointError(
-            f"saving checkpoint {tag} in {ckpt_dir} failed{where} ({what}){_space(ckpt_dir)}; the partial files were removed and {intact}",
+            f"saving checkpoint {tag} in {ckpt_dir} failed{where} ({what}){_space(ckpt_dir)}; the partial files were "
+            f"removed and {intact}",
             local=True,
         ) from exc
     collectives.barrier()  # every rank's files are written
     files = _files(tmp)
-    mine = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for i, p in enumerate(files) if i % world == rank}
+    mine = {
+        str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for i, p in enumerate(files)
+        if i % world == rank
+    }
     manifest = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
     if rank == 0:
         _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "world_size": world, "files": manifest}, indent=1))
@@ -212,7 +218,8 @@ def resume(engine, ckpt_dir: str, log=print) -> dict | None:
     candidates = complete_checkpoints(ckpt_dir)
     if not candidates and (root / "latest").is_file():
         raise CheckpointError(
-            f"{ckpt_dir} has a 'latest' file but no checkpoint with a {MANIFEST} (written by another tool or version?): "
+            f"{ckpt_dir} has a 'latest' file but no checkpoint with a {MANIFEST} (written by another tool or "
+            "version?): "
             "move it away, or set checkpoint.resume=false to start afresh"
         )
     skipped = []
@@ -222,7 +229,9 @@ def resume(engine, ckpt_dir: str, log=print) -> dict | None:
             skipped.append(f"{folder.name} ({problem})")
             log(f"checkpoint {folder.name} is damaged: {problem}; trying the previous one")
             continue
-        path, client = engine.load_checkpoint(ckpt_dir, tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+        path, client = engine.load_checkpoint(
+            ckpt_dir, tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {folder}")
         rng = torch.load(folder / f"rng_rank{rank}.pt", weights_only=False)
@@ -265,7 +274,9 @@ def export_from_checkpoint(ckpt_dir: str, student_path: str, out_dir: str, tag: 
     if tag is None:
         found = complete_checkpoints(ckpt_dir)
         if not found:
-            raise ConfigError(f"checkpoint.dir={ckpt_dir!r} has no complete checkpoint (stepN folder with a {MANIFEST}) to export")
+            raise ConfigError(
+                f"checkpoint.dir={ckpt_dir!r} has no complete checkpoint (stepN folder with a {MANIFEST}) to export"
+            )
         tag = found[0].name
     if not (Path(ckpt_dir) / tag).is_dir():
         tags = sorted(p.name for p in Path(ckpt_dir).glob("step*"))
@@ -275,7 +286,9 @@ def export_from_checkpoint(ckpt_dir: str, student_path: str, out_dir: str, tag: 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if "rotary" not in m]:
-        raise ConfigError(f"checkpoint {tag} does not match the student at {student_path}: missing {missing}, unexpected {unexpected}")
+        raise ConfigError(
+            f"checkpoint {tag} does not match the student at {student_path}: missing {missing}, unexpected {unexpected}"
+        )
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(student_path).save_pretrained(out_dir)
     return str(Path(ckpt_dir) / tag)

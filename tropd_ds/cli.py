@@ -16,9 +16,13 @@ import sys
 
 
 def _eval(argv) -> int:
-    ap = argparse.ArgumentParser(prog="tropd-ds eval", description="Exact-match accuracy (avg@n) of a model folder on held-out prompts.")
+    ap = argparse.ArgumentParser(
+        prog="tropd-ds eval", description="Exact-match accuracy (avg@n) of a model folder on held-out prompts."
+    )
     ap.add_argument("model", help="a Hugging Face model folder (e.g. a run's export)")
-    ap.add_argument("--data", required=True, help="prompts with an 'answer' column (JSON/JSONL/Parquet/Arrow or a saved folder)")
+    ap.add_argument(
+        "--data", required=True, help="prompts with an 'answer' column (JSON/JSONL/Parquet/Arrow or a saved folder)"
+    )
     ap.add_argument("--max-prompts", type=int, default=500)
     ap.add_argument("--samples", type=int, default=1, help="n of avg@n")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -30,11 +34,14 @@ def _eval(argv) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import load_rows, render_prompt
-    from .demo_task import is_correct
+    from .evaluation import is_correct
 
     rows = load_rows(args.data, what="--data")
     if "answer" not in rows.column_names:
-        print(f"tropd-ds eval: --data {args.data!r} has columns {rows.column_names}: an 'answer' column is required", file=sys.stderr)
+        print(
+            f"tropd-ds eval: --data {args.data!r} has columns {rows.column_names}: an 'answer' column is required",
+            file=sys.stderr,
+        )
         return 2
     tok = AutoTokenizer.from_pretrained(args.model)
     tok.padding_side = "left"
@@ -66,7 +73,10 @@ def _eval(argv) -> int:
 
 
 def _export(argv) -> int:
-    ap = argparse.ArgumentParser(prog="tropd-ds export", description="Export a run's newest (or a named) DeepSpeed checkpoint as a Hugging Face folder.")
+    ap = argparse.ArgumentParser(
+        prog="tropd-ds export",
+        description="Export a run's newest (or a named) DeepSpeed checkpoint as a Hugging Face folder.",
+    )
     ap.add_argument("--config", required=True, help="the run's config (for the student folder and the checkpoint dir)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--tag", default=None, help="checkpoint tag, e.g. step200 (default: the newest)")

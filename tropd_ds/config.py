@@ -135,7 +135,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 def looks_like_hub_id(value: str) -> bool:
-    return bool(_HUB_ID.match(value)) and Path(value).suffix.lower() not in {".json", ".jsonl", ".parquet", ".arrow", ".csv", ".yaml"}
+    return bool(_HUB_ID.match(value)) and Path(value).suffix.lower() not in {
+        ".json",
+        ".jsonl",
+        ".parquet",
+        ".arrow",
+        ".csv",
+        ".yaml",
+    }
 
 
 def is_hub_id(value: str, base: Path) -> bool:
@@ -287,9 +294,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             setattr(sub, name, str((base / value).resolve()))
     for (section, name), (lo, lo_in, hi, hi_in) in RANGES.items():
         value = getattr(getattr(cfg, section), name)
-        bad = value != value or (value < lo if lo_in else value <= lo) or (hi is not None and (value > hi if hi_in else value >= hi))
+        bad = (
+            value != value
+            or (value < lo if lo_in else value <= lo)
+            or (hi is not None and (value > hi if hi_in else value >= hi))
+        )
         if bad:
-            hint = " (0 is greedy decoding, which on-policy sampling cannot use)" if (section, name) == ("rollout", "temperature") else ""
+            hint = (
+                " (0 is greedy decoding, which on-policy sampling cannot use)"
+                if (section, name) == ("rollout", "temperature")
+                else ""
+            )
             raise ConfigError(f"{section}.{name}={value!r}: expected {_range_text(lo, lo_in, hi, hi_in)}{hint}")
     for (section, name), allowed in CHOICES.items():
         value = getattr(getattr(cfg, section), name)
@@ -297,9 +312,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"{section}.{name}={value!r}: expected one of {', '.join(allowed)}")
     check_sampling(cfg)
     if cfg.student.gather_params:
-        raise ConfigError("student.gather_params=True: gathering applies to the teacher's scoring; the student's generation is set by rollout.gather_params")
+        raise ConfigError(
+            "student.gather_params=True: gathering applies to the teacher's scoring; the student's generation is set "
+            "by rollout.gather_params"
+        )
     if cfg.teacher.gradient_checkpointing:
-        raise ConfigError("teacher.gradient_checkpointing=True: the teacher is frozen and has no backward; it applies to the student only")
+        raise ConfigError(
+            "teacher.gradient_checkpointing=True: the teacher is frozen and has no backward; it applies to the "
+            "student only"
+        )
     return cfg
 
 
@@ -313,21 +334,41 @@ def check_sampling(cfg: RunConfig) -> None:
     r, o = cfg.rollout, cfg.objective
     if r.temperature != o.temperature:
         raise ConfigError(
-            f"objective.temperature={o.temperature} differs from rollout.temperature={r.temperature}: the log-ratios r and "
+            f"objective.temperature={o.temperature} differs from rollout.temperature={r.temperature}: the log-ratios "
+            "r and "
             "P_trust must be those of the distribution that sampled; set both to the same value"
         )
     if r.top_p < 1 and o.name not in RATIO_FREE_OBJECTIVES:
         raise ConfigError(
-            f"rollout.top_p={r.top_p} with objective.name={o.name!r}: top-p sampling draws from a truncated distribution, so "
+            f"rollout.top_p={r.top_p} with objective.name={o.name!r}: top-p sampling draws from a truncated "
+            "distribution, so "
             f"the student's log-probs would not be those of the policy that sampled; expected rollout.top_p=1.0 "
             f"(top-p is accepted only for {', '.join(RATIO_FREE_OBJECTIVES)})"
         )
     if r.guidance_max_len > r.max_new_tokens:
         raise ConfigError(
-            f"rollout.guidance_max_len={r.guidance_max_len} exceeds rollout.max_new_tokens={r.max_new_tokens}: a teacher prefix "
+            f"rollout.guidance_max_len={r.guidance_max_len} exceeds rollout.max_new_tokens={r.max_new_tokens}: a "
+            "teacher prefix "
             "counts towards the response length; expected at most max_new_tokens (0 = max_new_tokens)"
         )
 
 
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def micro_batches_per_rank(cfg: RunConfig, world: int) -> int:
+    """The student's gradient-accumulation steps: each rank's rollouts (prompts_per_step / ranks x
+    samples_per_prompt) in micro-batches of student.micro_batch_size (the pre-flight checks both divide)."""
+    return cfg.rollout.prompts_per_step // world * cfg.rollout.samples_per_prompt // cfg.student.micro_batch_size
+
+
+def read_ds_config(path: str) -> dict:
+    """A DeepSpeed JSON config as a dict, or a ConfigError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed config {path!r} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"DeepSpeed config {path!r} holds a {type(data).__name__}: expected a JSON object")
+    return data

@@ -62,7 +62,8 @@ def load_hub_dataset(name: str, split: str, what: str):
         except Exception:
             raise ConfigError(
                 f"{what}={name!r} is not a local file or folder, and as a hub data set it cannot be loaded: "
-                f"{type(online).__name__}: {str(online).splitlines()[0] if str(online) else ''}. Offline, its files must be in the "
+                f"{type(online).__name__}: {str(online).splitlines()[0] if str(online) else ''}. Offline, its files "
+                "must be in the "
                 "hub cache (HF_HOME / HF_HUB_CACHE) with HF_HUB_OFFLINE=1"
             ) from online
         return datasets.load_dataset(folder, split=split)
@@ -81,15 +82,50 @@ class Prompt:
     ids: list[int]
     response_ids: list[int] | None  # the teacher's response, ending with EOS, when the data has one
     answer: str | None
+    truncated: bool = False  # longer than max_prompt_tokens: only its last tokens are kept
+
+
+def encode_prompt(
+    tokenizer, row: dict, index: int, max_prompt_tokens: int, long_prompts: str, chat_template: bool = False
+):
+    """One data row as a Prompt (its text through the chat template when asked, then the tokenizer), or
+    None when it is longer than `max_prompt_tokens` and `long_prompts` is 'skip' ('truncate' keeps its
+    last tokens). The teacher response, when the row has one, ends with the tokenizer's EOS."""
+    text = render_prompt(tokenizer, row["prompt"], chat_template)
+    ids = tokenizer(text, add_special_tokens=not chat_template)["input_ids"]
+    truncated = len(ids) > max_prompt_tokens
+    if truncated:
+        if long_prompts == "skip":
+            return None
+        ids = ids[-max_prompt_tokens:]
+    response = row.get("teacher_response")
+    response_ids = None
+    if response:
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    answer = row.get("answer")
+    return Prompt(index, ids, response_ids, None if answer is None else str(answer), truncated)
 
 
 class PromptStream:
     """Global order: a seeded permutation per epoch; each step takes the next `per_step` prompts and
     rank r keeps its contiguous share. The state is (epoch, cursor), the same on every rank."""
 
-    def __init__(self, ds, tokenizer, per_step: int, rank: int, world: int, seed: int, max_prompt_tokens: int, long_prompts: str, chat_template: bool = False):
+    def __init__(
+        self,
+        ds,
+        tokenizer,
+        per_step: int,
+        rank: int,
+        world: int,
+        seed: int,
+        max_prompt_tokens: int,
+        long_prompts: str,
+        chat_template: bool = False,
+    ):
         if per_step % world:
-            raise ConfigError(f"rollout.prompts_per_step={per_step} does not divide among {world} ranks: use a multiple of {world}")
+            raise ConfigError(
+                f"rollout.prompts_per_step={per_step} does not divide among {world} ranks: use a multiple of {world}"
+            )
         self.ds, self.tok = ds, tokenizer
         self.per_step, self.rank, self.world, self.seed = per_step, rank, world, seed
         self.max_prompt_tokens, self.long_prompts, self.chat_template = max_prompt_tokens, long_prompts, chat_template
@@ -119,22 +155,13 @@ class PromptStream:
         return idx
 
     def encode(self, index: int) -> Prompt | None:
-        """The tokenised prompt, or None when it is too long and long prompts are skipped."""
-        row = self.ds[index]
-        text = render_prompt(self.tok, row["prompt"], self.chat_template)
-        ids = self.tok(text, add_special_tokens=not self.chat_template)["input_ids"]
-        if len(ids) > self.max_prompt_tokens:
-            if self.long_prompts == "skip":
-                self.skipped += 1
-                return None
-            self.truncated += 1
-            ids = ids[-self.max_prompt_tokens :]
-        response = row.get("teacher_response")
-        response_ids = None
-        if response:
-            response_ids = self.tok(response, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-        answer = row.get("answer")
-        return Prompt(index, ids, response_ids, None if answer is None else str(answer))
+        """Row `index` as a Prompt (None when skipped), counted in `truncated` / `skipped`."""
+        prompt = encode_prompt(
+            self.tok, self.ds[index], index, self.max_prompt_tokens, self.long_prompts, self.chat_template
+        )
+        self.skipped += prompt is None
+        self.truncated += prompt is not None and prompt.truncated
+        return prompt
 
     def next_batch(self) -> list[Prompt]:
         """This rank's prompts for the next step (all ranks advance the same global cursor)."""

@@ -7,7 +7,16 @@ from pathlib import Path
 import torch
 
 
-def build_llama(out_dir: str | Path, tokenizer, hidden: int, layers: int, heads: int, mlp: int, seed: int = 0, max_positions: int = 128):
+def build_llama(
+    out_dir: str | Path,
+    tokenizer,
+    hidden: int,
+    layers: int,
+    heads: int,
+    mlp: int,
+    seed: int = 0,
+    max_positions: int = 128,
+):
     """A randomly initialised LlamaForCausalLM with the tokenizer's vocabulary, saved with safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

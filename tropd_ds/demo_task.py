@@ -4,13 +4,13 @@
     solution  8+4=12;12-1=11;11-7=4;#4
 
 A character-level tokenizer (saved as a Hugging Face tokenizer folder), a problem generator with
-disjoint train and held-out splits, and an exact-match scorer. Sizes follow shared/design/DEMO.md.
+disjoint train and held-out splits (answers are checked by `tropd_ds.evaluation.is_correct`).
+Sizes follow shared/design/DEMO.md.
 """
 
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 
 CHARS = list("0123456789+-=;#")
@@ -26,7 +26,9 @@ def build_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="left"
+    )
 
 
 def make_problem(rng: random.Random, operands: tuple[int, int] = (4, 5)) -> dict:
@@ -68,22 +70,3 @@ def write_splits(out_dir: str | Path, n_train: int = 4000, n_eval: int = 500, se
     for path, rows in zip(paths, (train, held_out)):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return paths
-
-
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-_HASH = re.compile(r"#\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)")
-_NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer of a completion: the last \\boxed{...}, else the number after '#', else the last number."""
-    for pattern in (_BOXED, _HASH, _NUMBER):
-        found = pattern.findall(text)
-        if found:
-            return found[-1].strip().replace(",", "")
-    return None
-
-
-def is_correct(completion: str, answer: str) -> bool:
-    got = extract_answer(completion)
-    return got is not None and got == str(answer).strip().replace(",", "")

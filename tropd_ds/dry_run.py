@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, micro_batches_per_rank, read_ds_config
 
 
 def _parse_ds_config(role: str, path: str, ds: dict) -> None:
@@ -37,18 +37,23 @@ def _meta_model(role: str, model_cfg, seq: int):
     config = AutoConfig.from_pretrained(model_cfg.path)
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and seq > limit:
-        raise ConfigError(f"data.max_prompt_tokens + rollout.max_new_tokens = {seq} exceeds {role} max_position_embeddings={limit} ({model_cfg.path})")
+        raise ConfigError(
+            f"data.max_prompt_tokens + rollout.max_new_tokens = {seq} exceeds {role} max_position_embeddings={limit} "
+            f"({model_cfg.path})"
+        )
     try:
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[model_cfg.dtype])
     except Exception as exc:
-        raise ConfigError(f"{role}.path={model_cfg.path!r}: transformers cannot build this model: {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(
+            f"{role}.path={model_cfg.path!r}: transformers cannot build this model: {type(exc).__name__}: {exc}"
+        ) from exc
     return lm
 
 
 def _shape_step(role: str, lm, batch: int, seq: int, n_tokens: int, k: int) -> dict:
     """One forward at the run's shapes on the meta device, then the vocabulary block and top-k."""
-    from tropd_kernels.ops import HIDDEN_CHUNK_BYTES
+    from tropd_kernels.projection import HIDDEN_CHUNK_BYTES
 
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     hidden = lm.base_model(input_ids=ids).last_hidden_state[:, :-1]  # causal; padding masks need values
@@ -63,14 +68,19 @@ def _shape_step(role: str, lm, batch: int, seq: int, n_tokens: int, k: int) -> d
     logits = flat[:chunk] @ head[:n_tokens].T
     top = logits.float().topk(k, dim=-1)
     assert logits.shape == (chunk, n_tokens) and top.indices.shape == (chunk, k)
-    return {"hidden": tuple(hidden.shape), "positions": flat.shape[0], "chunk": chunk, "params": sum(p.numel() for p in lm.parameters())}
+    return {
+        "hidden": tuple(hidden.shape),
+        "positions": flat.shape[0],
+        "chunk": chunk,
+        "params": sum(p.numel() for p in lm.parameters()),
+    }
 
 
 def dry_run(cfg: RunConfig, world: int, gpu_mem_gib: float = 80.0, gpus_per_node: int = 8) -> list[str]:
     """Run every check; returns the report lines. Raises ConfigError on the first problem."""
     from . import plan as planner
-    from .models import read_ds_config, student_ds_config, teacher_ds_config
-    from .train import validate_before_engines
+    from .models import student_ds_config, teacher_ds_config
+    from .preflight import validate_before_engines
 
     t0 = time.perf_counter()
     out = []
@@ -81,35 +91,54 @@ def dry_run(cfg: RunConfig, world: int, gpu_mem_gib: float = 80.0, gpus_per_node
         + f"; columns {train_rows.column_names}"
     )
     if tokenizer is None:
-        out.append(f"--  tokenizer: none in the model folders; vocabulary taken from the configs ({n_tokens} rows); prompts not tokenized")
+        out.append(
+            f"--  tokenizer: none in the model folders; vocabulary taken from the configs ({n_tokens} rows); prompts "
+            "not tokenized"
+        )
     else:
         lens = [len(tokenizer(train_rows[i]["prompt"])["input_ids"]) for i in range(min(len(train_rows), 64))]
         longer = sum(n > cfg.data.max_prompt_tokens for n in lens)
         out.append(
-            f"ok  tokenizer shared by both models ({n_tokens} tokens); first {len(lens)} prompts: up to {max(lens)} tokens, "
+            f"ok  tokenizer shared by both models ({n_tokens} tokens); first {len(lens)} prompts: up to {max(lens)} "
+            "tokens, "
             f"{longer} longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens} ({cfg.data.long_prompts})"
         )
-    opts = objective.kernel_options()
-    out.append(f"ok  objective {objective.name}: k {objective.max_k()} <= {n_tokens}, fkl_mode {opts['fkl_mode']}")
+    fkl_mode = objective.step_options().kernel.fkl_mode
+    out.append(f"ok  objective {objective.name}: k {objective.max_k()} <= {n_tokens}, fkl_mode {fkl_mode}")
     rollouts = cfg.rollout.prompts_per_step // world * cfg.rollout.samples_per_prompt
-    grad_accum = rollouts // cfg.student.micro_batch_size
+    grad_accum = micro_batches_per_rank(cfg, world)
     out.append(
-        f"ok  {world} ranks: {rollouts} rollouts per rank, student micro-batch {cfg.student.micro_batch_size} x {grad_accum} accumulation steps, "
+        f"ok  {world} ranks: {rollouts} rollouts per rank, student micro-batch {cfg.student.micro_batch_size} x "
+        f"{grad_accum} accumulation steps, "
         f"teacher micro-batch {cfg.teacher.micro_batch_size}; DeepSpeed configs agree with the run config"
     )
-    _parse_ds_config("student", cfg.student.ds_config, student_ds_config(cfg.student, cfg.optim, cfg.student.micro_batch_size, grad_accum))
+    _parse_ds_config(
+        "student",
+        cfg.student.ds_config,
+        student_ds_config(cfg.student, cfg.optim, cfg.student.micro_batch_size, grad_accum),
+    )
     _parse_ds_config("teacher", cfg.teacher.ds_config, teacher_ds_config(cfg.teacher))
     t_zero = read_ds_config(cfg.teacher.ds_config).get("zero_optimization", {})
-    out.append(f"ok  DeepSpeed parses both engine configs (teacher offload_param={t_zero.get('offload_param', {}).get('device', 'none')})")
+    out.append(
+        "ok  DeepSpeed parses both engine configs (teacher "
+        f"offload_param={t_zero.get('offload_param', {}).get('device', 'none')})"
+    )
 
-    seq = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens  # exact: a teacher prefix counts towards max_new_tokens
+    seq = (
+        cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    )  # exact: a teacher prefix counts towards max_new_tokens
     k = objective.max_k()
-    for role, model_cfg, batch in (("student", cfg.student, cfg.student.micro_batch_size), ("teacher", cfg.teacher, cfg.teacher.micro_batch_size)):
+    for role, model_cfg, batch in (
+        ("student", cfg.student, cfg.student.micro_batch_size),
+        ("teacher", cfg.teacher, cfg.teacher.micro_batch_size),
+    ):
         lm = _meta_model(role, model_cfg, seq)
         shapes = _shape_step(role, lm, batch, seq, n_tokens, k)
         out.append(
-            f"ok  {role} on the meta device: {shapes['params'] / 1e9:.2f} B parameters ({model_cfg.dtype}); micro-batch {batch} x {seq} tokens -> "
-            f"hidden {list(shapes['hidden'])}, {shapes['positions']} positions in [{shapes['chunk']}, {n_tokens}] logits blocks, top-{k}"
+            f"ok  {role} on the meta device: {shapes['params'] / 1e9:.2f} B parameters ({model_cfg.dtype}); "
+            f"micro-batch {batch} x {seq} tokens -> "
+            f"hidden {list(shapes['hidden'])}, {shapes['positions']} positions in [{shapes['chunk']}, {n_tokens}] "
+            f"logits blocks, top-{k}"
         )
         del lm
     s_path, t_path, wl = planner.workload_from_run_config(cfg)
@@ -119,7 +148,8 @@ def dry_run(cfg: RunConfig, world: int, gpu_mem_gib: float = 80.0, gpus_per_node
     g = result["gpu_gib"]
     verdict = "fits" if result["fits"] else "DOES NOT FIT (see `tropd-ds plan --config ...`)"
     out.append(
-        f"{'ok' if result['fits'] else '!!'}  memory plan for {hw.gpus} GPUs of {gpu_mem_gib:g} GiB: peak {g['total']:.1f} GiB per GPU "
+        f"{'ok' if result['fits'] else '!!'}  memory plan for {hw.gpus} GPUs of {gpu_mem_gib:g} GiB: peak "
+        f"{g['total']:.1f} GiB per GPU "
         f"({g['peak_phase']}), host {result['host_gib_per_node']['total']:.1f} GiB per node -> {verdict}; "
         f"estimated step {result['step_seconds']['total']:.0f} s"
     )

@@ -59,4 +59,48 @@ class MetricsWriter:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
         if self.monitor is not None and getattr(self.monitor, "enabled", False):
-            self.monitor.write_events([(f"tropd/{k}", v, step) for k, v in record.items() if isinstance(v, (int, float))])
+            self.monitor.write_events(
+                [(f"tropd/{k}", v, step) for k, v in record.items() if isinstance(v, (int, float))]
+            )
+
+
+def step_record(local: list[dict], engine, extra: dict) -> dict:
+    """A step's record: the micro-batch metrics of every rank reduced, then the engine's gradient norm and
+    learning rate, then `extra` (this rank's timings and counters) as they are."""
+    record = reduce_across_ranks(local)
+    grad_norm = engine.get_global_grad_norm()
+    record.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=engine.get_lr()[0])
+    record.update(extra)
+    return record
+
+
+class NonFiniteSteps:
+    """Consecutive steps that DeepSpeed skipped for a non-finite gradient norm (the parameters stay as they
+    were): each is marked in its record; `limit` of them in a row end the run."""
+
+    def __init__(self, limit: int):
+        self.limit, self.steps = limit, []
+
+    def observe(self, step: int, record: dict, skipped: bool) -> str | None:
+        """Marks `record`; returns a line to log when the step was skipped."""
+        if not skipped:
+            self.steps.clear()
+            return None
+        bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v) and k != "grad_norm")
+        bad = bad or ["gradient"]
+        self.steps.append(step)
+        record.update(skipped=True, non_finite=bad)
+        return (
+            f"step {step} skipped: non-finite {', '.join(bad)} (grad norm {record['grad_norm']}); parameters unchanged"
+        )
+
+    def exhausted(self, checkpoint_dir: str) -> str | None:
+        """The error that ends the run, once `limit` steps in a row were skipped."""
+        if len(self.steps) < self.limit:
+            return None
+        first, last = self.steps[0], self.steps[-1]
+        return (
+            f"error: {len(self.steps)} consecutive steps with non-finite values (steps {first}-{last}; "
+            f"optim.max_bad_steps={self.limit}). Parameters are as after step {first - 1}; the newest checkpoint is "
+            f"in {checkpoint_dir}. Check the teacher and the data, lower optim.lr, or raise optim.max_bad_steps."
+        )

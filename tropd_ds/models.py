@@ -1,21 +1,19 @@
-"""Models and engines: the vocabulary check, ZeRO-3 aware loading, the student and teacher engines.
+"""Models and engines: the vocabulary check, ZeRO-3 aware loading, DeepSpeed configs checked against the
+run config, the hidden-state base of both wrappers, and `initialize` for the engines.
 
-Both models are wrapped in a small module whose forward reduces the vocabulary with
-`tropd_kernels` from final hidden states, so that under ZeRO-3 the partitioned lm_head weight is
-gathered for the call (and, for the student, for its backward).
+The phase modules own their forwards: `scoring.TeacherScorer` and `update.StudentTerms` build on
+`VocabHeadModel` here and make their engines with `load_causal_lm` and `initialize`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
-import tropd_kernels as tk
 from torch import nn
 
-from .config import ConfigError, ModelConfig, OptimConfig, looks_like_hub_id
+from .config import ConfigError, ModelConfig, OptimConfig, looks_like_hub_id, read_ds_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,14 +25,20 @@ def check_model_folder(cfg: ModelConfig, role: str, weights: bool = True) -> Non
     if cfg.path and looks_like_hub_id(cfg.path) and not Path(cfg.path).exists():
         check_hub_model(cfg, role)
     elif not cfg.path or not (Path(cfg.path) / "config.json").is_file():
-        raise ConfigError(f"{role}.path={cfg.path!r}: expected a Hugging Face model folder with config.json, or a hub id such as org/name")
+        raise ConfigError(
+            f"{role}.path={cfg.path!r}: expected a Hugging Face model folder with config.json, or a hub id such as "
+            "org/name"
+        )
     elif weights and not any(any(Path(cfg.path).glob(pattern)) for pattern in WEIGHT_PATTERNS):
         raise ConfigError(
-            f"{role}.path={cfg.path!r} has a config.json but no weights (*.safetensors or *.bin): point it at a downloaded "
+            f"{role}.path={cfg.path!r} has a config.json but no weights (*.safetensors or *.bin): point it at a "
+            "downloaded "
             "checkpoint, or check the config without weights with `tropd-ds train --config ... --dry-run`"
         )
     if not cfg.ds_config or not Path(cfg.ds_config).is_file():
-        raise ConfigError(f"{role}.ds_config={cfg.ds_config!r}: expected a DeepSpeed JSON config file (see ds_configs/)")
+        raise ConfigError(
+            f"{role}.ds_config={cfg.ds_config!r}: expected a DeepSpeed JSON config file (see ds_configs/)"
+        )
 
 
 def check_hub_model(cfg: ModelConfig, role: str) -> None:
@@ -45,8 +49,10 @@ def check_hub_model(cfg: ModelConfig, role: str) -> None:
         AutoConfig.from_pretrained(cfg.path)
     except Exception as exc:  # OSError, ValueError, connection errors from huggingface_hub
         raise ConfigError(
-            f"{role}.path={cfg.path!r} is not a local folder (relative paths are taken from the config's folder), and as a hub "
-            f"id it does not resolve: {type(exc).__name__}: {str(exc).splitlines()[0]}. Offline, the model must be in the "
+            f"{role}.path={cfg.path!r} is not a local folder (relative paths are taken from the config's folder), "
+            "and as a hub "
+            f"id it does not resolve: {type(exc).__name__}: {str(exc).splitlines()[0]}. Offline, the model must be "
+            "in the "
             "hub cache (HF_HOME / HF_HUB_CACHE) with HF_HUB_OFFLINE=1"
         ) from exc
 
@@ -83,20 +89,13 @@ def load_tokenizers_and_check(student: ModelConfig, teacher: ModelConfig, weight
     for role, cfg in (("student", student), ("teacher", teacher)):
         rows = AutoConfig.from_pretrained(cfg.path).vocab_size
         if rows < n_tokens:
-            raise ConfigError(f"{role} embedding has {rows} rows but the shared tokenizer has {n_tokens} tokens: expected at least {n_tokens}")
+            raise ConfigError(
+                f"{role} embedding has {rows} rows but the shared tokenizer has {n_tokens} tokens: expected at least "
+                f"{n_tokens}"
+            )
     if tok_s.pad_token_id is None:
         tok_s.pad_token = tok_s.eos_token
     return tok_s, n_tokens
-
-
-def read_ds_config(path: str) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"DeepSpeed config {path!r} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"DeepSpeed config {path!r} holds a {type(data).__name__}: expected a JSON object")
-    return data
 
 
 def load_causal_lm(cfg: ModelConfig, ds_config: dict):
@@ -135,13 +134,20 @@ def check_logit_transforms(path: str, role: str) -> None:
         value = getattr(text, name, None)
         if value:
             raise ConfigError(
-                f"{role}.path={path!r}: its config sets {name}={value} (logits soft-capped as c tanh(logits / c)), which "
-                "the vocabulary kernels cannot apply (they reduce h W^T chunk by chunk); tropd-ds would train against another "
+                f"{role}.path={path!r}: its config sets {name}={value} (logits soft-capped as c tanh(logits / c)), "
+                "which "
+                "the vocabulary kernels cannot apply (they reduce h W^T chunk by chunk); tropd-ds would train "
+                "against another "
                 f"distribution than the model's. Accepted: models without {name} (or with it null)"
             )
 
 
-class _Wrapped(nn.Module):
+class VocabHeadModel(nn.Module):
+    """A causal LM whose forward ends at its final hidden states: the phase modules' wrappers
+    (`scoring.TeacherScorer`, `update.StudentTerms`) reduce the vocabulary from them with `tropd_kernels`
+    inside their own forward, so that under ZeRO-3 the partitioned lm_head weight is gathered for the
+    call (and, for the student, for its backward)."""
+
     def __init__(self, lm, n_tokens: int):
         super().__init__()
         self.lm = lm
@@ -151,7 +157,7 @@ class _Wrapped(nn.Module):
     def generate(self, *args, **kwargs):
         return self.lm.generate(*args, **kwargs)
 
-    def _hidden(self, input_ids, attention_mask):
+    def hidden_states(self, input_ids, attention_mask):
         """Final hidden states of every position but the last, each row positioned as generation positioned
         it: left padding takes no position (absolute position embeddings, GPT-2, need exactly this; with
         RoPE it removes a bf16 drift of ~2e-3 at 1,000 pads)."""
@@ -160,70 +166,17 @@ class _Wrapped(nn.Module):
         hidden = out.last_hidden_state[:, :-1]
         return hidden * self.logit_scale if self.logit_scale != 1.0 else hidden  # s (h W^T) = (s h) W^T
 
-    def _head(self):
+    def head(self):
+        """The lm_head (weight, bias) of the tokenizer's rows: padded embedding rows beyond it are not part
+        of the distribution; Cohere / Granite logit scaling folded into the bias (the hidden states carry it)."""
         head = self.lm.get_output_embeddings()
-        bias = getattr(head, "bias", None)
+        weight, bias = head.weight, getattr(head, "bias", None)
         if bias is not None and self.logit_scale != 1.0:
             bias = bias * self.logit_scale
-        return head.weight, bias
-
-
-def _vocab_slice(weight, bias, n_tokens):
-    """Padded embedding rows beyond the tokenizer are not part of the distribution."""
-    if weight.shape[0] > n_tokens:
-        weight = weight[:n_tokens]
-        bias = None if bias is None else bias[:n_tokens]
-    return weight, bias
-
-
-class TeacherScorer(_Wrapped):
-    """forward(input_ids, attention_mask, select [B, T-1] bool) -> TeacherTopK fields of the selected targets."""
-
-    @torch.no_grad()
-    def forward(self, input_ids, attention_mask, select, k: int, temperature: float):
-        hidden = self._hidden(input_ids, attention_mask)[select]
-        targets = input_ids[:, 1:][select]
-        weight, bias = _vocab_slice(*self._head(), self.n_tokens)
-        teacher = tk.teacher_topk_from_hidden(hidden, weight, targets, k, temperature, bias)
-        return tuple(teacher)
-
-
-class StudentTerms(_Wrapped):
-    """forward(input_ids, attention_mask, select, teacher fields, kernel options) -> TokenTerms fields."""
-
-    def forward(self, input_ids, attention_mask, select, t_ids, t_logprobs, t_target, t_entropy, temperature: float, fkl_mode: str, logprob_floor, fkl_cover):
-        hidden = self._hidden(input_ids, attention_mask)[select]
-        targets = input_ids[:, 1:][select]
-        weight, bias = _vocab_slice(*self._head(), self.n_tokens)
-        teacher = tk.TeacherTopK(t_ids, t_logprobs, t_target, t_entropy)
-        terms = tk.token_terms_from_hidden(hidden, weight, targets, teacher, temperature, fkl_mode, logprob_floor, fkl_cover, bias)
-        return tuple(terms)
-
-
-PARITY_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}  # largest |difference| of a log-prob
-
-
-@torch.no_grad()
-def logit_parity(student, teacher, input_ids, attention_mask) -> dict[str, tuple[float, float]]:
-    """Per role, (largest, mean) |difference| between each next token's log-prob as tropd-ds computes it
-    (the vocabulary kernels on the final hidden states, through the wrapper's forward) and as the
-    model's own forward computes it. `student` and `teacher` are the wrapped modules (engine.module):
-    every call is a module forward, so ZeRO-3 gathers what each one uses."""
-    select = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
-    targets = input_ids[:, 1:][select]
-    teacher_fields = teacher(input_ids, attention_mask, select, 1, 1.0)
-    ours = {
-        "teacher": tk.TeacherTopK(*teacher_fields).target_logprob,
-        "student": tk.TokenTerms(*student(input_ids, attention_mask, select, *teacher_fields, 1.0, "paper", None, None)).logprob,
-    }
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = {}
-    for role, wrapped in (("student", student), ("teacher", teacher)):
-        logits = wrapped.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits[:, :-1][select]
-        theirs = logits[:, : wrapped.n_tokens].float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(1)
-        diff = (ours[role].float() - theirs).abs()
-        out[role] = (float(diff.max()), float(diff.mean()))
-    return out
+        if weight.shape[0] > self.n_tokens:
+            weight = weight[: self.n_tokens]
+            bias = None if bias is None else bias[: self.n_tokens]
+        return weight, bias
 
 
 def lr_lambda(optim: OptimConfig):
@@ -240,7 +193,15 @@ def lr_lambda(optim: OptimConfig):
 _PRECISION = {"bf16": "bfloat16", "fp16": "float16"}
 
 
-def check_ds_config(role: str, cfg: ModelConfig, ds: dict, micro_batch: int, grad_accum: int, world: int, optim: OptimConfig | None = None) -> None:
+def check_ds_config(
+    role: str,
+    cfg: ModelConfig,
+    ds: dict,
+    micro_batch: int,
+    grad_accum: int,
+    world: int,
+    optim: OptimConfig | None = None,
+) -> None:
     """The DeepSpeed config must not contradict the run config: the run config decides, so a
     different value in the DeepSpeed file is an error that names both."""
     where = f"{role}.ds_config={cfg.ds_config!r}"
@@ -251,9 +212,14 @@ def check_ds_config(role: str, cfg: ModelConfig, ds: dict, micro_batch: int, gra
     for key, want in _PRECISION.items():
         on = bool(ds.get(key, {}).get("enabled", False))
         if on and cfg.dtype != want:
-            raise ConfigError(f"{where} enables {key} but {role}.dtype={cfg.dtype!r}: expected {role}.dtype={want!r} (or disable {key})")
+            raise ConfigError(
+                f"{where} enables {key} but {role}.dtype={cfg.dtype!r}: expected {role}.dtype={want!r} (or disable "
+                f"{key})"
+            )
         if not on and cfg.dtype == want:
-            raise ConfigError(f'{role}.dtype={cfg.dtype!r} but {where} does not enable {key}: add "{key}": {{"enabled": true}}')
+            raise ConfigError(
+                f'{role}.dtype={cfg.dtype!r} but {where} does not enable {key}: add "{key}": {{"enabled": true}}'
+            )
     implied = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
@@ -263,7 +229,8 @@ def check_ds_config(role: str, cfg: ModelConfig, ds: dict, micro_batch: int, gra
         if key in ds and ds[key] not in (want, "auto"):
             raise ConfigError(
                 f"{where}: {key}={ds[key]} contradicts the run config, which implies {want} "
-                f"({role}.micro_batch_size, rollout.prompts_per_step x samples_per_prompt, {world} ranks): remove it or make them equal"
+                f"({role}.micro_batch_size, rollout.prompts_per_step x samples_per_prompt, {world} ranks): remove it "
+                "or make them equal"
             )
     if optim is None:
         if "optimizer" in ds:
@@ -273,12 +240,20 @@ def check_ds_config(role: str, cfg: ModelConfig, ds: dict, micro_batch: int, gra
         return
     lr = ds.get("optimizer", {}).get("params", {}).get("lr")
     if lr not in (None, "auto") and not math.isclose(float(lr), optim.lr, rel_tol=1e-9):
-        raise ConfigError(f"{where}: optimizer.params.lr={lr} contradicts optim.lr={optim.lr}: remove it or make them equal")
+        raise ConfigError(
+            f"{where}: optimizer.params.lr={lr} contradicts optim.lr={optim.lr}: remove it or make them equal"
+        )
     clip = ds.get("gradient_clipping")
     if clip not in (None, "auto") and not math.isclose(float(clip), optim.grad_clip, rel_tol=1e-9):
-        raise ConfigError(f"{where}: gradient_clipping={clip} contradicts optim.grad_clip={optim.grad_clip}: remove it or make them equal")
+        raise ConfigError(
+            f"{where}: gradient_clipping={clip} contradicts optim.grad_clip={optim.grad_clip}: remove it or make "
+            "them equal"
+        )
     if "scheduler" in ds:
-        raise ConfigError(f"{where} has a scheduler: the run config's optim section sets the schedule (warmup_steps, min_lr_ratio); remove it")
+        raise ConfigError(
+            f"{where} has a scheduler: the run config's optim section sets the schedule (warmup_steps, "
+            "min_lr_ratio); remove it"
+        )
 
 
 def _plain_linear(ds_config: dict) -> dict:
@@ -313,18 +288,21 @@ def teacher_ds_config(cfg: ModelConfig) -> dict:
     return ds_config
 
 
-def student_engine(cfg: ModelConfig, optim: OptimConfig, n_tokens: int, micro_batch: int, grad_accum: int):
+def initialize(model: nn.Module, ds_config: dict, optim: OptimConfig | None = None):
+    """A DeepSpeed engine for `model`: with `optim`, a training engine (the DeepSpeed config's optimiser
+    when it names one, else torch's AdamW; the run config's warm-up and cosine schedule); without, a
+    frozen inference engine in eval mode."""
     import deepspeed
 
-    ds_config = student_ds_config(cfg, optim, micro_batch, grad_accum)
-    lm, keep = load_causal_lm(cfg, ds_config)
-    if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm.config.use_cache = True
-    model = StudentTerms(lm, n_tokens)
+    if optim is None:
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        engine.eval()
+        return engine
     optimizer = None  # DeepSpeed's own (fused / CPU-offload) optimiser from the config
     if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
+        )
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -332,17 +310,4 @@ def student_engine(cfg: ModelConfig, optim: OptimConfig, n_tokens: int, micro_ba
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim)),
     )
-    return engine, keep
-
-
-def teacher_engine(cfg: ModelConfig, n_tokens: int):
-    """A ZeRO-3 inference engine (no optimiser) with parameters offloaded as its config says."""
-    import deepspeed
-
-    ds_config = teacher_ds_config(cfg)
-    lm, keep = load_causal_lm(cfg, ds_config)
-    lm.requires_grad_(False)
-    lm.eval()
-    engine, *_ = deepspeed.initialize(model=TeacherScorer(lm, n_tokens), config=ds_config)
-    engine.eval()
-    return engine, keep
+    return engine

@@ -1,7 +1,9 @@
 """Objectives of ALGORITHM.md section 2: TrOPD and the baselines it is compared against.
 
 All vocabulary-sized work happened in `tropd_kernels`; everything here is arithmetic over
-[N]-shaped tensors. `loss_fn(name, **options)` returns a callable
+[N]-shaped tensors. Each objective is a typed options value (`TrOPD`, `OPD`, ...) and one small loss
+function over the response tokens of a micro-batch; its metrics are computed apart from the math.
+`loss_fn(name, **options)` returns a callable
 
     objective(terms, teacher, sampled, prefix, step, total_steps, generator=None,
               *, token_count=None, old_logprob=None, selection_count=None, entropy_threshold=None)
@@ -17,54 +19,176 @@ the global one (`entropy_threshold`, `selection_count`); `batch_statistics` comp
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 
 import torch
-from tropd_kernels import TeacherTopK, TokenTerms
+from tropd_kernels import KernelOptions, TeacherTopK, TokenTerms
+from tropd_kernels.contract import FKL_MODES
 
-OBJECTIVES = ("opd", "tropd", "mask_outlier", "clip_outlier", "reopold", "entropy_opd", "eopd", "fkl_topk")
 TRUST_MODES = ("bernoulli", "expected", "threshold")
 OUTLIERS = ("fkl", "mask", "clip")
-FKL_MODES = ("paper", "tail", "renorm")
-
 DEFAULT_TAU = math.log(0.2 / 0.8)  # = REOPOLD's c for lambda = 0.2
 
-# Every option, its default, and the objectives it applies to.
-_KERNEL = {"k", "fkl_mode", "logprob_floor", "fkl_cover", "k_end", "cover_end"}
-DEFAULTS: dict[str, object] = {
-    "ppo_clip": None,
-    "trust_mode": "bernoulli",
-    "trust_tau": 0.5,
-    "outlier": "fkl",
-    "tau": DEFAULT_TAU,
-    "beta": 0.001,
-    "k": 64,
-    "fkl_mode": "paper",
-    "logprob_floor": None,
-    "fkl_cover": None,
-    "k_end": None,
-    "cover_end": None,
-    "reopold_lambda": 0.2,
-    "reopold_stages": 2,
-    "reopold_switch": 0.5,
-    "reopold_entropy_fraction": 0.5,
-    "entropy_fraction": 0.2,
-    "eopd_entropy_threshold": 0.8,
+
+# ----------------------------------------------------------------------------- options, one type each
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+# option -> (test, what is accepted); every options type checks its fields against this table
+_ACCEPTED: dict[str, tuple[Callable[[object], bool], str]] = {
+    "ppo_clip": (lambda v: v is None or (_is_num(v) and 0 < v < 1), "None or a number in (0, 1)"),
+    "trust_mode": (lambda v: v in TRUST_MODES, f"one of {', '.join(TRUST_MODES)}"),
+    "trust_tau": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "outlier": (lambda v: v in OUTLIERS, f"one of {', '.join(OUTLIERS)}"),
+    "tau": (_is_num, "a number (a log-ratio threshold, e.g. -1.386), not NaN"),
+    "beta": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "k": (_is_count, "an integer >= 1"),
+    "k_end": (lambda v: v is None or _is_count(v), "an integer >= 1"),
+    "fkl_mode": (lambda v: v in FKL_MODES, f"one of {', '.join(FKL_MODES)}"),
+    "logprob_floor": (lambda v: v is None or (_is_num(v) and v <= 0), "None or a number <= 0"),
+    "fkl_cover": (lambda v: v is None or (_is_num(v) and 0 < v <= 1), "None or a number in (0, 1]"),
+    "cover_end": (lambda v: v is None or (_is_num(v) and 0 < v <= 1), "None or a number in (0, 1]"),
+    "reopold_lambda": (lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
+    "reopold_stages": (lambda v: v in (1, 2) and not isinstance(v, bool), "1 or 2"),
+    "reopold_switch": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "reopold_entropy_fraction": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "entropy_fraction": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "eopd_entropy_threshold": (lambda v: _is_num(v) and v >= 0, "a number >= 0 (nats)"),
 }
-APPLIES: dict[str, set[str]] = {
-    "opd": {"ppo_clip"},
-    "tropd": {"ppo_clip", "trust_mode", "trust_tau", "outlier", "tau", "beta"} | _KERNEL,
-    "mask_outlier": {"ppo_clip", "tau"},
-    "clip_outlier": {"ppo_clip", "tau"},
-    "reopold": {"ppo_clip", "reopold_lambda", "reopold_stages", "reopold_switch", "reopold_entropy_fraction"},
-    "entropy_opd": {"ppo_clip", "entropy_fraction"},
-    "eopd": {"ppo_clip", "eopd_entropy_threshold"} | _KERNEL,
-    "fkl_topk": set(_KERNEL),
-}
-OVERRIDES = {"eopd": {"k": 16, "fkl_mode": "renorm"}}  # EOPD's own setting
-# Objectives with a top-k forward-KL term. The others need only the teacher's log-prob of the
-# sampled token, so the teacher pass keeps k = 1 for them whatever `k` says.
-TOPK_OBJECTIVES = ("tropd", "eopd", "fkl_topk")
+
+
+@dataclass(frozen=True)
+class _Options:
+    def __post_init__(self):
+        for f in fields(self):
+            ok, accepted = _ACCEPTED[f.name]
+            value = getattr(self, f.name)
+            if not ok(value):
+                raise ValueError(f"{f.name}={value!r}: expected {accepted}")
+
+
+@dataclass(frozen=True)
+class _PolicyGradient(_Options):
+    ppo_clip: float | None = None  # PPO ratio clip for several updates per batch (the trainer makes one)
+
+
+@dataclass(frozen=True)
+class _TopK(_Options):
+    """The top-k forward-KL term: k teacher entries per token, and how the kernels form the FKL."""
+
+    k: int = 64
+    fkl_mode: str = "paper"
+    logprob_floor: float | None = None
+    fkl_cover: float | None = None
+    k_end: int | None = None  # k moves linearly from k to k_end over the run
+    cover_end: float | None = None  # fkl_cover moves linearly to cover_end
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cover_end is not None and self.fkl_cover is None:
+            raise ValueError(
+                "cover_end is set but fkl_cover is None: a coverage schedule needs its start value fkl_cover"
+            )
+
+
+@dataclass(frozen=True)
+class OPD(_PolicyGradient):
+    pass
+
+
+@dataclass(frozen=True)
+class TrOPD(_TopK, _PolicyGradient):
+    trust_mode: str = "bernoulli"
+    trust_tau: float = 0.5  # threshold of trust_mode=threshold
+    outlier: str = "fkl"
+    tau: float = DEFAULT_TAU  # reward floor of outlier=clip
+    beta: float = 0.001  # weight of the guidance term on teacher-prefix tokens
+
+
+@dataclass(frozen=True)
+class MaskOutlier(_PolicyGradient):
+    tau: float = DEFAULT_TAU
+
+
+@dataclass(frozen=True)
+class ClipOutlier(_PolicyGradient):
+    tau: float = DEFAULT_TAU
+
+
+@dataclass(frozen=True)
+class REOPOLD(_PolicyGradient):
+    reopold_lambda: float = 0.2
+    reopold_stages: int = 2
+    reopold_switch: float = 0.5
+    reopold_entropy_fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class EntropyOPD(_PolicyGradient):
+    entropy_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class EOPD(_TopK, _PolicyGradient):
+    k: int = 16  # EOPD's own setting
+    fkl_mode: str = "renorm"
+    eopd_entropy_threshold: float = 0.8
+
+
+@dataclass(frozen=True)
+class FKLTopK(_TopK):
+    pass
+
+
+def option_names(options_type) -> list[str]:
+    return sorted(f.name for f in fields(options_type))
+
+
+# ----------------------------------------------------------------------------- what a loss function sees
+
+
+@dataclass
+class Tokens:
+    """The response tokens of one micro-batch, as every loss function sees them."""
+
+    terms: TokenTerms
+    teacher: TeacherTopK
+    sampled: torch.Tensor  # [N] bool: S
+    prefix: torch.Tensor  # [N] bool: P (never also in S)
+    step: int
+    total_steps: int
+    generator: torch.Generator | None
+    old_logprob: torch.Tensor | None
+    selection_count: float | None
+    entropy_threshold: float | None
+
+    def __post_init__(self):
+        self.lp = self.terms.logprob
+        self.r = torch.where(self.sampled, (self.teacher.target_logprob - self.lp).detach(), 0.0)  # r_t on S, else 0
+        self.s = self.sampled.float()
+
+    def pg(self, reward: torch.Tensor, ppo_clip: float | None) -> torch.Tensor:
+        """PG(R) = -sg(R) lp_S(t), or the clipped PPO ratio form with old log-probs."""
+        if ppo_clip is None:
+            return -reward * self.lp
+        ratio = torch.exp(self.lp - self.old_logprob.detach())
+        clipped = ratio.clamp(1 - ppo_clip, 1 + ppo_clip)
+        return -torch.minimum(ratio * reward, clipped * reward)
+
+
+@dataclass
+class Loss:
+    per_token: torch.Tensor  # [N], summed and divided by the token count
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # named per-token pieces, for the metrics
+    count: float | None = None  # a denominator of the objective's own (REOPOLD: sum M)
 
 
 @dataclass
@@ -73,56 +197,84 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def max_prefix_len(step: int, total_steps: int, l_max: int) -> int:
-    """Cosine schedule of the longest teacher prefix: l_max at step 0, 0 at the last step."""
-    if total_steps < 1 or step < 0 or l_max < 0:
-        raise ValueError(f"step={step}, total_steps={total_steps}, l_max={l_max}: expected 0 <= step, 1 <= total_steps, 0 <= l_max")
-    frac = min(step, total_steps) / total_steps
-    return int(math.floor(l_max * (1 + math.cos(math.pi * frac)) / 2))
+# ----------------------------------------------------------------------------- the objectives
 
 
-def draw_prefix_len(step: int, total_steps: int, l_max: int, response_len: int, generator: torch.Generator) -> int:
-    """l ~ Uniform{0 .. min(l_max(step), |y_T|)}, drawn with the caller's seeded generator."""
-    high = min(max_prefix_len(step, total_steps, l_max), max(0, response_len))
-    return int(torch.randint(0, high + 1, (1,), generator=generator))
+def opd_loss(o: OPD, x: Tokens) -> Loss:
+    return Loss(x.pg(x.r, o.ppo_clip) * x.s)
 
 
-def _check(name: str, value, ok: bool, accepted: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r}: expected {accepted}")
+def tropd_loss(o: TrOPD, x: Tokens) -> Loss:
+    p_trust = torch.exp(x.r.clamp(max=0.0))  # min(exp(r), 1)
+    if o.trust_mode == "bernoulli":
+        gen_device = x.generator.device if x.generator is not None else p_trust.device
+        u = torch.rand(p_trust.shape, generator=x.generator, device=gen_device).to(p_trust.device)
+        m = (u < p_trust).float()
+    elif o.trust_mode == "expected":
+        m = p_trust
+    else:
+        m = (p_trust >= o.trust_tau).float()
+    m = torch.where(x.sampled, m, 0.0)
+    if o.outlier == "fkl":
+        out = x.terms.fkl
+    elif o.outlier == "clip":
+        out = x.pg(torch.clamp(x.r, min=o.tau), o.ppo_clip)
+    else:
+        out = torch.zeros_like(x.lp)
+    trusted = m * x.pg(x.r, o.ppo_clip) * x.s
+    outlier = (1 - m) * out * x.s
+    guidance = o.beta * (-x.lp) * x.prefix.float()
+    return Loss(
+        trusted + outlier + guidance, {"trust": m, "trusted": trusted, "outlier": outlier, "guidance": guidance}
+    )
 
 
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+def mask_outlier_loss(o: MaskOutlier, x: Tokens) -> Loss:
+    keep = (x.r > o.tau).float() * x.s
+    return Loss(keep * x.pg(x.r, o.ppo_clip), {"keep": keep})
 
 
-def _validate(opts: dict) -> None:
-    _check("ppo_clip", opts["ppo_clip"], opts["ppo_clip"] is None or (_is_num(opts["ppo_clip"]) and 0 < opts["ppo_clip"] < 1), "None or a number in (0, 1)")
-    _check("trust_mode", opts["trust_mode"], opts["trust_mode"] in TRUST_MODES, f"one of {', '.join(TRUST_MODES)}")
-    _check("trust_tau", opts["trust_tau"], _is_num(opts["trust_tau"]) and 0 < opts["trust_tau"] <= 1, "a number in (0, 1]")
-    _check("outlier", opts["outlier"], opts["outlier"] in OUTLIERS, f"one of {', '.join(OUTLIERS)}")
-    _check("tau", opts["tau"], _is_num(opts["tau"]), "a number (a log-ratio threshold, e.g. -1.386), not NaN")
-    _check("beta", opts["beta"], _is_num(opts["beta"]) and opts["beta"] >= 0, "a number >= 0")
-    for key in ("k", "k_end"):
-        v = opts[key]
-        _check(key, v, (v is None and key == "k_end") or (isinstance(v, int) and not isinstance(v, bool) and v >= 1), "an integer >= 1")
-    _check("fkl_mode", opts["fkl_mode"], opts["fkl_mode"] in FKL_MODES, f"one of {', '.join(FKL_MODES)}")
-    floor = opts["logprob_floor"]
-    _check("logprob_floor", floor, floor is None or (_is_num(floor) and floor <= 0), "None or a number <= 0")
-    for key in ("fkl_cover", "cover_end"):
-        v = opts[key]
-        _check(key, v, v is None or (_is_num(v) and 0 < v <= 1), "None or a number in (0, 1]")
-    if opts["cover_end"] is not None and opts["fkl_cover"] is None:
-        raise ValueError("cover_end is set but fkl_cover is None: a coverage schedule needs its start value fkl_cover")
-    lam = opts["reopold_lambda"]
-    _check("reopold_lambda", lam, _is_num(lam) and 0 < lam < 1, "a number in (0, 1)")
-    _check("reopold_stages", opts["reopold_stages"], opts["reopold_stages"] in (1, 2), "1 or 2")
-    sw = opts["reopold_switch"]
-    _check("reopold_switch", sw, _is_num(sw) and 0 <= sw <= 1, "a number in [0, 1]")
-    for key in ("reopold_entropy_fraction", "entropy_fraction"):
-        _check(key, opts[key], _is_num(opts[key]) and 0 < opts[key] <= 1, "a number in (0, 1]")
-    th = opts["eopd_entropy_threshold"]
-    _check("eopd_entropy_threshold", th, _is_num(th) and th >= 0, "a number >= 0 (nats)")
+def clip_outlier_loss(o: ClipOutlier, x: Tokens) -> Loss:
+    return Loss(x.pg(torch.clamp(x.r, min=o.tau), o.ppo_clip) * x.s, {"clipped": (x.r < o.tau) & x.sampled})
+
+
+def reopold_floor(o: REOPOLD) -> float:
+    return math.log(o.reopold_lambda / (1 - o.reopold_lambda))  # c
+
+
+def reopold_selection(o: REOPOLD, entropy, r, sampled, step, total_steps, entropy_threshold):
+    """M_t: every sampled token (one stage); stage 1 r_t >= c; stage 2 the top entropy fraction."""
+    if o.reopold_stages == 1:
+        return sampled.float(), None
+    if step < o.reopold_switch * total_steps:
+        return (sampled & (r >= reopold_floor(o))).float(), None
+    if entropy_threshold is None:
+        entropy_threshold = top_fraction_threshold(entropy[sampled], o.reopold_entropy_fraction)
+    return (sampled & (entropy >= entropy_threshold)).float(), entropy_threshold
+
+
+def reopold_loss(o: REOPOLD, x: Tokens) -> Loss:
+    c = reopold_floor(o)
+    m, _ = reopold_selection(o, x.terms.entropy, x.r, x.sampled, x.step, x.total_steps, x.entropy_threshold)
+    count = float(x.selection_count) if x.selection_count is not None else float(m.sum())
+    return Loss(m * x.pg(torch.clamp(x.r, min=c), o.ppo_clip), {"selected": m, "clipped": (x.r < c) & x.sampled}, count)
+
+
+def entropy_opd_loss(o: EntropyOPD, x: Tokens) -> Loss:
+    threshold = x.entropy_threshold
+    if threshold is None:
+        threshold = top_fraction_threshold(x.terms.entropy[x.sampled], o.entropy_fraction)
+    keep = (x.terms.entropy >= threshold).float() * x.s
+    return Loss(keep * x.pg(x.r, o.ppo_clip), {"selected": keep})
+
+
+def eopd_loss(o: EOPD, x: Tokens) -> Loss:
+    gate = (x.teacher.entropy > o.eopd_entropy_threshold).float() * x.s
+    return Loss(x.pg(x.r, o.ppo_clip) * x.s + gate * x.terms.fkl, {"fkl": gate})
+
+
+def fkl_topk_loss(o: FKLTopK, x: Tokens) -> Loss:  # noqa: ARG001  (no option changes the math)
+    return Loss(x.terms.fkl * x.s)
 
 
 def top_fraction_threshold(values: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -133,51 +285,128 @@ def top_fraction_threshold(values: torch.Tensor, fraction: float) -> torch.Tenso
     return values.float().topk(keep).values[-1]
 
 
+# ----------------------------------------------------------------------------- metrics, apart from the math
+
+
+def _fraction(mask: torch.Tensor, x: Tokens) -> float:
+    return float(mask.sum()) / max(float(x.s.sum()), 1.0)
+
+
+def tropd_metrics(loss: Loss, x: Tokens, denom: float) -> dict[str, float]:
+    m, p = loss.parts["trust"], loss.parts
+    n_s = max(float(x.s.sum()), 1.0)
+    return dict(
+        trust_fraction=float(m.sum()) / n_s,
+        loss_trusted=float(p["trusted"].detach().sum()) / denom,
+        loss_outlier=float(p["outlier"].detach().sum()) / denom,
+        loss_guidance=float(p["guidance"].detach().sum()) / denom,
+        outlier_fkl_mean=float(((1 - m) * x.terms.fkl.detach() * x.s).sum()) / max(float(((1 - m) * x.s).sum()), 1e-12),
+    )
+
+
+def common_metrics(x: Tokens, loss: torch.Tensor) -> dict[str, float]:
+    """ALGORITHM.md section 4: the log-ratio's mean and low quantiles, FKL, top-k mass, both entropies."""
+    out = {
+        "loss": float(loss.detach()),
+        "sampled_tokens": float(x.sampled.sum()),
+        "prefix_tokens": float(x.prefix.sum()),
+    }
+    if bool(x.sampled.any()):
+        rs = x.r[x.sampled].float()
+        q = torch.quantile(rs, torch.tensor([0.01, 0.10], device=rs.device)) if rs.numel() > 1 else rs.repeat(2)
+        out.update(
+            log_ratio_mean=float(rs.mean()),
+            log_ratio_p1=float(q[0]),
+            log_ratio_p10=float(q[1]),
+            fkl_mean=float(x.terms.fkl.detach()[x.sampled].mean()),
+            topk_mass_mean=float(x.terms.topk_mass[x.sampled].mean()),
+            student_entropy_mean=float(x.terms.entropy[x.sampled].mean()),
+            teacher_entropy_mean=float(x.teacher.entropy[x.sampled].mean()),
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Spec:
+    options: type
+    loss: Callable[[object, Tokens], Loss]
+    metrics: Callable[[Loss, Tokens, float], dict[str, float]] = lambda loss, x, denom: {}
+
+
+SPECS: dict[str, Spec] = {
+    "opd": Spec(OPD, opd_loss),
+    "tropd": Spec(TrOPD, tropd_loss, tropd_metrics),
+    "mask_outlier": Spec(
+        MaskOutlier, mask_outlier_loss, lambda loss, x, d: {"fraction_masked": 1 - _fraction(loss.parts["keep"], x)}
+    ),
+    "clip_outlier": Spec(
+        ClipOutlier, clip_outlier_loss, lambda loss, x, d: {"fraction_clipped": _fraction(loss.parts["clipped"], x)}
+    ),
+    "reopold": Spec(
+        REOPOLD,
+        reopold_loss,
+        lambda loss, x, d: {
+            "fraction_selected": _fraction(loss.parts["selected"], x),
+            "fraction_clipped": _fraction(loss.parts["clipped"], x),
+        },
+    ),
+    "entropy_opd": Spec(
+        EntropyOPD, entropy_opd_loss, lambda loss, x, d: {"fraction_selected": _fraction(loss.parts["selected"], x)}
+    ),
+    "eopd": Spec(EOPD, eopd_loss, lambda loss, x, d: {"fraction_fkl": _fraction(loss.parts["fkl"], x)}),
+    "fkl_topk": Spec(FKLTopK, fkl_topk_loss),
+}
+OBJECTIVES = tuple(SPECS)
+# Objectives with a top-k forward-KL term. The others need only the teacher's log-prob of the
+# sampled token, so the teacher pass keeps k = 1 for them whatever `k` says.
+TOPK_OBJECTIVES = tuple(name for name, spec in SPECS.items() if issubclass(spec.options, _TopK))
+
+
+# ----------------------------------------------------------------------------- the callable
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What one step asks of the vocabulary kernels: the teacher's k, and the student's KernelOptions."""
+
+    k: int
+    kernel: KernelOptions
+
+
 class Objective:
-    def __init__(self, name: str, options: dict):
+    def __init__(self, name: str, options: _Options):
         self.name = name
         self.options = options
-        for key, value in options.items():
-            setattr(self, key, value)
+        self.spec = SPECS[name]
 
-    def kernel_options(self, step: int = 0, total_steps: int = 1) -> dict:
-        """k, fkl_mode, logprob_floor and fkl_cover for the kernels at `step` (linear k / cover schedules)."""
+    def step_options(self, step: int = 0, total_steps: int = 1, temperature: float = 1.0) -> StepOptions:
+        """k and the kernel options at `step` (linear k and coverage schedules); k = 1 without a top-k term."""
+        o = self.options
+        if not isinstance(o, _TopK):
+            return StepOptions(1, KernelOptions(temperature))
         frac = min(max(step, 0), total_steps) / max(total_steps, 1)
-        k = self.k if self.k_end is None else round(self.k + (self.k_end - self.k) * frac)
-        if self.name not in TOPK_OBJECTIVES:
-            k = 1
-        cover = self.fkl_cover
-        if cover is not None and self.cover_end is not None:
-            cover = cover + (self.cover_end - cover) * frac
-        return dict(k=k, fkl_mode=self.fkl_mode, logprob_floor=self.logprob_floor, fkl_cover=cover)
+        k = o.k if o.k_end is None else round(o.k + (o.k_end - o.k) * frac)
+        cover = o.fkl_cover
+        if cover is not None and o.cover_end is not None:
+            cover = cover + (o.cover_end - cover) * frac
+        return StepOptions(k, KernelOptions(temperature, o.fkl_mode, o.logprob_floor, cover))
 
     def max_k(self) -> int:
         """The largest k any step asks of the teacher pass (checked against the vocabulary)."""
-        if self.name not in TOPK_OBJECTIVES:
-            return 1
-        return max(self.k, self.k_end or 0)
+        o = self.options
+        return max(o.k, o.k_end or 0) if isinstance(o, _TopK) else 1
 
-    def batch_statistics(self, entropy: torch.Tensor, log_ratio: torch.Tensor, sampled: torch.Tensor, step: int, total_steps: int) -> dict:
+    def batch_statistics(self, entropy, log_ratio, sampled, step: int, total_steps: int) -> dict:
         """Global selection statistics from the whole batch (gather entropy and r across ranks first)."""
         stats = {}
         if self.name == "entropy_opd":
-            stats["entropy_threshold"] = float(top_fraction_threshold(entropy[sampled], self.entropy_fraction))
+            stats["entropy_threshold"] = float(top_fraction_threshold(entropy[sampled], self.options.entropy_fraction))
         if self.name == "reopold":
-            mask, threshold = self._reopold_mask(entropy, log_ratio, sampled, step, total_steps, None)
+            mask, threshold = reopold_selection(self.options, entropy, log_ratio, sampled, step, total_steps, None)
             stats["selection_count"] = float(mask.sum())
             if threshold is not None:
                 stats["entropy_threshold"] = float(threshold)
         return stats
-
-    def _reopold_mask(self, entropy, r, sampled, step, total_steps, entropy_threshold):
-        if self.reopold_stages == 1:
-            return sampled.float(), None
-        c = math.log(self.reopold_lambda / (1 - self.reopold_lambda))
-        if step < self.reopold_switch * total_steps:
-            return (sampled & (r >= c)).float(), None
-        if entropy_threshold is None:
-            entropy_threshold = top_fraction_threshold(entropy[sampled], self.reopold_entropy_fraction)
-        return (sampled & (entropy >= entropy_threshold)).float(), entropy_threshold
 
     def __call__(
         self,
@@ -194,118 +423,43 @@ class Objective:
         selection_count: float | None = None,
         entropy_threshold: float | None = None,
     ) -> LossOutput:
-        sampled, prefix = sampled.bool(), prefix.bool() & ~sampled.bool()
-        lp = terms.logprob
-        r = (teacher.target_logprob - lp).detach()
-        r = torch.where(sampled, r, 0.0)
-        s = sampled.float()
-        count = float(token_count) if token_count is not None else float((sampled | prefix).sum())
-        denom = max(count, 1.0)
-
-        if self.ppo_clip is not None and old_logprob is None:
+        if getattr(self.options, "ppo_clip", None) is not None and old_logprob is None:
             raise ValueError("ppo_clip is set but old_logprob is None: pass the rollout-time student log-probs")
-
-        def pg(reward: torch.Tensor) -> torch.Tensor:
-            if self.ppo_clip is None:
-                return -reward * lp
-            ratio = torch.exp(lp - old_logprob.detach())
-            clipped = ratio.clamp(1 - self.ppo_clip, 1 + self.ppo_clip)
-            return -torch.minimum(ratio * reward, clipped * reward)
-
-        metrics: dict[str, float] = {}
-        per_token = torch.zeros_like(lp)
-        name = self.name
-        if name == "opd":
-            per_token = pg(r) * s
-        elif name == "tropd":
-            p_trust = torch.exp(r.clamp(max=0.0))
-            if self.trust_mode == "bernoulli":
-                gen_device = generator.device if generator is not None else p_trust.device
-                u = torch.rand(p_trust.shape, generator=generator, device=gen_device).to(p_trust.device)
-                m = (u < p_trust).float()
-            elif self.trust_mode == "expected":
-                m = p_trust
-            else:
-                m = (p_trust >= self.trust_tau).float()
-            m = torch.where(sampled, m, 0.0)
-            if self.outlier == "fkl":
-                out = terms.fkl
-            elif self.outlier == "clip":
-                out = pg(torch.clamp(r, min=self.tau))
-            else:
-                out = torch.zeros_like(lp)
-            trusted = m * pg(r) * s
-            outlier = (1 - m) * out * s
-            guidance = self.beta * (-lp) * prefix.float()
-            per_token = trusted + outlier + guidance
-            n_s = max(float(s.sum()), 1.0)
-            metrics.update(
-                trust_fraction=float(m.sum()) / n_s,
-                loss_trusted=float(trusted.detach().sum()) / denom,
-                loss_outlier=float(outlier.detach().sum()) / denom,
-                loss_guidance=float(guidance.detach().sum()) / denom,
-                outlier_fkl_mean=float(((1 - m) * terms.fkl.detach() * s).sum()) / max(float(((1 - m) * s).sum()), 1e-12),
-            )
-        elif name == "mask_outlier":
-            keep = (r > self.tau).float() * s
-            per_token = keep * pg(r)
-            metrics["fraction_masked"] = 1 - float(keep.sum()) / max(float(s.sum()), 1.0)
-        elif name == "clip_outlier":
-            per_token = pg(torch.clamp(r, min=self.tau)) * s
-            metrics["fraction_clipped"] = float(((r < self.tau) & sampled).sum()) / max(float(s.sum()), 1.0)
-        elif name == "reopold":
-            c = math.log(self.reopold_lambda / (1 - self.reopold_lambda))
-            m, _ = self._reopold_mask(terms.entropy, r, sampled, step, total_steps, entropy_threshold)
-            per_token = m * pg(torch.clamp(r, min=c))
-            denom = max(float(selection_count) if selection_count is not None else float(m.sum()), 1.0)
-            metrics["fraction_selected"] = float(m.sum()) / max(float(s.sum()), 1.0)
-            metrics["fraction_clipped"] = float(((r < c) & sampled).sum()) / max(float(s.sum()), 1.0)
-        elif name == "entropy_opd":
-            threshold = entropy_threshold
-            if threshold is None:
-                threshold = top_fraction_threshold(terms.entropy[sampled], self.entropy_fraction)
-            keep = (terms.entropy >= threshold).float() * s
-            per_token = keep * pg(r)
-            metrics["fraction_selected"] = float(keep.sum()) / max(float(s.sum()), 1.0)
-        elif name == "eopd":
-            gate = (teacher.entropy > self.eopd_entropy_threshold).float() * s
-            per_token = pg(r) * s + gate * terms.fkl
-            metrics["fraction_fkl"] = float(gate.sum()) / max(float(s.sum()), 1.0)
-        elif name == "fkl_topk":
-            per_token = terms.fkl * s
-
-        loss = per_token.sum() / denom
-        metrics.update(self._common_metrics(terms, teacher, r, sampled, prefix, loss))
+        sampled = sampled.bool()
+        x = Tokens(
+            terms,
+            teacher,
+            sampled,
+            prefix.bool() & ~sampled,
+            step,
+            total_steps,
+            generator,
+            old_logprob,
+            selection_count,
+            entropy_threshold,
+        )
+        count = float(token_count) if token_count is not None else float((x.sampled | x.prefix).sum())
+        out = self.spec.loss(self.options, x)
+        denom = max(count, 1.0)
+        loss = out.per_token.sum() / max(out.count, 1.0) if out.count is not None else out.per_token.sum() / denom
+        metrics = self.spec.metrics(out, x, denom)
+        metrics.update(common_metrics(x, loss))
         return LossOutput(loss=loss, metrics=metrics)
-
-    @staticmethod
-    def _common_metrics(terms, teacher, r, sampled, prefix, loss) -> dict[str, float]:
-        out = {"loss": float(loss.detach()), "sampled_tokens": float(sampled.sum()), "prefix_tokens": float(prefix.sum())}
-        if bool(sampled.any()):
-            rs = r[sampled].float()
-            q = torch.quantile(rs, torch.tensor([0.01, 0.10], device=rs.device)) if rs.numel() > 1 else rs.repeat(2)
-            out.update(
-                log_ratio_mean=float(rs.mean()),
-                log_ratio_p1=float(q[0]),
-                log_ratio_p10=float(q[1]),
-                fkl_mean=float(terms.fkl.detach()[sampled].mean()),
-                topk_mass_mean=float(terms.topk_mass[sampled].mean()),
-                student_entropy_mean=float(terms.entropy[sampled].mean()),
-                teacher_entropy_mean=float(teacher.entropy[sampled].mean()),
-            )
-        return out
 
 
 def loss_fn(name: str, **options) -> Objective:
     """The objective called `name` with the paper's defaults, overridden by `options`."""
-    if name not in OBJECTIVES:
+    if name not in SPECS:
         raise ValueError(f"objective name={name!r}: expected one of {', '.join(OBJECTIVES)}")
-    unknown = sorted(set(options) - set(DEFAULTS))
+    accepted = option_names(SPECS[name].options)
+    known = {key for spec in SPECS.values() for key in option_names(spec.options)}
+    unknown, foreign = sorted(set(options) - known), sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} for objective {name!r}: accepted options are {', '.join(sorted(APPLIES[name]))}")
-    foreign = sorted(set(options) - APPLIES[name])
+        raise ValueError(
+            f"unknown option {unknown[0]!r} for objective {name!r}: accepted options are {', '.join(accepted)}"
+        )
     if foreign:
-        raise ValueError(f"option {foreign[0]!r} does not apply to objective {name!r}: accepted options are {', '.join(sorted(APPLIES[name]))}")
-    opts = {**DEFAULTS, **OVERRIDES.get(name, {}), **options}
-    _validate(opts)
-    return Objective(name, opts)
+        raise ValueError(
+            f"option {foreign[0]!r} does not apply to objective {name!r}: accepted options are {', '.join(accepted)}"
+        )
+    return Objective(name, SPECS[name].options(**options))

@@ -72,18 +72,30 @@ def load_arch(spec: str) -> Arch:
     if path.is_file():
         c = json.loads(path.read_text())
     elif spec.count("/") != 1 or spec.startswith((".", "/", "~")):
-        raise ValueError(f"model {spec!r}: expected one of {', '.join(SHIPPED)}, a model folder, a config.json file or a hub id org/name")
+        raise ValueError(
+            f"model {spec!r}: expected one of {', '.join(SHIPPED)}, a model folder, a config.json file or a hub id "
+            "org/name"
+        )
     else:
         try:  # a hub id (from the hub, or its offline cache)
             from transformers import AutoConfig
 
             c = AutoConfig.from_pretrained(spec).to_dict()
         except Exception as exc:
-            raise ValueError(f"model {spec!r}: expected one of {', '.join(SHIPPED)}, a model folder, a config.json file or a hub id ({exc})") from exc
+            raise ValueError(
+                f"model {spec!r}: expected one of {', '.join(SHIPPED)}, a model folder, a config.json file or a hub "
+                f"id ({exc})"
+            ) from exc
     c = c.get("text_config", c)
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in c]
+    missing = [
+        k
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        if k not in c
+    ]
     if missing:
-        raise ValueError(f"model config {str(path)!r} lacks {', '.join(missing)}: expected a decoder-only (Llama-family) config")
+        raise ValueError(
+            f"model config {str(path)!r} lacks {', '.join(missing)}: expected a decoder-only (Llama-family) config"
+        )
     heads = c["num_attention_heads"]
     return Arch(
         name=spec if spec in SHIPPED else str(path.parent.name),
@@ -173,7 +185,15 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
         raise ValueError(f"student offload {wl.student_offload!r}: expected one of {', '.join(STUDENT_OFFLOADS)}")
     if wl.teacher_offload not in TEACHER_OFFLOADS:
         raise ValueError(f"teacher offload {wl.teacher_offload!r}: expected one of {', '.join(TEACHER_OFFLOADS)}")
-    for name in ("prompt_len", "response_len", "prompts_per_step", "samples_per_prompt", "student_micro_batch", "teacher_micro_batch", "k"):
+    for name in (
+        "prompt_len",
+        "response_len",
+        "prompts_per_step",
+        "samples_per_prompt",
+        "student_micro_batch",
+        "teacher_micro_batch",
+        "k",
+    ):
         if getattr(wl, name) < 1:
             raise ValueError(f"{name}={getattr(wl, name)}: expected an integer >= 1")
     if wl.k > min(student.vocab, teacher.vocab):
@@ -198,11 +218,16 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
         if wl.teacher_offload == "cpu":
             host["teacher parameters (pinned)"] = 2 * pt / hw.nodes
         else:
-            host["teacher NVMe read buffers (pinned)"] = wl.nvme_buffer_count * wl.nvme_buffer_size * 2 * hw.gpus_per_node
+            host["teacher NVMe read buffers (pinned)"] = (
+                wl.nvme_buffer_count * wl.nvme_buffer_size * 2 * hw.gpus_per_node
+            )
             disk = 2 * pt / hw.nodes
     # phase working sets (rollout, teacher scoring and update do not overlap)
     kv = 2 * student.layers * student.kv_dim * 2 * seq * gen_batch
-    rollout_ws = {"gathered student (bf16)": 2 * ps if wl.gather_for_generation else 2 * student.largest_layer_params(), "KV cache": kv}
+    rollout_ws = {
+        "gathered student (bf16)": 2 * ps if wl.gather_for_generation else 2 * student.largest_layer_params(),
+        "KV cache": kv,
+    }
     n_resp = wl.student_micro_batch * wl.response_len
     per_tok = activation_bytes_per_token_layer(student)
     tokens = wl.student_micro_batch * seq
@@ -214,7 +239,9 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     update_ws = {"activations": activations, "loss path (tropd_kernels)": loss_ours}
     n_teacher = wl.teacher_micro_batch * seq
     teacher_ws = {
-        "teacher layer working set": n_teacher * 2 * (2 * teacher.hidden + 2 * teacher.kv_dim + 3 * teacher.intermediate),
+        "teacher layer working set": n_teacher
+        * 2
+        * (2 * teacher.hidden + 2 * teacher.kv_dim + 3 * teacher.intermediate),
         "teacher top-k (tropd_kernels)": LOSS_CHUNK_BYTES + wl.teacher_micro_batch * wl.response_len * wl.k * 12,
     }
     if wl.teacher_gathered:
@@ -240,7 +267,9 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     rollout_s = gather_s + prefill_s + decode_s
     passes = math.ceil(rollouts / wl.teacher_micro_batch)
     t_compute = 2 * pt * wl.teacher_micro_batch * seq / flops
-    t_gather = 2 * pt * (G - 1) / G / coll / (passes if wl.teacher_gathered else 1)  # gathered once per step, or per pass
+    t_gather = (
+        2 * pt * (G - 1) / G / coll / (passes if wl.teacher_gathered else 1)
+    )  # gathered once per step, or per pass
     if wl.teacher_offload == "cpu":
         t_fetch = 2 * pt / G / (hw.pcie_gbs * 1e9)
     elif wl.teacher_offload == "nvme":
@@ -293,7 +322,11 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
                 "prefill_s": round(prefill_s, 2),
                 "decode_per_token_ms": round(per_token * 1e3, 2),
                 "teacher_passes": passes,
-                "teacher_pass_s": {"compute": round(t_compute, 2), "all_gather": round(t_gather, 2), "fetch": round(t_fetch, 2)},
+                "teacher_pass_s": {
+                    "compute": round(t_compute, 2),
+                    "all_gather": round(t_gather, 2),
+                    "fetch": round(t_fetch, 2),
+                },
                 "update_micro_batches": micro,
                 "update_micro_batch_s": {"compute": round(u_compute, 2), "communication": round(u_comm, 2)},
             },
@@ -303,7 +336,7 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
 
 def workload_from_run_config(cfg) -> tuple[str, str, Workload]:
     """Student and teacher folders and the workload of a run config (tropd_ds.config.RunConfig)."""
-    from .models import read_ds_config
+    from .config import read_ds_config
     from .objectives import loss_fn
 
     s_ds, t_ds = read_ds_config(cfg.student.ds_config), read_ds_config(cfg.teacher.ds_config)
@@ -337,10 +370,13 @@ def format_plan(r: dict) -> str:
     s, t, hw, wl = r["student"], r["teacher"], r["hardware"], r["workload"]
     g, h = r["gpu_gib"], r["host_gib_per_node"]
     lines = [
-        f"student {s['name']}: {s['params'] / 1e9:.2f} B parameters ({s['layers']} layers, d {s['hidden']}, V {s['vocab']}); "
+        f"student {s['name']}: {s['params'] / 1e9:.2f} B parameters ({s['layers']} layers, d {s['hidden']}, V "
+        f"{s['vocab']}); "
         f"teacher {t['name']}: {t['params'] / 1e9:.2f} B ({t['layers']} layers, d {t['hidden']})",
-        f"{hw['nodes']} node(s) x {hw['gpus_per_node']} GPUs of {hw['gpu_mem_gib']:g} GiB, {hw['host_mem_gib']:g} GiB host per node; "
-        f"{wl['prompts_per_step']} prompts x {wl['samples_per_prompt']} samples = {r['rollouts_per_gpu']} rollouts per GPU of "
+        f"{hw['nodes']} node(s) x {hw['gpus_per_node']} GPUs of {hw['gpu_mem_gib']:g} GiB, {hw['host_mem_gib']:g} "
+        "GiB host per node; "
+        f"{wl['prompts_per_step']} prompts x {wl['samples_per_prompt']} samples = {r['rollouts_per_gpu']} rollouts "
+        "per GPU of "
         f"{wl['prompt_len']} + {wl['response_len']} tokens; k {wl['k']}",
         f"student offload: {wl['student_offload']}; teacher offload: {wl['teacher_offload']}; gradient checkpointing: "
         f"{'on' if wl['gradient_checkpointing'] else 'off'}; rollout micro-batch: {wl['rollout_micro_batch'] or 'all'}",
@@ -355,8 +391,10 @@ def format_plan(r: dict) -> str:
         for k, v in items.items():
             lines.append(f"    {k:<38} {v:>9.2f}")
     lines += [
-        f"  {'total at peak':<40} {g['total']:>9.2f}   of {g['usable']:.2f} usable -> {'fits' if r['fits_gpu'] else 'DOES NOT FIT'}",
-        f"  activations without / with checkpointing: {g['activations_without_checkpointing']:.2f} / {g['activations_with_checkpointing']:.2f}",
+        f"  {'total at peak':<40} {g['total']:>9.2f}   of {g['usable']:.2f} usable -> "
+        f"{'fits' if r['fits_gpu'] else 'DOES NOT FIT'}",
+        f"  activations without / with checkpointing: {g['activations_without_checkpointing']:.2f} / "
+        f"{g['activations_with_checkpointing']:.2f}",
         f"  student loss path with full [N, V] logits instead: {g['loss_path_full_logits']:.2f}; "
         f"teacher scoring with full logits: {g['teacher_scoring_full_logits']:.2f}",
         "",
@@ -365,24 +403,36 @@ def format_plan(r: dict) -> str:
     for k, v in h.items():
         if k not in ("total", "available"):
             lines.append(f"  {k:<40} {v:>9.2f}")
-    lines.append(f"  {'total':<40} {h['total']:>9.2f}   of {h['available']:g} -> {'fits' if r['fits_host'] else 'DOES NOT FIT'}")
+    lines.append(
+        f"  {'total':<40} {h['total']:>9.2f}   of {h['available']:g} -> {'fits' if r['fits_host'] else 'DOES NOT FIT'}"
+    )
     if r["nvme_gib_per_node"]:
         lines.append(f"  NVMe per node: {r['nvme_gib_per_node']:.2f} GiB of teacher parameters")
     st = r["step_seconds"]
     d = st["detail"]
     lines += [
         "",
-        f"step time estimate (s), {hw['tflops']:g} TFLOP/s x MFU {hw['mfu']:g}, HBM {hw['hbm_gbs']:g} GB/s x {hw['hbm_efficiency']:g}, "
-        f"PCIe {hw['pcie_gbs']:g} GB/s, collectives {hw['intra_gbs'] if hw['nodes'] == 1 else min(hw['intra_gbs'], hw['inter_gbs']):g} GB/s",
+        f"step time estimate (s), {hw['tflops']:g} TFLOP/s x MFU {hw['mfu']:g}, HBM {hw['hbm_gbs']:g} GB/s x "
+        f"{hw['hbm_efficiency']:g}, "
+        f"PCIe {hw['pcie_gbs']:g} GB/s, collectives "
+        f"{hw['intra_gbs'] if hw['nodes'] == 1 else min(hw['intra_gbs'], hw['inter_gbs']):g} GB/s",
         f"  rollout          {st['rollout']:>8.1f}   (gather {d['gather_student_s']} s, prefill {d['prefill_s']} s, "
         f"{d['decode_per_token_ms']} ms per decoded token)",
-        f"  teacher scoring  {st['teacher_scoring']:>8.1f}   ({d['teacher_passes']} passes; per pass compute {d['teacher_pass_s']['compute']} s, "
+        f"  teacher scoring  {st['teacher_scoring']:>8.1f}   ({d['teacher_passes']} passes; per pass compute "
+        f"{d['teacher_pass_s']['compute']} s, "
         f"all-gather {d['teacher_pass_s']['all_gather']} s, fetch {d['teacher_pass_s']['fetch']} s)",
-        f"  update           {st['update']:>8.1f}   ({d['update_micro_batches']} micro-batches; compute {d['update_micro_batch_s']['compute']} s, "
+        f"  update           {st['update']:>8.1f}   ({d['update_micro_batches']} micro-batches; compute "
+        f"{d['update_micro_batch_s']['compute']} s, "
         f"communication {d['update_micro_batch_s']['communication']} s each)",
         f"  total            {st['total']:>8.1f}",
         "",
-        "verdict: " + ("fits" if r["fits"] else "does NOT fit: " + ", ".join(x for x, ok in (("GPU", r["fits_gpu"]), ("host", r["fits_host"])) if not ok)),
+        "verdict: "
+        + (
+            "fits"
+            if r["fits"]
+            else "does NOT fit: "
+            + ", ".join(x for x, ok in (("GPU", r["fits_gpu"]), ("host", r["fits_host"])) if not ok)
+        ),
     ]
     return "\n".join(lines)
 
@@ -390,10 +440,15 @@ def format_plan(r: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="tropd-ds plan",
-        description="Memory budget and step-time estimate of a distillation run, from configs alone (no weights, no GPU).",
+        description="Memory budget and step-time estimate of a distillation run, from configs alone (no weights, no "
+        "GPU).",
     )
-    ap.add_argument("--config", help="a run config (YAML/JSON): models, lengths, batch sizes, k and offload choices come from it")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a run-config field")
+    ap.add_argument(
+        "--config", help="a run config (YAML/JSON): models, lengths, batch sizes, k and offload choices come from it"
+    )
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a run-config field"
+    )
     ap.add_argument("--student", help=f"student: {', '.join(SHIPPED)}, a model folder or a config.json")
     ap.add_argument("--teacher", help="teacher, as --student")
     for f in Workload.__dataclass_fields__.values():
@@ -401,7 +456,9 @@ def main(argv=None) -> int:
         if f.type == "bool":
             ap.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes", "on"), default=None, metavar="BOOL")
         elif f.name in ("student_offload", "teacher_offload"):
-            ap.add_argument(flag, default=None, choices=STUDENT_OFFLOADS if f.name == "student_offload" else TEACHER_OFFLOADS)
+            ap.add_argument(
+                flag, default=None, choices=STUDENT_OFFLOADS if f.name == "student_offload" else TEACHER_OFFLOADS
+            )
         else:
             ap.add_argument(flag, type=float if f.type == "float" else int, default=None)
     for f in Hardware.__dataclass_fields__.values():

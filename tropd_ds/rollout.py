@@ -22,22 +22,36 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from deepspeed.runtime.rollout import RolloutBatch, RolloutEngine, RolloutRequest, SamplingConfig
 
 from . import collectives
 from .data import Prompt
-from .objectives import draw_prefix_len
 
 
 @dataclass
 class RolloutTokens:
+    """What the rollout hands to scoring and the update: the sequences and which targets are the response's."""
+
     input_ids: torch.Tensor  # [B, T] left-padded prompt (+ prefix) then response, right-padded
     attention_mask: torch.Tensor  # [B, T]
     sampled: torch.Tensor  # [B, T-1] bool: target t+1 was sampled by the student
     prefix: torch.Tensor  # [B, T-1] bool: target t+1 is a teacher-prefix token
+    targets: torch.Tensor = field(init=False)  # [B, T-1] bool: sampled | prefix, every target a loss scores
+
+    def __post_init__(self):
+        self.targets = self.sampled | self.prefix
+
+    def rows(self, start: int, count: int) -> RolloutTokens:
+        """Rows start .. start + count - 1 (a micro-batch)."""
+        sl = slice(start, start + count)
+        return RolloutTokens(self.input_ids[sl], self.attention_mask[sl], self.sampled[sl], self.prefix[sl])
+
+    def micro_batches(self, size: int) -> list[RolloutTokens]:
+        return [self.rows(start, size) for start in range(0, self.input_ids.shape[0], size)]
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +97,10 @@ def zero3_offload(engine):
     optimizer = getattr(engine, "optimizer", None)  # a ZeRO-3 optimiser, or DeepSpeedZeRoOffload for a frozen engine
     offload = getattr(optimizer, "parameter_offload", optimizer)
     if not hasattr(offload, "forward_hooks") or not hasattr(offload, "_register_deepspeed_module"):
-        raise RuntimeError(f"ZeRO-3 engine without the parameter-offload hooks this DeepSpeed version is expected to have ({type(optimizer).__name__})")
+        raise RuntimeError(
+            "ZeRO-3 engine without the parameter-offload hooks this DeepSpeed version is expected to have "
+            f"({type(optimizer).__name__})"
+        )
     return offload
 
 
@@ -182,12 +199,17 @@ class GenerateRollout(RolloutEngine):
         self.synced = zero3 and not gather and collectives.rank_world()[1] > 1  # every decode forward is a collective
 
     @torch.no_grad()
-    def generate(self, request: RolloutRequest, sampling: SamplingConfig, budgets: torch.Tensor | None = None) -> RolloutBatch:
+    def generate(
+        self, request: RolloutRequest, sampling: SamplingConfig, budgets: torch.Tensor | None = None
+    ) -> RolloutBatch:
         """Prompt + response per row (n_samples_per_prompt rows per prompt, adjacent); `budgets` [B'] caps
         each row's new tokens below `sampling.max_new_tokens`. The attention mask marks exactly the
         prompt tokens and the response positions of `response_keep`."""
         if sampling.top_k > 0:
-            raise ValueError(f"top_k={sampling.top_k}: GenerateRollout samples from the full distribution (top_k <= 0) or nucleus (top_p)")
+            raise ValueError(
+                f"top_k={sampling.top_k}: GenerateRollout samples from the full distribution (top_k <= 0) or nucleus "
+                "(top_p)"
+            )
         n = sampling.n_samples_per_prompt
         ids = request.prompt_ids.repeat_interleave(n, 0) if n > 1 else request.prompt_ids
         mask = request.prompt_attention_mask.repeat_interleave(n, 0) if n > 1 else request.prompt_attention_mask
@@ -222,7 +244,9 @@ class GenerateRollout(RolloutEngine):
         cache = DynamicCache(config=self.lm.config)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache_kw = {self.cache_keyword: cache}
-        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kw)
+        out = self.lm(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kw
+        )
         done = budgets <= 0
         busy = not bool(done.all())  # this rank still has a row to decode (one device sync per token)
         generated = []
@@ -242,18 +266,24 @@ class GenerateRollout(RolloutEngine):
             generated.append(token)
             done = done | torch.isin(token, end) | (budgets <= len(generated))
             busy = not bool(done.all())
-            if not (collectives.all_reduce([float(busy)], op="max")[0] > 0 if self.synced else busy):  # once per token on every rank
+            if not (
+                collectives.all_reduce([float(busy)], op="max")[0] > 0 if self.synced else busy
+            ):  # once per token on every rank
                 break
             mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
             positions = positions[:, -1:] + 1
-            out = self.lm(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **cache_kw)
+            out = self.lm(
+                input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **cache_kw
+            )
         return torch.cat([ids, torch.stack(generated, 1)], 1)
 
     def sync_weights(self, step: int) -> None:  # noqa: ARG002  (the rollout uses the training weights in place)
         return None
 
 
-def sample(rollout_engine: GenerateRollout, prompts: list[Prompt], prefixes: list[list[int]], sampling: SamplingConfig, device) -> RolloutTokens:
+def sample(
+    rollout_engine: GenerateRollout, prompts: list[Prompt], prefixes: list[list[int]], sampling: SamplingConfig, device
+) -> RolloutTokens:
     """One rollout per entry of `prompts` (already expanded to n per prompt), continuing after its prefix.
 
     Prefix plus continuation never exceed `sampling.max_new_tokens`: a row with a prefix of l tokens
@@ -262,7 +292,9 @@ def sample(rollout_engine: GenerateRollout, prompts: list[Prompt], prefixes: lis
     seqs = [p.ids + pre for p, pre in zip(prompts, prefixes)]
     ids, mask = left_pad(seqs, rollout_engine.pad_id, device)
     ended = [bool(pre) and pre[-1] in rollout_engine.end_ids for pre in prefixes]
-    budgets = torch.tensor([0 if end else max(0, sampling.max_new_tokens - len(pre)) for pre, end in zip(prefixes, ended)], device=device)
+    budgets = torch.tensor(
+        [0 if end else max(0, sampling.max_new_tokens - len(pre)) for pre, end in zip(prefixes, ended)], device=device
+    )
     batch = rollout_engine.generate(RolloutRequest(ids, mask), sampling, budgets)
     width = ids.shape[1]
     t = torch.arange(1, batch.seq_len, device=device).unsqueeze(0)  # position of each target
@@ -272,7 +304,25 @@ def sample(rollout_engine: GenerateRollout, prompts: list[Prompt], prefixes: lis
     return RolloutTokens(batch.input_ids, batch.attention_mask, sampled, prefix)
 
 
-def choose_prefixes(prompts: list[Prompt], step: int, total_steps: int, l_max: int, enabled: bool, generator: torch.Generator) -> list[list[int]]:
+def max_prefix_len(step: int, total_steps: int, l_max: int) -> int:
+    """Cosine schedule of the longest teacher prefix: l_max at step 0, 0 at the last step."""
+    if total_steps < 1 or step < 0 or l_max < 0:
+        raise ValueError(
+            f"step={step}, total_steps={total_steps}, l_max={l_max}: expected 0 <= step, 1 <= total_steps, 0 <= l_max"
+        )
+    frac = min(step, total_steps) / total_steps
+    return int(math.floor(l_max * (1 + math.cos(math.pi * frac)) / 2))
+
+
+def draw_prefix_len(step: int, total_steps: int, l_max: int, response_len: int, generator: torch.Generator) -> int:
+    """l ~ Uniform{0 .. min(l_max(step), |y_T|)}, drawn with the caller's seeded generator."""
+    high = min(max_prefix_len(step, total_steps, l_max), max(0, response_len))
+    return int(torch.randint(0, high + 1, (1,), generator=generator))
+
+
+def choose_prefixes(
+    prompts: list[Prompt], step: int, total_steps: int, l_max: int, enabled: bool, generator: torch.Generator
+) -> list[list[int]]:
     """Per rollout, l ~ Uniform{0 .. min(l_max(step), |y_T|)} tokens of the teacher response."""
     out = []
     for p in prompts:
@@ -284,9 +334,56 @@ def choose_prefixes(prompts: list[Prompt], step: int, total_steps: int, l_max: i
     return out
 
 
-def teacher_responses(teacher_rollout: GenerateRollout, prompts: list[Prompt], sampling: SamplingConfig, device) -> list[list[int]]:
+def teacher_responses(
+    teacher_rollout: GenerateRollout, prompts: list[Prompt], sampling: SamplingConfig, device
+) -> list[list[int]]:
     """Responses generated by the teacher engine (prefix_source = teacher), up to and including the first end token."""
     ids, mask = left_pad([p.ids for p in prompts], teacher_rollout.pad_id, device)
     batch = teacher_rollout.generate(RolloutRequest(ids, mask), sampling)
     width = ids.shape[1]
     return [row[width:][keep[width:].bool()].tolist() for row, keep in zip(batch.input_ids, batch.attention_mask)]
+
+
+class Rollout:
+    """The rollout phase of a step: teacher prefixes (off-policy guidance) on their cosine schedule, then the
+    student's samples continuing after them. `student` and `teacher` are `GenerateRollout`s."""
+
+    def __init__(self, student: GenerateRollout, teacher: GenerateRollout, cfg, device):
+        self.student, self.teacher, self.cfg, self.device = student, teacher, cfg, device  # cfg: RolloutConfig
+        self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+        self.l_max = cfg.guidance_max_len or cfg.max_new_tokens
+
+    @classmethod
+    def of_engines(cls, student_engine, teacher_engine, tokenizer, cfg, device) -> Rollout:
+        """The run's rollout (`cfg`: the RunConfig): the student generates gathered when rollout.gather_params;
+        a teacher that may not fit on one device (teacher.gather_params false) generates layer by layer."""
+        end_ids = end_token_ids(tokenizer, student_engine.module.lm, teacher_engine.module.lm)
+        pad, r = tokenizer.pad_token_id, cfg.rollout
+        student = GenerateRollout(student_engine, pad, end_ids, r.gather_params, r.micro_batch_size)
+        teacher = GenerateRollout(teacher_engine, pad, end_ids, cfg.teacher.gather_params, cfg.teacher.micro_batch_size)
+        return cls(student, teacher, r, device)
+
+    def metrics(self, tokens: RolloutTokens) -> dict[str, float]:
+        return rollout_metrics(tokens, self.student.end_ids, self.student.pad_id)
+
+    def __call__(self, prompts: list[Prompt], step: int, total_steps: int, generator: torch.Generator) -> RolloutTokens:
+        """samples_per_prompt rollouts per prompt (adjacent rows); the generator draws the prefix lengths."""
+        expanded = [p for p in prompts for _ in range(self.cfg.samples_per_prompt)]
+        if self.cfg.guidance and self.cfg.prefix_source == "teacher":
+            for p, response in zip(prompts, teacher_responses(self.teacher, prompts, self.sampling, self.device)):
+                p.response_ids = response
+        prefixes = choose_prefixes(expanded, step, total_steps, self.l_max, self.cfg.guidance, generator)
+        self.student.engine.eval()  # generation uses the KV cache (gradient checkpointing turns it off in train mode)
+        return sample(self.student, expanded, prefixes, self.sampling, self.device)
+
+
+def rollout_metrics(tokens: RolloutTokens, end_ids, pad_id: int) -> dict[str, float]:
+    """Response and prefix lengths, the fraction of rollouts that ended, and sampled pads that are not end tokens."""
+    seen = tokens.input_ids[:, 1:][tokens.sampled]  # what the loss saw of the student's samples
+    ends = torch.isin(seen, torch.tensor(end_ids, device=seen.device))
+    return dict(
+        response_len=(tokens.sampled.sum(1)).float().mean().item(),
+        prefix_len=(tokens.prefix.sum(1)).float().mean().item(),
+        ended_fraction=float(ends.sum()) / max(1, tokens.input_ids.shape[0]),
+        sampled_pad_fraction=float(((seen == pad_id) & ~ends).float().mean()) if len(seen) else 0.0,  # pad may be EOS
+    )

@@ -1,5 +1,8 @@
-"""Teacher scoring: one teacher forward per micro-batch of rollouts, reduced at once to a TeacherTopK
-per response token (sampled or prefix). Teacher logits never exist beyond one chunk of tokens."""
+"""Teacher scoring: the teacher's forward over every rollout, reduced at once to a TeacherTopK per
+response token (sampled or prefix). Teacher logits never exist beyond one chunk of tokens.
+
+`TeacherScorer` is the teacher's forward (a frozen ZeRO-3 engine wraps it); `score` runs it in the
+teacher's own micro-batches and hands the update one TeacherTopK per student micro-batch."""
 
 from __future__ import annotations
 
@@ -8,32 +11,59 @@ import contextlib
 import torch
 import tropd_kernels as tk
 
+from .config import ModelConfig
+from .models import VocabHeadModel, initialize, load_causal_lm, teacher_ds_config
+from .objectives import StepOptions
 from .rollout import RolloutTokens, hook_free_gathered, zero3_offload
 
 
+class TeacherScorer(VocabHeadModel):
+    """forward(input_ids, attention_mask, select [B, T-1] bool, k, temperature) -> the TeacherTopK of the
+    selected targets. TeacherTopK is a NamedTuple: DeepSpeed's ZeRO-3 hooks rebuild NamedTuples that cross
+    a module boundary (a dataclass would pass through without its tensors being seen)."""
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask, select, k: int, temperature: float) -> tk.TeacherTopK:
+        hidden = self.hidden_states(input_ids, attention_mask)[select]
+        targets = input_ids[:, 1:][select]
+        weight, bias = self.head()
+        return tk.teacher_topk_from_hidden(hidden, weight, targets, k, temperature, bias)
+
+
+def teacher_engine(cfg: ModelConfig, n_tokens: int):
+    """A ZeRO-3 inference engine (no optimiser) with parameters offloaded as its config says; returns
+    the engine and the HfDeepSpeedConfig that must outlive the model's loading."""
+    ds_config = teacher_ds_config(cfg)
+    lm, keep = load_causal_lm(cfg, ds_config)
+    lm.requires_grad_(False)
+    lm.eval()
+    return initialize(TeacherScorer(lm, n_tokens), ds_config), keep
+
+
 @torch.no_grad()
-def score(teacher, rollout: RolloutTokens, micro_batch: int, k: int, temperature: float, gather: bool = False) -> list[tk.TeacherTopK]:
-    """TeacherTopK of the selected targets, one per teacher micro-batch of `micro_batch` rollouts, in row order.
+def score(
+    teacher,
+    tokens: RolloutTokens,
+    options: StepOptions,
+    micro_batch: int,
+    student_micro_batch: int,
+    gather: bool = False,
+) -> list[tk.TeacherTopK]:
+    """The teacher's TeacherTopK (top `options.k`) of every response target, run `micro_batch` rollouts at a
+    time and returned per student micro-batch of `student_micro_batch` rollouts (in row order), as the update
+    consumes it.
 
     `gather`: the whole teacher is gathered once for all micro-batches and run without ZeRO-3's
     per-module hooks (teacher.gather_params); otherwise ZeRO-3 gathers it layer by layer."""
-    select = rollout.sampled | rollout.prefix
-    out = []
+    parts = []
     whole = hook_free_gathered(teacher) if gather and zero3_offload(teacher) is not None else contextlib.nullcontext()
     with whole:
-        for start in range(0, rollout.input_ids.shape[0], micro_batch):
-            rows = slice(start, start + micro_batch)
-            fields = teacher(rollout.input_ids[rows], rollout.attention_mask[rows], select[rows], k, temperature)
-            out.append(tk.TeacherTopK(*fields))
-    return out
-
-
-def concat(parts: list[tk.TeacherTopK]) -> tk.TeacherTopK:
-    return tk.TeacherTopK(*(torch.cat(x) for x in zip(*parts)))
-
-
-def split_rows(teacher: tk.TeacherTopK, select: torch.Tensor, micro_batch: int) -> list[tk.TeacherTopK]:
-    """Cut a TeacherTopK over all selected tokens into the student's micro-batches of rows."""
-    counts = [int(select[s : s + micro_batch].sum()) for s in range(0, select.shape[0], micro_batch)]
-    pieces = [torch.split(t, counts) for t in teacher]
-    return [tk.TeacherTopK(*fields) for fields in zip(*pieces)]
+        for rows in tokens.micro_batches(micro_batch):
+            parts.append(
+                teacher(rows.input_ids, rows.attention_mask, rows.targets, options.k, options.kernel.temperature)
+            )
+    if micro_batch == student_micro_batch:
+        return parts
+    joined = [torch.cat(field) for field in zip(*parts)]
+    counts = [int(rows.targets.sum()) for rows in tokens.micro_batches(student_micro_batch)]
+    return [tk.TeacherTopK(*fields) for fields in zip(*(torch.split(t, counts) for t in joined))]

@@ -1,4 +1,7 @@
-"""Student update: kernels on the student's final hidden states, the objective, backward and step."""
+"""Student update: the student's forward to per-token terms (the vocabulary kernels on its final hidden
+states), the objective over them, backward and the optimiser step, one micro-batch at a time.
+
+`StudentTerms` is the student's forward (a ZeRO-3 training engine wraps it); `update` runs one step."""
 
 from __future__ import annotations
 
@@ -6,39 +9,64 @@ import torch
 import tropd_kernels as tk
 
 from . import collectives, faults
+from .config import ModelConfig, OptimConfig
+from .models import VocabHeadModel, initialize, load_causal_lm, student_ds_config
+from .objectives import Objective, StepOptions
 from .rollout import RolloutTokens
+
+
+class StudentTerms(VocabHeadModel):
+    """forward(input_ids, attention_mask, select, teacher, options=KernelOptions) -> TokenTerms of the
+    selected targets. TeacherTopK in and TokenTerms out are NamedTuples, which DeepSpeed's ZeRO-3 hooks
+    rebuild field by field; the options travel as a keyword, which the hooks do not inspect."""
+
+    def forward(
+        self, input_ids, attention_mask, select, teacher: tk.TeacherTopK, *, options: tk.KernelOptions
+    ) -> tk.TokenTerms:
+        hidden = self.hidden_states(input_ids, attention_mask)[select]
+        targets = input_ids[:, 1:][select]
+        weight, bias = self.head()
+        return tk.token_terms_from_hidden(hidden, weight, targets, teacher, bias=bias, options=options)
+
+
+def student_engine(cfg: ModelConfig, optim: OptimConfig, n_tokens: int, micro_batch: int, grad_accum: int):
+    """A ZeRO-3 training engine; returns the engine and the HfDeepSpeedConfig that must outlive the loading."""
+    ds_config = student_ds_config(cfg, optim, micro_batch, grad_accum)
+    lm, keep = load_causal_lm(cfg, ds_config)
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = True
+    return initialize(StudentTerms(lm, n_tokens), ds_config, optim), keep
+
+
+def per_micro_batch(global_value: float, micro_batches: int) -> float:
+    """A global count as each micro-batch's loss must divide by it: DeepSpeed averages gradients over the
+    ranks and this rank's `micro_batches` micro-batches, so dividing by their number undoes the average and
+    the step follows the global token mean."""
+    return global_value / (collectives.rank_world()[1] * micro_batches)
 
 
 def update(
     engine,
-    objective,
-    rollout: RolloutTokens,
+    objective: Objective,
+    tokens: RolloutTokens,
     teachers: list[tk.TeacherTopK],
     micro_batch: int,
     step: int,
     total_steps: int,
-    temperature: float,
-    token_count: float,
+    options: StepOptions,
     generator: torch.Generator,
 ) -> list[dict]:
-    """One optimiser step over this rank's rollouts, `micro_batch` rows at a time.
-
-    `token_count` is the global number of response tokens divided by (ranks x micro-batches), the
-    factor DeepSpeed's gradient averaging undoes, so the step follows the global token mean."""
-    opts = objective.kernel_options(step, total_steps)
-    opts.pop("k")
-    select_all = rollout.sampled | rollout.prefix
-    kernel_args = (temperature, opts["fkl_mode"], opts["logprob_floor"], opts["fkl_cover"])
-    starts = list(range(0, rollout.input_ids.shape[0], micro_batch))
-    stats = global_statistics(engine, objective, rollout, teachers, starts, micro_batch, step, total_steps, kernel_args)
+    """One optimiser step over this rank's rollouts, `micro_batch` rows at a time (`teachers`: one per
+    micro-batch, from `scoring.score`); returns each micro-batch's metrics."""
+    engine.train()
+    batches = tokens.micro_batches(micro_batch)
+    token_count = per_micro_batch(float(collectives.all_reduce([float(tokens.targets.sum())])[0]), len(batches))
+    stats = global_statistics(engine, objective, batches, teachers, step, total_steps, options)
     metrics = []
-    for i, start in enumerate(starts):
-        rows = slice(start, start + micro_batch)
-        select = select_all[rows]
-        teacher = teachers[i]
-        fields = engine(rollout.input_ids[rows], rollout.attention_mask[rows], select, *teacher, *kernel_args)
-        terms = tk.TokenTerms(*fields)
-        sampled, prefix = rollout.sampled[rows][select], rollout.prefix[rows][select]
+    for rows, teacher in zip(batches, teachers):
+        terms = engine(rows.input_ids, rows.attention_mask, rows.targets, teacher, options=options.kernel)
+        sampled, prefix = rows.sampled[rows.targets], rows.prefix[rows.targets]
         out = objective(terms, teacher, sampled, prefix, step, total_steps, generator, token_count=token_count, **stats)
         if faults.active("nan_loss", step + 1, collectives.rank_world()[0]):
             out.loss = out.loss * float("nan")
@@ -53,27 +81,23 @@ BATCH_STATISTICS = ("entropy_opd", "reopold")  # objectives that select or norma
 
 
 @torch.no_grad()
-def global_statistics(engine, objective, rollout: RolloutTokens, teachers, starts, micro_batch, step, total_steps, kernel_args) -> dict:
+def global_statistics(engine, objective: Objective, batches, teachers, step, total_steps, options: StepOptions) -> dict:
     """`entropy_opd`'s top-fraction entropy threshold and `reopold`'s selection (threshold and count M)
     over the global batch, every micro-batch of every rank, as ALGORITHM.md section 2 defines them:
     one gradient-free pass over this rank's micro-batches, the sampled tokens' entropy and log-ratio
-    gathered from every rank. The count is divided by ranks x micro-batches, the factor DeepSpeed's
-    gradient averaging undoes (as for `token_count`)."""
+    gathered from every rank. The count is taken per micro-batch (`per_micro_batch`), as the token count."""
     if objective.name not in BATCH_STATISTICS:
         return {}
     entropy, log_ratio = [], []
-    select_all = rollout.sampled | rollout.prefix
-    for i, start in enumerate(starts):
-        rows = slice(start, start + micro_batch)
-        select = select_all[rows]
-        terms = tk.TokenTerms(*engine.module(rollout.input_ids[rows], rollout.attention_mask[rows], select, *teachers[i], *kernel_args))
-        sampled = rollout.sampled[rows][select]
+    for rows, teacher in zip(batches, teachers):
+        terms = engine.module(rows.input_ids, rows.attention_mask, rows.targets, teacher, options=options.kernel)
+        sampled = rows.sampled[rows.targets]
         entropy.append(terms.entropy[sampled].float().cpu())
-        log_ratio.append((teachers[i].target_logprob[sampled] - terms.logprob[sampled]).float().cpu())
+        log_ratio.append((teacher.target_logprob[sampled] - terms.logprob[sampled]).float().cpu())
     parts = collectives.all_gather_object((torch.cat(entropy), torch.cat(log_ratio)))
     entropy_all = torch.cat([e for e, _ in parts])
     r_all = torch.cat([r for _, r in parts])
     stats = objective.batch_statistics(entropy_all, r_all, torch.ones_like(r_all, dtype=torch.bool), step, total_steps)
     if "selection_count" in stats:
-        stats["selection_count"] /= len(parts) * len(starts)
+        stats["selection_count"] = per_micro_batch(stats["selection_count"], len(batches))
     return stats

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -85,7 +86,9 @@ def check_teacher(teacher: TeacherTopK, targets: torch.Tensor, vocab: int) -> No
     if ids.dtype != torch.int64:
         raise ValueError(f"teacher.ids.dtype={ids.dtype}: expected int64")
     if logprobs.shape != ids.shape:
-        raise ValueError(f"teacher.logprobs has shape {tuple(logprobs.shape)}: expected {tuple(ids.shape)} like teacher.ids")
+        raise ValueError(
+            f"teacher.logprobs has shape {tuple(logprobs.shape)}: expected {tuple(ids.shape)} like teacher.ids"
+        )
     if logprobs.dtype != torch.float32:
         raise ValueError(f"teacher.logprobs.dtype={logprobs.dtype}: expected float32")
     for name in ("target_logprob", "entropy"):
@@ -104,10 +107,31 @@ def check_teacher(teacher: TeacherTopK, targets: torch.Tensor, vocab: int) -> No
             raise ValueError("teacher.ids repeats an id within a row: expected k distinct ids per row")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
 def check_fkl_options(fkl_mode: str, logprob_floor: float | None, fkl_cover: float | None) -> None:
     if fkl_mode not in FKL_MODES:
         raise ValueError(f"fkl_mode={fkl_mode!r}: expected one of {', '.join(FKL_MODES)}")
-    if logprob_floor is not None and not (isinstance(logprob_floor, (int, float)) and logprob_floor <= 0):
+    if logprob_floor is not None and not (_is_number(logprob_floor) and logprob_floor <= 0):
         raise ValueError(f"logprob_floor={logprob_floor!r}: expected None or a number <= 0 (e.g. -10)")
-    if fkl_cover is not None and not (isinstance(fkl_cover, (int, float)) and 0 < fkl_cover <= 1):
+    if fkl_cover is not None and not (_is_number(fkl_cover) and 0 < fkl_cover <= 1):
         raise ValueError(f"fkl_cover={fkl_cover!r}: expected None or a number in (0, 1]")
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """How the student's vocabulary pass turns logits into terms, checked once when made.
+
+    temperature divides the logits before every softmax; fkl_mode, logprob_floor and fkl_cover shape
+    the top-k forward KL (ALGORITHM.md section 1)."""
+
+    temperature: float = 1.0
+    fkl_mode: str = "paper"
+    logprob_floor: float | None = None
+    fkl_cover: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "temperature", check_temperature(self.temperature))
+        check_fkl_options(self.fkl_mode, self.logprob_floor, self.fkl_cover)

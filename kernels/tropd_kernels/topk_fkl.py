@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .contract import TokenTerms
+from .contract import KernelOptions, TokenTerms
 
 TAIL_FLOOR = 1e-12  # smallest student tail mass used inside log(s_tail)
 
@@ -30,11 +30,10 @@ def student_terms(
     entropy: torch.Tensor,
     valid: torch.Tensor,
     teacher_logprobs: torch.Tensor,
-    fkl_mode: str,
-    logprob_floor: float | None,
-    fkl_cover: float | None,
+    options: KernelOptions,
 ) -> TokenTerms:
     """gathered holds z / T at the teacher's k ids followed by the target id."""
+    fkl_mode, logprob_floor, fkl_cover = options.fkl_mode, options.logprob_floor, options.fkl_cover
     # Ignored rows are neutralised on the inputs, so no inf or NaN can leak into their gradients.
     lse = torch.where(valid, lse, 0.0)
     gathered = torch.where(valid.unsqueeze(1), gathered, 0.0)

@@ -1,83 +1,12 @@
-"""tropd_kernels against the naive full-softmax oracle: values, gradients, odd shapes, bf16, -inf."""
+"""tropd_kernels.token_terms (and its _from_hidden variant) against the naive full-softmax oracle:
+values, gradients, odd shapes, bf16, -inf, ignored rows; KernelOptions."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import tropd_kernels as tk
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["torch", "triton"]
-NEG_INF = float("-inf")
-
-
-def make_case(n: int, vocab: int, seed: int, dtype=torch.float32):
-    """Teacher and student logits sharing masked (-inf) vocabulary columns, some ignored rows,
-    one sharply peaked row (entropy near 0) and a row where the target is among the teacher's top ids."""
-    g = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(n, vocab, generator=g) * 3
-    student = torch.randn(n, vocab, generator=g) * 2 + 0.3 * teacher
-    masked = torch.randperm(vocab, generator=g)[: max(1, vocab // 20)]
-    teacher[:, masked] = NEG_INF
-    student[:, masked] = NEG_INF
-    allowed = torch.ones(vocab, dtype=torch.bool)
-    allowed[masked] = False
-    choices = allowed.nonzero().squeeze(1)
-    targets = choices[torch.randint(len(choices), (n,), generator=g)]
-    if n > 2:
-        targets[1] = -100
-        targets[n - 1] = -100
-        student[2] *= 20  # peaked row
-        targets[0] = int(teacher[0].argmax())
-    return teacher.to(dtype).to(DEVICE), student.to(dtype).to(DEVICE), targets.to(DEVICE)
-
-
-def tolerances(dtype):
-    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=1e-5)
-
-
-def assert_grad_close(got: torch.Tensor, want: torch.Tensor) -> None:
-    """fp32 gradients within 1e-5 relative. A bf16 gradient must be a once-rounded fp32 gradient that
-    agrees with the oracle: within half a bf16 ulp (2^-8 relative at worst, more than 2e-3) of a value
-    within 1e-5 relative of the oracle's."""
-    if got.dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        return
-    exponent = torch.floor(torch.log2(want.abs().clamp(min=1e-30)))
-    half_ulp = torch.exp2(exponent - 8)
-    err = (got.float() - want).abs()
-    bad = err > half_ulp + 1e-5 * want.abs() + 1e-6
-    if bad.any():
-        i = int(err.flatten().argmax())
-        raise AssertionError(
-            f"{int(bad.sum())} bf16 gradient entries off by more than half an ulp; worst at flat index {i}: "
-            f"got {got.flatten()[i].item()}, oracle {want.flatten()[i].item()}"
-        )
-
-
-SHAPES = [  # (N, V, k, temperature)
-    (1, 1000, 1, 1.0),
-    (37, 3001, 16, 0.7),
-    (37, 1000, 64, 1.3),
-]
-OPTIONS = [(None, None), (-6.0, None), (None, 0.9), (-6.0, 0.6)]  # (logprob_floor, fkl_cover)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-V{}-k{}-T{}".format(*s))
-def test_teacher_topk_matches_oracle(backend, dtype, shape):
-    n, vocab, k, temp = shape
-    teacher, _, targets = make_case(n, vocab, seed=n + vocab + k, dtype=dtype)
-    got = tk.teacher_topk(teacher, targets, k, temp, backend=backend)
-    want = tk.teacher_topk_oracle(teacher, targets, k, temp)
-    assert torch.equal(got.ids, want.ids)
-    for name in ("logprobs", "target_logprob", "entropy"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), **tolerances(torch.float32), msg=name)
-        assert getattr(got, name).dtype == torch.float32
-    ignored = targets == -100
-    assert torch.all(got.ids[ignored] == 0) and torch.all(got.logprobs[ignored] == 0)
-    assert torch.all(got.entropy[ignored] == 0) and torch.all(got.target_logprob[ignored] == 0)
+from kernel_cases import BACKENDS, DEVICE, OPTIONS, SHAPES, assert_grad_close, make_case, tolerances
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -166,7 +95,7 @@ def test_empty_batch(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-def test_from_hidden_matches_oracle_on_projected_logits(backend, dtype, with_bias):
+def test_token_terms_from_hidden_matches_oracle_on_projected_logits(backend, dtype, with_bias):
     n, d, vocab, k, temp = 37, 24, 1000, 16, 0.9
     g = torch.Generator().manual_seed(2)
     hidden = (torch.randn(n, d, generator=g)).to(dtype).to(DEVICE)
@@ -180,18 +109,15 @@ def test_from_hidden_matches_oracle_on_projected_logits(backend, dtype, with_bia
         out = h.float() @ w.float().t()
         return out if b is None else out + b.float()
 
-    teacher = tk.teacher_topk_from_hidden(t_hidden, weight, targets, k, temp, bias, chunk_size=8, backend=backend)
     teacher_ref = tk.teacher_topk_oracle(logits_of(t_hidden, weight, bias), targets, k, temp)
-    assert torch.equal(teacher.ids, teacher_ref.ids)
-    for name in ("logprobs", "target_logprob", "entropy"):
-        torch.testing.assert_close(getattr(teacher, name), getattr(teacher_ref, name), rtol=1e-5, atol=1e-5)
-
     leaves = [hidden, weight] + ([bias] if with_bias else [])
     ours = [t.clone().requires_grad_() for t in leaves]
     refs = [t.float().clone().requires_grad_() for t in leaves]
     ob = ours[2] if with_bias else None
     rb = refs[2] if with_bias else None
-    got = tk.token_terms_from_hidden(ours[0], ours[1], targets, teacher_ref, temp, "tail", -8.0, None, ob, chunk_size=8, backend=backend)
+    got = tk.token_terms_from_hidden(
+        ours[0], ours[1], targets, teacher_ref, temp, "tail", -8.0, None, ob, chunk_size=8, backend=backend
+    )
     want = tk.token_terms_oracle(logits_of(refs[0], refs[1], rb), targets, teacher_ref, temp, "tail", -8.0, None)
     for name in got._fields:
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5, msg=name)
@@ -226,3 +152,20 @@ def test_from_hidden_frozen_weight_gets_no_gradient():
     teacher = tk.teacher_topk_from_hidden(torch.randn(6, 8), weight, targets, 4)
     tk.token_terms_from_hidden(hidden, weight, targets, teacher).logprob.sum().backward()
     assert hidden.grad is not None and weight.grad is None
+
+
+@pytest.mark.parametrize("hidden_states", [False, True], ids=["logits", "hidden"])
+def test_one_options_value_gives_what_the_separate_arguments_give(hidden_states):
+    teacher_logits, student_logits, targets = make_case(37, 1000, seed=21)
+    teacher = tk.teacher_topk_oracle(teacher_logits, targets, 16, 0.7)
+    options = tk.KernelOptions(0.7, "tail", -6.0, 0.9)
+    if hidden_states:
+        g = torch.Generator().manual_seed(3)
+        hidden, weight = torch.randn(37, 24, generator=g).to(DEVICE), torch.randn(1000, 24, generator=g).to(DEVICE)
+        separate = tk.token_terms_from_hidden(hidden, weight, targets, teacher, 0.7, "tail", -6.0, 0.9)
+        one = tk.token_terms_from_hidden(hidden, weight, targets, teacher, options=options)
+    else:
+        separate = tk.token_terms(student_logits, targets, teacher, 0.7, "tail", -6.0, 0.9)
+        one = tk.token_terms(student_logits, targets, teacher, options=options)
+    for a, b in zip(separate, one):
+        assert torch.equal(a, b)

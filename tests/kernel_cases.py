@@ -1,0 +1,62 @@
+"""Shared cases for the kernel tests: logits with masked (-inf) columns, ignored rows, a peaked row; the
+oracle comparisons in fp32 and bf16 (test_kernel_teacher_topk.py, test_kernel_token_terms.py)."""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", "triton"]
+NEG_INF = float("-inf")
+
+
+def make_case(n: int, vocab: int, seed: int, dtype=torch.float32):
+    """Teacher and student logits sharing masked (-inf) vocabulary columns, some ignored rows,
+    one sharply peaked row (entropy near 0) and a row where the target is among the teacher's top ids."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(n, vocab, generator=g) * 3
+    student = torch.randn(n, vocab, generator=g) * 2 + 0.3 * teacher
+    masked = torch.randperm(vocab, generator=g)[: max(1, vocab // 20)]
+    teacher[:, masked] = NEG_INF
+    student[:, masked] = NEG_INF
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[masked] = False
+    choices = allowed.nonzero().squeeze(1)
+    targets = choices[torch.randint(len(choices), (n,), generator=g)]
+    if n > 2:
+        targets[1] = -100
+        targets[n - 1] = -100
+        student[2] *= 20  # peaked row
+        targets[0] = int(teacher[0].argmax())
+    return teacher.to(dtype).to(DEVICE), student.to(dtype).to(DEVICE), targets.to(DEVICE)
+
+
+def tolerances(dtype):
+    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=1e-5)
+
+
+def assert_grad_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """fp32 gradients within 1e-5 relative. A bf16 gradient must be a once-rounded fp32 gradient that
+    agrees with the oracle: within half a bf16 ulp (2^-8 relative at worst, more than 2e-3) of a value
+    within 1e-5 relative of the oracle's."""
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        return
+    exponent = torch.floor(torch.log2(want.abs().clamp(min=1e-30)))
+    half_ulp = torch.exp2(exponent - 8)
+    err = (got.float() - want).abs()
+    bad = err > half_ulp + 1e-5 * want.abs() + 1e-6
+    if bad.any():
+        i = int(err.flatten().argmax())
+        raise AssertionError(
+            f"{int(bad.sum())} bf16 gradient entries off by more than half an ulp; worst at flat index {i}: "
+            f"got {got.flatten()[i].item()}, oracle {want.flatten()[i].item()}"
+        )
+
+
+SHAPES = [  # (N, V, k, temperature)
+    (1, 1000, 1, 1.0),
+    (37, 3001, 16, 0.7),
+    (37, 1000, 64, 1.3),
+]
+OPTIONS = [(None, None), (-6.0, None), (None, 0.9), (-6.0, 0.6)]  # (logprob_floor, fkl_cover)

@@ -1,0 +1,157 @@
+"""The process around a run: distributed start-up, the launcher's shared memory, stale build locks,
+signals, and leaving without the interpreter's teardown. Nothing here knows about distillation."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from . import collectives
+
+
+def start_distributed() -> torch.device:
+    """Join the launcher's process group (or make a one-process group when started without a launcher),
+    and put this rank on its own GPU before anything is placed (the engines set it only later)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # started without a launcher: one process
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    with watch_extension_locks():  # the first CPU launch builds DeepSpeed's shm op under a file lock
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class StopRequest:
+    """SIGTERM / SIGINT ask the run to stop after the current step (it then saves a checkpoint); a second
+    signal ends the process at once. `agreed()` is the same on every rank: a signal on any rank stops all."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, frame):  # noqa: ARG002
+        if self.signal_name is not None:  # a second signal: give up at once
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """A collective: True on every rank when any rank was signalled."""
+        return float(collectives.all_reduce([1.0 if self.signal_name else 0.0])[0]) > 0
+
+    def reason(self) -> str:
+        return self.signal_name or "a signal on another rank"
+
+
+def leave_now(code: int, message: str) -> None:
+    """End this rank at once, after an error only it knows of (the launcher stops the others, which wait in
+    a collective): print the message with the rank, free the shared memory, exit without teardown."""
+    rank = collectives.rank_world()[0]
+    print(f"[tropd-ds{f' rank {rank}' if rank else ''}] error: {message}", flush=True)
+    release_cpu_shm_buffers()
+    exit_without_teardown(code)
+
+
+def exit_without_teardown(code: int) -> None:
+    """End a rank without the interpreter's teardown, where gloo's worker threads sometimes abort the
+    process (SIGABRT, "terminate called without an active exception"; about one launch in a hundred on
+    our CPU machine, even after destroy_process_group) and the launcher then reports -6 for a run that
+    finished. Everything of ours is on disk by now; W&B, the one monitor that syncs at exit, is finished."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def release_cpu_shm_buffers(port: str | None = None, rank: str | None = None) -> None:
+    """DeepSpeed's CPU all-reduce (DS_ACCELERATOR=cpu, several ranks on one machine) maps a 66 MiB
+    buffer per rank in /dev/shm and never unlinks it: every launch would leak 66 MiB of RAM per
+    rank until the machine runs out. Unlink this rank's buffer at exit (its mapping stays valid);
+    the tests pass a launch's port and rank "*" to clean up after ranks they killed."""
+    port, rank = port or os.environ.get("MASTER_PORT"), rank or os.environ.get("RANK")
+    if port is None or rank is None:
+        return
+    for path in Path("/dev/shm").glob(f"deepspeed_*_{port}_{rank}"):
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+COMPILERS = {"ninja", "cc1plus", "c++", "g++", "gcc", "cc", "clang++", "nvcc"}
+
+
+def stale_extension_locks() -> list[Path]:
+    """Locks of torch C++ extension builds with no compiler running on this machine: what an
+    interrupted build (Ctrl-C during DeepSpeed's first-run compile) leaves behind. torch waits for such
+    a lock to disappear, forever."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    locks = sorted(root.glob("*/*/lock")) + sorted(root.glob("*/lock"))
+    if not locks:
+        return []
+    import psutil
+
+    for proc in psutil.process_iter(["name"]):
+        if (proc.info.get("name") or "") in COMPILERS:
+            return []
+    return locks
+
+
+@contextlib.contextmanager
+def watch_extension_locks(every_s: float = 30.0, patience: int = 2):
+    """While the block runs, report (once) a torch-extension lock that stays without a compiler for
+    `patience` checks in a row, with the command that frees the launch."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    done = threading.Event()
+    thread = threading.Thread(
+        target=_watch_locks, args=(done, every_s, patience), name="tropd-ds-lock-watch", daemon=True
+    )
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def _watch_locks(done: threading.Event, every_s: float, patience: int) -> None:
+    seen: dict[Path, int] = {}
+    while not done.wait(every_s):
+        stale = stale_extension_locks()
+        seen = {lock: seen.get(lock, 0) + 1 for lock in stale}
+        ripe = [lock for lock, n in seen.items() if n >= patience]
+        if ripe:
+            paths = " ".join(str(x) for x in ripe)
+            print(
+                f"[tropd-ds] waiting on {paths}: no compiler is running, so this lock was probably left by an "
+                f"interrupted build of a DeepSpeed op, and torch waits for it forever. Remove it (rm {paths}); "
+                "if this launch then cannot load the op, launch again and it is rebuilt.",
+                flush=True,
+            )
+            return
