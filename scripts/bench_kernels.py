@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Kernel microbenchmarks: time (median of repeats after warm-up) and peak working memory.
+"""Kernel microbenchmarks: time (median and 20-80% quantiles of repeats after warm-up) and peak working memory.
 
 Implementations: the naive oracle, the torch backend, the Triton backend (CUDA only) and, when
 liger-kernel is installed and a GPU is present, Liger's fused linear JSD (its closest operation).
-Operations: `token_terms` (logits input, forward+backward), `teacher_topk` (forward) and
-`token_terms_from_hidden` (forward+backward with d/d hidden and d/d weight).
+Operations: `token_terms` (logits input), `teacher_topk` (forward only) and `token_terms_from_hidden`
+(d/d hidden and d/d weight). Modes (--modes): `forward`, `backward` (the backward of one forward, kept
+with retain_graph) and `full` (forward then backward). On a GPU the times come from
+`triton.testing.do_bench`; on a CPU from perf_counter around each repeat.
 
 Peak working memory is the peak beyond the inputs and the gradient buffers that backward must
 return. On CUDA it comes from torch.cuda.max_memory_allocated; on CPU from the process's peak
@@ -12,6 +14,7 @@ resident set size (VmHWM), reset before each measurement through /proc/self/clea
 
     python scripts/bench_kernels.py --preset cpu --out bench_out/cpu
     python scripts/bench_kernels.py --preset gpu --out bench_out/gpu
+    python scripts/bench_kernels.py --preset cpu --modes full --only from_hidden --out bench_out/cpu_full
 
 writes RESULTS.json and RESULTS.md under --out.
 """
@@ -39,6 +42,11 @@ PRESETS = {
         ("token_terms_from_hidden", 1024, 32000, 64, 256, "float32"),
         ("token_terms_from_hidden", 4096, 32000, 64, 256, "float32"),
         ("token_terms_from_hidden", 8192, 32000, 64, 256, "float32"),
+    ],
+    "smoke": [  # seconds on a CPU: for the test of this script
+        ("token_terms", 64, 3001, 8, 0, "float32"),
+        ("teacher_topk", 64, 3001, 8, 0, "float32"),
+        ("token_terms_from_hidden", 64, 3001, 8, 32, "float32"),
     ],
     "gpu": [
         (op, n, v, 64, 0, "bfloat16")
@@ -116,43 +124,82 @@ def reset_peak_rss() -> int:
     return _status_kib("VmRSS") * 1024
 
 
-def runner(op, impl, inputs, k):
-    """A closure doing one forward (+ backward) and dropping its results."""
+MODES = ("forward", "backward", "full")
+
+
+def modes_of(op: str, modes: list[str]) -> list[str]:
+    return ["forward"] if op == "teacher_topk" else [m for m in MODES if m in modes]
+
+
+def forward_fn(op, impl, inputs, k):
+    """A closure doing one forward and returning the scalar the backward starts from (None for teacher_topk)."""
     t = inputs["targets"]
     if op == "teacher_topk":
         logits = inputs["logits"]
-        if impl == "oracle":
-            return lambda: tk.teacher_topk_oracle(logits, t, k)
-        return lambda: tk.teacher_topk(logits, t, k, backend=impl)
+
+        def forward():
+            if impl == "oracle":
+                tk.teacher_topk_oracle(logits, t, k)
+            else:
+                tk.teacher_topk(logits, t, k, backend=impl)
+
+        return forward
     if op == "token_terms":
         logits, teacher = inputs["logits"].requires_grad_(), inputs["teacher"]
 
-        def run():
+        def forward():
             if impl == "oracle":
                 terms = tk.token_terms_oracle(logits, t, teacher, fkl_mode="tail")
             else:
                 terms = tk.token_terms(logits, t, teacher, fkl_mode="tail", backend=impl)
-            (terms.logprob + terms.fkl).sum().backward()
-            logits.grad = None
+            return (terms.logprob + terms.fkl).sum()
 
-        return run
+        return forward
     hidden, weight, teacher = inputs["hidden"].requires_grad_(), inputs["weight"].requires_grad_(), inputs["teacher"]
 
-    def run():
+    def forward():
         if impl == "oracle":
             terms = tk.token_terms_oracle(hidden @ weight.t(), t, teacher, fkl_mode="tail")
-            loss = (terms.logprob + terms.fkl).sum()
-        elif impl == "liger_fused_linear_jsd":
+            return (terms.logprob + terms.fkl).sum()
+        if impl == "liger_fused_linear_jsd":
             from liger_kernel.transformers import LigerFusedLinearJSD
 
-            loss = LigerFusedLinearJSD(jsd_beta=0.0)(hidden, weight, inputs["t_hidden"], weight, t)
-        else:
-            terms = tk.token_terms_from_hidden(hidden, weight, t, teacher, fkl_mode="tail", backend=impl)
-            loss = (terms.logprob + terms.fkl).sum()
-        loss.backward()
-        hidden.grad = weight.grad = None
+            return LigerFusedLinearJSD(jsd_beta=0.0)(hidden, weight, inputs["t_hidden"], weight, t)
+        terms = tk.token_terms_from_hidden(hidden, weight, t, teacher, fkl_mode="tail", backend=impl)
+        return (terms.logprob + terms.fkl).sum()
 
-    return run
+    return forward
+
+
+def clear_grads(inputs) -> None:
+    for name in ("logits", "hidden", "weight"):
+        if name in inputs:
+            inputs[name].grad = None
+
+
+def runner(op, impl, inputs, k, mode):
+    """A closure doing the timed work of `mode` and dropping its results."""
+    forward = forward_fn(op, impl, inputs, k)
+    if mode == "forward":  # with autograd recording, as in training; the graph is dropped
+
+        def forward_only():
+            forward()
+
+        return forward_only
+    if mode == "full":
+
+        def full():
+            forward().backward()
+            clear_grads(inputs)
+
+        return full
+    loss = forward()  # backward: one forward outside the timing, its graph kept for every repeat
+
+    def backward():
+        loss.backward(retain_graph=True)
+        clear_grads(inputs)
+
+    return backward
 
 
 def grad_bytes(op, n, vocab, d, dtype) -> int:
@@ -164,74 +211,72 @@ def grad_bytes(op, n, vocab, d, dtype) -> int:
     return 0
 
 
-def measure(op, impl, n, vocab, k, d, dtype, device, warmup, repeats) -> dict:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+def timings_ms(run, device, warmup, repeats) -> list[float]:
+    """(median, 20%, 80%) in ms: triton.testing.do_bench on a GPU, perf_counter around each repeat on a CPU."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return list(do_bench(run, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        run()
+        if i >= warmup:
+            times.append(1e3 * (time.perf_counter() - start))
+    if len(times) == 1:
+        return times * 3
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return [statistics.median(times), q[1], q[7]]
+
+
+def measure(op, impl, mode, n, vocab, k, d, dtype, device, warmup, repeats) -> dict:
     inputs = make_inputs(op, n, vocab, k, d, dtype, device)
-    run = runner(op, impl, inputs, k)
+    run = runner(op, impl, inputs, k, mode)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = reset_peak_rss()
-    times = []
-    for i in range(warmup + repeats):
-        sync()
-        start = time.perf_counter()
-        run()
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    median, low, high = timings_ms(run, device, warmup, repeats)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = _status_kib("VmHWM") * 1024 - base
-    working = max(0, peak - grad_bytes(op, n, vocab, d, dtype))
+    working = max(0, peak - (grad_bytes(op, n, vocab, d, dtype) if mode != "forward" else 0))
     return dict(
-        op=op,
-        impl=impl,
-        N=n,
-        V=vocab,
-        k=k,
-        d=d,
-        dtype=dtype,
-        device=device,
-        median_ms=1e3 * statistics.median(times),
-        working_mib=working / 2**20,
-    )
+        op=op, mode=mode, impl=impl, N=n, V=vocab, k=k, d=d, dtype=dtype, device=device,
+        median_ms=median, p20_ms=low, p80_ms=high, working_mib=working / 2**20,
+    )  # fmt: skip
+
+
+MODE_SHARE = {"forward": 1, "backward": 2, "full": 3}  # passes over [N, V] (or matmuls) at the least
 
 
 def floor_ms(row) -> float | None:
     size = 2 if row["dtype"] in ("bfloat16", "float16") else 4
-    nv = row["N"] * row["V"]
-    if row["op"] == "teacher_topk":
-        return 1e3 * nv * size / HBM_BYTES_PER_S
-    if row["op"] == "token_terms":
-        return 1e3 * 3 * nv * size / HBM_BYTES_PER_S  # read (fwd), read + write (bwd)
-    return 1e3 * 3 * 2 * row["N"] * row["d"] * row["V"] / BF16_FLOPS  # three matmuls at least
+    nv, share = row["N"] * row["V"], MODE_SHARE[row["mode"]]
+    if row["op"] in ("teacher_topk", "token_terms"):
+        return 1e3 * share * nv * size / HBM_BYTES_PER_S  # read (fwd), read + write (bwd)
+    return 1e3 * share * 2 * row["N"] * row["d"] * row["V"] / BF16_FLOPS  # one matmul fwd, two bwd
 
 
 def table(rows, device) -> str:
-    head = "| op | N | V | k | d | dtype | impl | fwd+bwd ms | vs oracle | working MiB | vs oracle |"
+    head = "| op | mode | N | V | k | d | dtype | impl | median ms | p20-p80 ms | vs oracle | working MiB | vs oracle |"
     if device == "cuda":
         head += " H100 floor ms |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    same = ("op", "mode", "N", "V", "k", "d")
     for r in rows:
-        ref = next(
-            (o for o in rows if o["impl"] == "oracle" and all(o[x] == r[x] for x in ("op", "N", "V", "k", "d"))), None
-        )
+        ref = next((o for o in rows if o["impl"] == "oracle" and all(o[x] == r[x] for x in same)), None)
+        case = f"| {r['op']} | {r['mode']} | {r['N']} | {r['V']} | {r['k']} | {r['d']} | {r['dtype']} | {r['impl']} |"
         if "error" in r:
-            lines.append(
-                f"| {r['op']} | {r['N']} | {r['V']} | {r['k']} | {r['d']} | {r['dtype']} | {r['impl']} | error: "
-                f"{r['error']} |"
-            )
+            lines.append(f"{case} error: {r['error']} |")
             continue
         t_ratio = f"{r['median_ms'] / ref['median_ms']:.2f}x" if ref and "median_ms" in ref else "-"
         m_ratio = f"{r['working_mib'] / ref['working_mib']:.3f}x" if ref and ref.get("working_mib") else "-"
-        line = (
-            f"| {r['op']} | {r['N']} | {r['V']} | {r['k']} | {r['d']} | {r['dtype']} | {r['impl']} | "
-            f"{r['median_ms']:.1f} | {t_ratio} | {r['working_mib']:.1f} | {m_ratio} |"
-        )
+        spread = f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}"
+        line = f"{case} {r['median_ms']:.1f} | {spread} | {t_ratio} | {r['working_mib']:.1f} | {m_ratio} |"
         if device == "cuda":
             line += f" {floor_ms(r):.2f} |"
         lines.append(line)
@@ -245,10 +290,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default=None, help="run only cases whose op contains this text")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     args = ap.parse_args()
     if args.preset not in PRESETS:
         ap.error(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
-    device = "cuda" if args.preset == "gpu" else "cpu"
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--modes {args.modes!r}: expected a comma-separated list of {', '.join(MODES)}")
+    device = "cuda" if args.preset == "gpu" else "cpu"  # smoke and cpu run on the CPU
     if device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # Make glibc return every freed block over 64 KiB to the OS, so that the peak RSS counts
         # each measurement's own allocations instead of reusing memory freed earlier.
@@ -261,14 +310,15 @@ def main() -> None:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    work = [(c, impl) for c in cases for impl in implementations(c[0], device)]
+    work = [(c, mode, impl) for c in cases for mode in modes_of(c[0], modes) for impl in implementations(c[0], device)]
     progress = tqdm(work, desc="bench", unit="case") if tqdm else work
-    for (op, n, vocab, k, d, dtype), impl in progress:
-        case = dict(op=op, impl=impl, n=n, vocab=vocab, k=k, d=d, dtype=dtype)
+    for (op, n, vocab, k, d, dtype), mode, impl in progress:
+        case = dict(op=op, impl=impl, mode=mode, n=n, vocab=vocab, k=k, d=d, dtype=dtype)
         try:
             row = measure(**case, device=device, warmup=args.warmup, repeats=args.repeats)
         except (RuntimeError, ImportError, TypeError) as exc:
-            row = dict(op=op, impl=impl, N=n, V=vocab, k=k, d=d, dtype=dtype, device=device, error=str(exc)[:200])
+            row = dict(op=op, mode=mode, impl=impl, N=n, V=vocab, k=k, d=d, dtype=dtype, device=device)
+            row["error"] = str(exc)[:200]
         if device == "cuda":
             torch.cuda.empty_cache()
         rows.append(row)

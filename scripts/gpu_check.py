@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The one GPU check (`make gpu-check`), for a session lent a GPU: at most about 8 minutes on one H100/H200.
 
-1. kernels: `tests/test_kernels.py` on CUDA (the Triton and torch backends against the naive oracle:
+1. kernels: `tests/test_kernel_*.py` on CUDA (the Triton and torch backends against the naive oracle:
    values, gradients, bf16, odd V, -inf logits, ignored positions);
 2. benchmarks: `scripts/bench_kernels.py --preset gpu` at the 70B/7B shapes (oracle, torch, Triton,
    Liger when installed, with the H100 floor column);
@@ -26,6 +26,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+KERNEL_TESTS = (
+    "tests/test_kernel_teacher_topk.py",
+    "tests/test_kernel_token_terms.py",
+    "tests/test_kernel_contract.py",
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,7 +144,7 @@ def main(argv=None) -> int:
     if "kernels" not in skip:
         result["kernels"] = step(
             "kernels",
-            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_kernels.py"],
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *KERNEL_TESTS],
             out,
             180,
             env,

@@ -22,6 +22,12 @@ def test_gpu_run_config_passes_the_trainer_checks(tmp_path):
     validate_before_engines(cfg, world=1)
 
 
+def test_gpu_check_runs_the_kernel_test_files_that_exist():
+    import gpu_check
+
+    assert all((ROOT / path).is_file() for path in gpu_check.KERNEL_TESTS)
+
+
 def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
     import torch
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 from tropd_kernels import KernelOptions, TeacherTopK, TokenTerms
-from tropd_kernels.contract import FKL_MODES
+from tropd_kernels.contract import check_fkl_options
 
 TRUST_MODES = ("bernoulli", "expected", "threshold")
 OUTLIERS = ("fkl", "mask", "clip")
@@ -42,7 +42,8 @@ def _is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
-# option -> (test, what is accepted); every options type checks its fields against this table
+# option -> (test, what is accepted); every options type checks its fields against this table, except the
+# kernel's own (fkl_mode, logprob_floor, fkl_cover), which the kernel contract checks
 _ACCEPTED: dict[str, tuple[Callable[[object], bool], str]] = {
     "ppo_clip": (lambda v: v is None or (_is_num(v) and 0 < v < 1), "None or a number in (0, 1)"),
     "trust_mode": (lambda v: v in TRUST_MODES, f"one of {', '.join(TRUST_MODES)}"),
@@ -52,9 +53,6 @@ _ACCEPTED: dict[str, tuple[Callable[[object], bool], str]] = {
     "beta": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "k": (_is_count, "an integer >= 1"),
     "k_end": (lambda v: v is None or _is_count(v), "an integer >= 1"),
-    "fkl_mode": (lambda v: v in FKL_MODES, f"one of {', '.join(FKL_MODES)}"),
-    "logprob_floor": (lambda v: v is None or (_is_num(v) and v <= 0), "None or a number <= 0"),
-    "fkl_cover": (lambda v: v is None or (_is_num(v) and 0 < v <= 1), "None or a number in (0, 1]"),
     "cover_end": (lambda v: v is None or (_is_num(v) and 0 < v <= 1), "None or a number in (0, 1]"),
     "reopold_lambda": (lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
     "reopold_stages": (lambda v: v in (1, 2) and not isinstance(v, bool), "1 or 2"),
@@ -69,6 +67,8 @@ _ACCEPTED: dict[str, tuple[Callable[[object], bool], str]] = {
 class _Options:
     def __post_init__(self):
         for f in fields(self):
+            if f.name not in _ACCEPTED:
+                continue
             ok, accepted = _ACCEPTED[f.name]
             value = getattr(self, f.name)
             if not ok(value):
@@ -93,6 +93,7 @@ class _TopK(_Options):
 
     def __post_init__(self):
         super().__post_init__()
+        check_fkl_options(self.fkl_mode, self.logprob_floor, self.fkl_cover)
         if self.cover_end is not None and self.fkl_cover is None:
             raise ValueError(
                 "cover_end is set but fkl_cover is None: a coverage schedule needs its start value fkl_cover"

@@ -1,0 +1,111 @@
+"""The house: the package's import graph has no cycle (lazy imports inside functions included), the kernels
+import only torch and triton, train.py is the loop, and no line is longer than 120 columns."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "tropd_ds"
+KERNELS = ROOT / "kernels" / "tropd_kernels"
+
+
+def imported_modules(path: Path, package: str) -> set[str]:
+    """Every module of `package` that `path` imports, at the top or inside a function."""
+    module = path.relative_to(path.parents[len(package.split("."))]).with_suffix("").as_posix().replace("/", ".")
+    parts = module.split(".")
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = (
+                    parts[: len(parts) - node.level]
+                    if path.name != "__init__.py"
+                    else parts[: len(parts) - node.level + 1]
+                )
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [target + "." + a.name for a in node.names] + [target]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n.startswith(package + ".") and n.count(".") == 1}
+    out.discard(module)
+    return out
+
+
+def graph(folder: Path, package: str) -> dict[str, set[str]]:
+    modules = {f"{package}.{p.stem}" for p in folder.glob("*.py") if p.stem != "__init__"}
+    return {
+        f"{package}.{p.stem}": imported_modules(p, package) & modules
+        for p in folder.glob("*.py")
+        if p.stem != "__init__"
+    }
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_the_package_import_graph_has_no_cycle():
+    edges = graph(PACKAGE, "tropd_ds")
+    assert "tropd_ds.train" in edges and edges["tropd_ds.train"], "the graph was not read"
+    assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+    # the phases build on each other in the order of a step, never backwards
+    assert "tropd_ds.update" not in edges["tropd_ds.scoring"] and "tropd_ds.scoring" not in edges["tropd_ds.rollout"]
+    assert not edges["tropd_ds.objectives"], "objectives are arithmetic on the kernels' results only"
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_kernels_import_only_torch_and_triton():
+    allowed = {"torch", "triton", "tropd_kernels", "__future__"}
+    for path in KERNELS.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            stdlib = {"math", "os", "importlib", "types", "dataclasses", "typing"}
+            assert roots <= allowed | stdlib, f"{path.name} imports {roots - allowed - stdlib}"
+
+
+def test_no_line_is_longer_than_120_columns():
+    long = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for folder in (PACKAGE, KERNELS)
+        for p in folder.rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if len(line) > 120
+    ]
+    assert not long, long[:5]
