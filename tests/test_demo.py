@@ -4,6 +4,7 @@ launcher for a few steps, then the plots; plus the shipped assets are what the b
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,15 @@ def test_shortened_demo_runs_end_to_end_and_plots(tmp_path):
         args += ["--set", f"{k}={v}"]
     proc = cpu_ranks(args, cwd=tmp_path)
     assert "held-out accuracy:" in proc.stdout and (tmp_path / "export/model.safetensors").is_file()
+    records = [json.loads(x) for x in (tmp_path / "logs/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and [r["step"] for r in records if "eval_accuracy" in r] == [0, 2]
+    expected = {"loss", "loss_trusted", "loss_outlier", "loss_guidance", "trust_fraction", "log_ratio_mean"}
+    expected |= {"log_ratio_p1", "log_ratio_p10", "fkl_mean", "topk_mass_mean", "student_entropy_mean"}
+    expected |= {"teacher_entropy_mean", "grad_norm", "lr", "response_len", "prefix_len", "tokens_per_s"}
+    for r in steps:
+        assert expected <= set(r), expected - set(r)
+        assert all(math.isfinite(r[k]) for k in expected), {k: r[k] for k in expected}
     plots = subprocess.run(
         [
             sys.executable,

@@ -162,7 +162,9 @@ class VocabHeadModel(nn.Module):
         it: left padding takes no position (absolute position embeddings, GPT-2, need exactly this; with
         RoPE it removes a bf16 drift of ~2e-3 at 1,000 pads)."""
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+        out = self.lm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
+        )  # no KV cache: nothing decodes after this forward
         hidden = out.last_hidden_state[:, :-1]
         return hidden * self.logit_scale if self.logit_scale != 1.0 else hidden  # s (h W^T) = (s h) W^T
 
