@@ -2,6 +2,9 @@
 """PNG plots of a run's metrics.jsonl: held-out accuracy, trust fraction, log-ratio quantiles, gradient norm.
 
 python scripts/plot_metrics.py runs/demo/logs/metrics.jsonl --out runs/demo/plots
+python scripts/plot_metrics.py seed0/metrics.jsonl seed1/metrics.jsonl --labels "seed 0" "seed 1" --out plots
+
+Several runs are drawn on the same axes, one line per run and series.
 """
 
 from __future__ import annotations
@@ -27,21 +30,25 @@ PANELS = [
 ]
 
 
-def plot(metrics_path: Path, out_dir: Path) -> list[Path]:
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+def plot(metrics_path: Path | list[Path], out_dir: Path, labels: list[str] | None = None) -> list[Path]:
+    paths = [metrics_path] if isinstance(metrics_path, Path) else list(metrics_path)
+    runs = [[json.loads(line) for line in p.read_text().splitlines() if line.strip()] for p in paths]
+    labels = labels or ([""] if len(paths) == 1 else [p.parent.name for p in paths])
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, title, series in PANELS:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key, label in series:
-            pts = [(r["step"], r[key]) for r in records if key in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="o" if key == "eval_accuracy" else None, label=label)
+        for records, run in zip(runs, labels):
+            for key, label in series:
+                pts = [(r["step"], r[key]) for r in records if key in r]
+                if pts:
+                    text = f"{run}: {label}" if run else label
+                    ax.plot(*zip(*pts), marker="o" if key == "eval_accuracy" else None, label=text)
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        if len(series) > 1:
-            ax.legend()
+        if len(series) > 1 or len(runs) > 1:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
@@ -51,12 +58,16 @@ def plot(metrics_path: Path, out_dir: Path) -> list[Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("metrics", type=Path)
+    ap.add_argument("metrics", type=Path, nargs="+", help="one or more runs' metrics.jsonl")
+    ap.add_argument("--labels", nargs="+", default=None, help="one label per metrics file (default: folder names)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    if not args.metrics.is_file():
-        ap.error(f"{args.metrics} does not exist: expected a run's metrics.jsonl")
-    for path in plot(args.metrics, args.out):
+    for m in args.metrics:
+        if not m.is_file():
+            ap.error(f"{m} does not exist: expected a run's metrics.jsonl")
+    if args.labels is not None and len(args.labels) != len(args.metrics):
+        ap.error(f"--labels has {len(args.labels)} labels for {len(args.metrics)} metrics files: expected one each")
+    for path in plot(args.metrics, args.out, args.labels):
         print(path)
 
 

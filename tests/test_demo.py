@@ -116,3 +116,20 @@ def test_plain_opd_on_the_demo_does_not_learn_to_emit_pad(tmp_path):
     )
     seen = tokens.input_ids[:, 1:][tokens.sampled]
     assert float((seen == tok.pad_token_id).float().mean()) < 0.02
+
+
+def test_the_answer_only_student_answers_without_the_worked_format():
+    """DEMO.md's mismatch setting: the shipped answer-only student writes `#answer`, far from the teacher."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = ASSETS / "student_answer_only"
+    report = json.loads((folder / "answer_only_report.json").read_text())
+    assert report["step0_mismatch"]["trust_fraction"] < 0.3 and report["step0_mismatch"]["mean"] < -5
+    tok, lm = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder).eval()
+    rows = [json.loads(x) for x in (ASSETS / "eval.jsonl").read_text().splitlines()][:16]
+    enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = lm.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert all(t.startswith("#") and "=" not in t for t in texts), texts
