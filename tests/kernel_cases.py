@@ -60,3 +60,25 @@ SHAPES = [  # (N, V, k, temperature)
     (37, 1000, 64, 1.3),
 ]
 OPTIONS = [(None, None), (-6.0, None), (None, 0.9), (-6.0, 0.6)]  # (logprob_floor, fkl_cover)
+
+
+PROJECTED = dict(n=37, d=24, vocab=1000, k=16, temp=0.9)  # the _from_hidden case shared by both op test files
+
+
+def projected_case(dtype, with_bias: bool) -> dict:
+    """Student and teacher hidden states, an lm_head weight (and bias), targets with two ignored rows."""
+    n, d, vocab = PROJECTED["n"], PROJECTED["d"], PROJECTED["vocab"]
+    g = torch.Generator().manual_seed(2)
+    hidden = (torch.randn(n, d, generator=g)).to(dtype).to(DEVICE)
+    weight = (torch.randn(vocab, d, generator=g) * 0.5).to(dtype).to(DEVICE)
+    bias = (torch.randn(vocab, generator=g)).to(dtype).to(DEVICE) if with_bias else None
+    targets = torch.randint(0, vocab, (n,), generator=g).to(DEVICE)
+    targets[[3, 20]] = -100
+    t_hidden = torch.randn(n, d, generator=g).to(dtype).to(DEVICE)
+    return dict(hidden=hidden, weight=weight, bias=bias, targets=targets, t_hidden=t_hidden)
+
+
+def projected_logits(h, w, b):
+    """The oracle's logits: h W^T (+ b) in fp32."""
+    out = h.float() @ w.float().t()
+    return out if b is None else out + b.float()

@@ -6,7 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 import tropd_kernels as tk
-from kernel_cases import BACKENDS, DEVICE, OPTIONS, SHAPES, assert_grad_close, make_case, tolerances
+from kernel_cases import (
+    BACKENDS,
+    DEVICE,
+    OPTIONS,
+    PROJECTED,
+    SHAPES,
+    assert_grad_close,
+    make_case,
+    projected_case,
+    projected_logits,
+    tolerances,
+)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -96,20 +107,10 @@ def test_empty_batch(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_token_terms_from_hidden_matches_oracle_on_projected_logits(backend, dtype, with_bias):
-    n, d, vocab, k, temp = 37, 24, 1000, 16, 0.9
-    g = torch.Generator().manual_seed(2)
-    hidden = (torch.randn(n, d, generator=g)).to(dtype).to(DEVICE)
-    weight = (torch.randn(vocab, d, generator=g) * 0.5).to(dtype).to(DEVICE)
-    bias = (torch.randn(vocab, generator=g)).to(dtype).to(DEVICE) if with_bias else None
-    targets = torch.randint(0, vocab, (n,), generator=g).to(DEVICE)
-    targets[[3, 20]] = -100
-    t_hidden = torch.randn(n, d, generator=g).to(dtype).to(DEVICE)
-
-    def logits_of(h, w, b):
-        out = h.float() @ w.float().t()
-        return out if b is None else out + b.float()
-
-    teacher_ref = tk.teacher_topk_oracle(logits_of(t_hidden, weight, bias), targets, k, temp)
+    n, k, temp = PROJECTED["n"], PROJECTED["k"], PROJECTED["temp"]
+    c = projected_case(dtype, with_bias)
+    hidden, weight, bias, targets, t_hidden = c["hidden"], c["weight"], c["bias"], c["targets"], c["t_hidden"]
+    teacher_ref = tk.teacher_topk_oracle(projected_logits(t_hidden, weight, bias), targets, k, temp)
     leaves = [hidden, weight] + ([bias] if with_bias else [])
     ours = [t.clone().requires_grad_() for t in leaves]
     refs = [t.float().clone().requires_grad_() for t in leaves]
@@ -118,7 +119,7 @@ def test_token_terms_from_hidden_matches_oracle_on_projected_logits(backend, dty
     got = tk.token_terms_from_hidden(
         ours[0], ours[1], targets, teacher_ref, temp, "tail", -8.0, None, ob, chunk_size=8, backend=backend
     )
-    want = tk.token_terms_oracle(logits_of(refs[0], refs[1], rb), targets, teacher_ref, temp, "tail", -8.0, None)
+    want = tk.token_terms_oracle(projected_logits(refs[0], refs[1], rb), targets, teacher_ref, temp, "tail", -8.0, None)
     for name in got._fields:
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5, msg=name)
     w = torch.linspace(-1, 1, n, device=DEVICE)
