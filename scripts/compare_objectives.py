@@ -3,14 +3,18 @@
 ablation over k and the dynamic-k coverage option. Writes docs/RESULTS.md and a plot.
 
     python scripts/compare_objectives.py --steps 200 --seeds 0 1 2 3 4 --ranks 1 --jobs 2
+    python scripts/compare_objectives.py --setting answer_only --seeds 0 1 2   # docs/RESULTS_ANSWER_ONLY.md
 
 Each run is `deepspeed --num_gpus RANKS --module tropd_ds.train --config configs/demo.yaml` with
 `--set` overrides: the demo's budget (200 steps of 32 prompts x 2 samples, lr 2e-3 decaying to 2e-4,
-held-out accuracy on 200 prompts at the start, half-way and the end) with the objective changed. The global batch does
+held-out accuracy on 200 prompts every fifth of the run) with the objective changed. The global batch does
 not depend on RANKS (fewer ranks accumulate more micro-batches), so `--ranks 1 --jobs 2` (two runs
 side by side, one per core) gives the same experiment several times faster on a 2-core machine than
 `--ranks 2 --jobs 1`. Finished runs (a metrics file with the final evaluation) are reused, so the
 script can be stopped and started again.
+
+`--setting answer_only` starts from demo_assets/student_answer_only (a student that answers "#8" without
+the teacher's worked steps, DEMO.md): the mismatch case the trust region and guidance are for.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ RUNS = {
     "opd": ("opd", {}),
     "tropd": ("tropd", TROPD),
     "tropd (bernoulli trust)": ("tropd", {**TROPD, "trust_mode": "bernoulli"}),
+    "tropd (threshold trust, tau 0.5)": ("tropd", {**TROPD, "trust_mode": "threshold", "trust_tau": 0.5}),
     "tropd (no guidance)": ("tropd", TROPD),
     "mask_outlier": ("mask_outlier", {}),
     "clip_outlier": ("clip_outlier", {}),
@@ -40,12 +45,30 @@ RUNS = {
     "entropy_opd": ("entropy_opd", {}),
     "eopd": ("eopd", {}),  # EOPD's own k = 16, renormalised top-k
     "fkl_topk": ("fkl_topk", {"k": 18, "fkl_mode": "paper"}),
+    "jsd (beta 0.5)": ("jsd", {"k": 18, "fkl_mode": "paper", "jsd_beta": 0.5}),  # the paper's Table 1 baseline
 }
-GUIDED = {"tropd", "tropd (bernoulli trust)"}
+GUIDED = {"tropd", "tropd (bernoulli trust)", "tropd (threshold trust, tau 0.5)"}
 ABLATION = {f"tropd k={k}": ("tropd", {**TROPD, "k": k}) for k in (2, 4, 8)}
 ABLATION["tropd k=18"] = RUNS["tropd"]
 ABLATION["tropd dynamic k (cover 0.9, k<=16)"] = ("tropd", {**TROPD, "k": 16, "fkl_cover": 0.9})
 GUIDED |= set(ABLATION)
+# The answer-only student: its first sampled token costs about -10 under the teacher (trust fraction 0.03 at step 0)
+ANSWER_ONLY = {
+    "opd": RUNS["opd"],
+    "clip_outlier": RUNS["clip_outlier"],
+    "tropd (no guidance)": RUNS["tropd (no guidance)"],
+    "tropd": RUNS["tropd"],
+    "fkl_topk": RUNS["fkl_topk"],
+}
+SETTINGS = {
+    "demo": ("Objectives compared on the demo task", {}, "runs/compare", "docs/RESULTS.md"),
+    "answer_only": (
+        "Objectives compared from the answer-only student",
+        {"student.path": str(ROOT / "demo_assets/student_answer_only")},
+        "runs/compare_answer_only",
+        "docs/RESULTS_ANSWER_ONLY.md",
+    ),
+}
 
 
 ANALYSIS = "## Analysis"
@@ -62,7 +85,7 @@ def run_dir_of(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in label)
 
 
-def run_one(label: str, name: str, options: dict, seed: int, steps: int, out: Path, ranks: int) -> Path:
+def run_one(label: str, name: str, options: dict, seed: int, steps: int, out: Path, ranks: int, extra: dict) -> Path:
     run_dir = out / run_dir_of(label) / f"seed{seed}"
     metrics = run_dir / "logs/metrics.jsonl"
     if metrics.is_file() and any(
@@ -81,8 +104,9 @@ def run_one(label: str, name: str, options: dict, seed: int, steps: int, out: Pa
         "checkpoint.export_dir": str(run_dir / "export"),
         "logging.dir": str(run_dir / "logs"),
         "logging.progress": "false",
-        "eval.every": max(1, steps // 2),
+        "eval.every": max(1, steps // 5),  # six points on the curve (the demo evaluates every 40 of 200 steps)
         "data.shuffle_seed": seed,
+        **extra,
     }
     cmd = [
         str(Path(sys.executable).with_name("deepspeed")),
@@ -124,6 +148,8 @@ def summarise(metrics: Path) -> dict:
         "grad_norm_max": max(r["grad_norm"] for r in steps),
         "trust": statistics.mean(r.get("trust_fraction", float("nan")) for r in steps),
         "r_p1": statistics.mean(r["log_ratio_p1"] for r in steps if "log_ratio_p1" in r),
+        "eval_tokens": evals[-1].get("eval_response_tokens", float("nan")),
+        "examples": evals[-1].get("eval_examples", []),
         "response_len": statistics.mean(r["response_len"] for r in last),
         "entropy": statistics.mean(r["student_entropy_mean"] for r in last if "student_entropy_mean" in r),
     }
@@ -142,10 +168,11 @@ def fmt(values: list[float], pct: bool = False) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default="demo", help="which student starts (default demo)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", type=Path, default=ROOT / "runs/compare")
-    ap.add_argument("--doc", type=Path, default=ROOT / "docs/RESULTS.md")
+    ap.add_argument("--out", type=Path, default=None, help="run folders (default runs/compare[_answer_only])")
+    ap.add_argument("--doc", type=Path, default=None, help="the report (default docs/RESULTS[_ANSWER_ONLY].md)")
     ap.add_argument(
         "--ablation-seeds",
         type=int,
@@ -157,9 +184,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side")
     ap.add_argument("--skip-ablation", action="store_true")
     args = ap.parse_args()
+    title, extra, out, doc = SETTINGS[args.setting]
+    args.out = args.out or ROOT / out
+    args.doc = args.doc or ROOT / doc
     ablation_seeds = args.ablation_seeds or args.seeds
-    groups = [("Objectives", RUNS, args.seeds)]
-    if not args.skip_ablation:
+    main_runs = ANSWER_ONLY if args.setting == "answer_only" else RUNS
+    groups = [("Objectives", main_runs, args.seeds)]
+    if not args.skip_ablation and args.setting == "demo":
         groups.append(("Ablation: k and coverage (TrOPD with guidance)", ABLATION, ablation_seeds))
     jobs = {}
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -168,28 +199,32 @@ def main() -> None:
                 for s in seeds:
                     key = (run_dir_of(label), s)
                     if key not in jobs:
-                        jobs[key] = pool.submit(run_one, label, name, options, s, args.steps, args.out, args.ranks)
+                        jobs[key] = pool.submit(
+                            run_one, label, name, options, s, args.steps, args.out, args.ranks, extra
+                        )
         results: dict[str, list[dict]] = {}
         for _, runs, seeds in groups:
             for label in runs:
                 results[label] = [summarise(jobs[(run_dir_of(label), s)].result()) for s in seeds]
 
     lines = [
-        "# Objectives compared on the demo task",
+        f"# {title}",
         "",
-        f"Command: `python scripts/compare_objectives.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} "
-        f"--ablation-seeds {' '.join(map(str, ablation_seeds))} --ranks {args.ranks} --jobs {args.jobs}` "
-        "(configs/demo.yaml with the objective overridden).",
+        f"Command: `python scripts/compare_objectives.py --setting {args.setting} --steps {args.steps} "
+        f"--seeds {' '.join(map(str, args.seeds))} --ablation-seeds {' '.join(map(str, ablation_seeds))} "
+        f"--ranks {args.ranks} --jobs {args.jobs}` (configs/demo.yaml with the objective overridden"
+        + (f"; {', '.join(f'{k}={v}' for k, v in extra.items())}" if extra else "")
+        + "). Mean ± standard deviation over seeds.",
         "",
     ]
-    for title, runs, _ in groups:
+    for heading, runs, _ in groups:
         lines += [
-            f"## {title}",
+            f"## {heading}",
             "",
             "| run | held-out accuracy before (%) | after (%) | grad norm, mean | grad norm, max | trust fraction, "
             "mean | r p1, mean "
-            "| response length, last 20 steps | student entropy, last 20 steps |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| response length, last 20 steps | student entropy, last 20 steps | held-out tokens per answer, end |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for label in runs:
             rs = results[label]
@@ -198,9 +233,15 @@ def main() -> None:
                 f"{fmt([r['grad_norm'] for r in rs])} | {fmt([r['grad_norm_max'] for r in rs])} | "
                 f"{fmt([r['trust'] for r in rs])} | "
                 f"{fmt([r['r_p1'] for r in rs])} | {fmt([r['response_len'] for r in rs])} | "
-                f"{fmt([r['entropy'] for r in rs])} |"
+                f"{fmt([r['entropy'] for r in rs])} | {fmt([r['eval_tokens'] for r in rs])} |"
             )
         lines.append("")
+    lines += ["## Held-out answers at the end (first seed, first three prompts)", ""]
+    for label in main_runs:
+        for e in results[label][0]["examples"]:
+            verdict = "right" if e["correct"] else "wrong"
+            lines.append(f"- {label}: `{e['completion']}` (answer {e['answer']}, {verdict})")
+    lines.append("")
     # Hand-written analysis below ANALYSIS in an existing file is kept.
     kept = ""
     if args.doc.is_file() and ANALYSIS in args.doc.read_text():
@@ -214,7 +255,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label in RUNS:
+    for label in main_runs:
         curves = [r["curve"] for r in results[label]]
         steps = [s for s, _ in curves[0]]
         line = ax.plot(
@@ -232,9 +273,9 @@ def main() -> None:
     ax2.set_xlabel("step")
     ax2.set_ylabel("sampled tokens per rollout (5-step mean)")
     ax2.grid(alpha=0.3)
-    fig.suptitle(f"Objectives on the demo task ({args.steps} steps, seeds {', '.join(map(str, args.seeds))})")
+    fig.suptitle(f"{title} ({args.steps} steps, seeds {', '.join(map(str, args.seeds))})")
     fig.tight_layout()
-    fig.savefig(args.doc.with_name("results_accuracy.png"), dpi=110)
+    fig.savefig(args.doc.with_name(args.doc.stem.lower() + "_accuracy.png"), dpi=110)
     print(args.doc.read_text())
 
 

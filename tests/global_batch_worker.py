@@ -29,6 +29,7 @@ RUNS = [
     ("entropy_opd", "entropy_opd", {}, 0, 1),
     ("eopd", "eopd", {"k": K}, 0, 1),
     ("fkl_topk", "fkl_topk", {"k": K}, 0, 1),
+    ("jsd", "jsd", {"k": K}, 0, 1),
 ]
 
 

@@ -54,6 +54,9 @@ def test_shortened_demo_runs_end_to_end_and_plots(tmp_path):
     for r in steps:
         assert expected <= set(r), expected - set(r)
         assert all(math.isfinite(r[k]) for k in expected), {k: r[k] for k in expected}
+    for r in (r for r in records if "eval_accuracy" in r):
+        # every completion has at least its end token and at most the eval budget of new tokens
+        assert r["eval_completions"] == 8 and 1 <= r["eval_response_tokens"] <= 36, r
     plots = subprocess.run(
         [
             sys.executable,

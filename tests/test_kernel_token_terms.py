@@ -3,6 +3,8 @@ values, gradients, odd shapes, bf16, -inf, ignored rows; KernelOptions."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import tropd_kernels as tk
@@ -48,6 +50,55 @@ def test_token_terms_values_and_gradients_match_oracle(backend, dtype, options, 
     assert not torch.isnan(ours.grad).any()
     assert_grad_close(ours.grad, ref.grad)
     assert torch.all(ours.grad[targets == -100] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cover", [None, 0.9])
+@pytest.mark.parametrize("fkl_mode", ["paper", "tail", "renorm"])
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "N{}-V{}-k{}-T{}".format(*s))
+def test_jsd_values_and_gradients_match_oracle(backend, dtype, cover, fkl_mode, shape):
+    """divergence="jsd": the top-k generalized JSD (beta 0.3 and 0.5) against the oracle's explicit mixture."""
+    n, vocab, k, temp = shape
+    teacher_logits, student_logits, targets = make_case(n, vocab, seed=5 * n + k, dtype=dtype)
+    teacher = tk.teacher_topk_oracle(teacher_logits, targets, k, temp)
+    for beta in (0.3, 0.5):
+        options = tk.KernelOptions(temp, fkl_mode, None, cover, divergence="jsd", jsd_beta=beta)
+        ours = student_logits.clone().requires_grad_()
+        ref = student_logits.float().clone().requires_grad_()
+        got = tk.token_terms(ours, targets, teacher, options=options, backend=backend)
+        want = tk.token_terms_oracle(ref, targets, teacher, temp, fkl_mode, None, cover, "jsd", beta)
+        torch.testing.assert_close(got.fkl, want.fkl, **tolerances(torch.float32))
+        assert got.fkl.min() >= -1e-6 and got.fkl.max() <= math.log(2) + 1e-6  # JSD is in [0, log 2]
+        w = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+        (got.fkl * w + got.logprob).sum().backward()
+        (want.fkl * w + want.logprob).sum().backward()
+        assert not torch.isnan(ours.grad).any()
+        assert_grad_close(ours.grad, ref.grad)
+
+
+def test_jsd_is_zero_on_the_teacher_and_symmetric_at_half():
+    """k = V: the top-k JSD is the full JSD: 0 when the student is the teacher; beta 0.5 swaps roles."""
+    teacher_logits, student_logits, targets = make_case(9, 50, seed=4)
+    student_logits[2] /= 20  # not the peaked row: there exp(lp) underflows, so "top 50 with mass > 0" is not all of V
+    full = tk.KernelOptions(divergence="jsd", jsd_beta=0.5)
+    own = tk.token_terms(teacher_logits, targets, tk.teacher_topk(teacher_logits, targets, 50), options=full)
+    torch.testing.assert_close(own.fkl, torch.zeros(9, device=DEVICE), atol=1e-6, rtol=0)
+    one_way = tk.token_terms(student_logits, targets, tk.teacher_topk(teacher_logits, targets, 50), options=full)
+    other = tk.token_terms(teacher_logits, targets, tk.teacher_topk(student_logits, targets, 50), options=full)
+    valid = targets != -100
+    assert bool((one_way.fkl[valid] > 1e-3).all())
+    torch.testing.assert_close(one_way.fkl, other.fkl, rtol=1e-5, atol=1e-6)
+
+
+def test_jsd_options_are_checked():
+    with pytest.raises(ValueError, match=r"divergence='js'.*fkl, jsd"):
+        tk.KernelOptions(divergence="js")
+    for beta in (0, 1, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match=r"jsd_beta=.*\(0, 1\)"):
+            tk.KernelOptions(divergence="jsd", jsd_beta=beta)
+    with pytest.raises(ValueError, match="logprob_floor=-5.0 with divergence='jsd'"):
+        tk.KernelOptions(logprob_floor=-5.0, divergence="jsd")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

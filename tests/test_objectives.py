@@ -173,6 +173,29 @@ def test_fkl_topk_with_tail_mode_is_never_negative():
         assert out.loss >= 0
 
 
+def test_jsd_objective_asks_the_kernels_for_the_jsd_and_averages_it_over_sampled_tokens():
+    g = torch.Generator().manual_seed(2)
+    teacher_logits, student_logits = torch.randn(20, 60, generator=g) * 2, torch.randn(20, 60, generator=g)
+    targets = torch.randint(0, 60, (20,), generator=g)
+    teacher = tk.teacher_topk(teacher_logits, targets, 60)
+    obj = loss_fn("jsd", k=60, jsd_beta=0.3)
+    options = obj.step_options(0, 1, temperature=0.8)
+    assert (options.k, options.kernel.divergence, options.kernel.jsd_beta) == (60, "jsd", 0.3)
+    assert options.kernel.temperature == 0.8
+    terms = tk.token_terms(student_logits, targets, teacher, options=options.kernel)
+    want = tk.token_terms_oracle(student_logits, targets, teacher, 0.8, "paper", None, None, "jsd", 0.3).fkl
+    sampled = torch.arange(20) % 3 != 0
+    prefix = ~sampled
+    out = obj(terms, teacher, sampled, prefix, 0, 1)
+    torch.testing.assert_close(out.loss, want[sampled].sum() / 20)  # token mean over sampled and prefix tokens
+    with pytest.raises(ValueError, match="logprob_floor=-4.0 with divergence='jsd'"):
+        loss_fn("jsd", logprob_floor=-4.0)
+    with pytest.raises(ValueError, match=r"jsd_beta=1.5: expected a number in \(0, 1\)"):
+        loss_fn("jsd", jsd_beta=1.5)
+    with pytest.raises(ValueError, match="option 'jsd_beta' does not apply to objective 'tropd'"):
+        loss_fn("tropd", jsd_beta=0.5)
+
+
 def test_guidance_tokens_receive_exactly_beta_times_minus_logprob():
     terms, teacher, sampled, prefix = hand_case(n=10, seed=11)
     prefix = torch.zeros(10, dtype=torch.bool)
@@ -261,7 +284,7 @@ def test_guidance_schedule_is_cosine_from_l_max_to_zero_and_draws_are_seeded():
 @pytest.mark.parametrize(
     "name, options, match",
     [
-        ("jsd", {}, r"objective name='jsd': expected one of opd, tropd"),
+        ("gkd", {}, r"objective name='gkd': expected one of opd, tropd"),
         ("tropd", {"betta": 0.1}, r"unknown option 'betta'"),
         ("opd", {"beta": 0.1}, r"option 'beta' does not apply to objective 'opd'"),
         ("tropd", {"beta": -0.1}, r"beta=-0.1: expected a number >= 0"),

@@ -51,7 +51,7 @@ class RolloutConfig:
     samples_per_prompt: int = 2
     max_new_tokens: int = 64  # the whole response: teacher prefix plus the student's continuation
     temperature: float = 1.0  # sampling temperature; objective.temperature must equal it
-    top_p: float = 1.0  # < 1 only for objectives without a log-ratio (fkl_topk)
+    top_p: float = 1.0  # < 1 only for objectives without a log-ratio (fkl_topk, jsd)
     gather_params: bool = True  # gather the whole student for generation; else layer by layer
     micro_batch_size: int = 0  # sequences generated at once per rank; 0 = all of the rank's share
     guidance: bool = True  # off-policy guidance with teacher prefixes
@@ -325,7 +325,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 
 # Objectives whose loss uses no log-ratio of the sampled token (top-k forward KL on the student's states).
-RATIO_FREE_OBJECTIVES = ("fkl_topk",)
+RATIO_FREE_OBJECTIVES = ("fkl_topk", "jsd")
 
 
 def check_sampling(cfg: RunConfig) -> None:

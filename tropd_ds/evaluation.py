@@ -58,7 +58,7 @@ def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64)
     sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n_samples_per_prompt=cfg.samples
     )
-    correct = torch.zeros(2, dtype=torch.float64)
+    correct = torch.zeros(3, dtype=torch.float64)  # correct, completions, completion tokens
     examples = []
     engine = rollout_engine.engine
     engine.eval()
@@ -67,16 +67,14 @@ def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64)
         ids, mask = left_pad([r["ids"] for r in chunk], tokenizer.pad_token_id, device)
         batch = rollout_engine.generate(RolloutRequest(ids, mask), sampling)
         width = ids.shape[1]
-        texts = [
-            tokenizer.decode(row[width:][keep[width:].bool()], skip_special_tokens=True)
-            for row, keep in zip(batch.input_ids, batch.attention_mask)
-        ]
-        for j, text in enumerate(texts):
+        completions = [row[width:][keep[width:].bool()] for row, keep in zip(batch.input_ids, batch.attention_mask)]
+        for j, completion in enumerate(completions):
             pos = start + j // cfg.samples
             if pos >= counted:
                 continue
+            text = tokenizer.decode(completion, skip_special_tokens=True)
             ok = is_correct(text, mine[pos]["answer"])
-            correct += torch.tensor([float(ok), 1.0], dtype=torch.float64)
+            correct += torch.tensor([float(ok), 1.0, float(completion.numel())], dtype=torch.float64)
             if len(examples) < 3:
                 examples.append({"completion": text, "answer": mine[pos]["answer"], "correct": ok})
     engine.train()
@@ -84,6 +82,8 @@ def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64)
     return {
         "eval_accuracy": float(correct[0] / max(correct[1], 1.0)),
         "eval_completions": int(correct[1]),
+        # tokens per completion, end token included: how the student answers (one line, or worked steps)
+        "eval_response_tokens": float(correct[2] / max(correct[1], 1.0)),
         "eval_examples": examples,
     }
 

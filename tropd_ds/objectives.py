@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 from tropd_kernels import KernelOptions, TeacherTopK, TokenTerms
-from tropd_kernels.contract import check_fkl_options
+from tropd_kernels.contract import check_divergence, check_fkl_options
 
 TRUST_MODES = ("bernoulli", "expected", "threshold")
 OUTLIERS = ("fkl", "mask", "clip")
@@ -60,6 +60,7 @@ _ACCEPTED: dict[str, tuple[Callable[[object], bool], str]] = {
     "reopold_entropy_fraction": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
     "entropy_fraction": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
     "eopd_entropy_threshold": (lambda v: _is_num(v) and v >= 0, "a number >= 0 (nats)"),
+    "jsd_beta": (lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
 }
 
 
@@ -147,6 +148,17 @@ class EOPD(_TopK, _PolicyGradient):
 @dataclass(frozen=True)
 class FKLTopK(_TopK):
     pass
+
+
+@dataclass(frozen=True)
+class JSD(_TopK):
+    """The paper's JSD baseline (Table 1): the generalized JSD over the teacher's top-k, every sampled token."""
+
+    jsd_beta: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_divergence("jsd", self.jsd_beta, self.logprob_floor)
 
 
 def option_names(options_type) -> list[str]:
@@ -278,6 +290,10 @@ def fkl_topk_loss(o: FKLTopK, x: Tokens) -> Loss:  # noqa: ARG001  (no option ch
     return Loss(x.terms.fkl * x.s)
 
 
+def jsd_loss(o: JSD, x: Tokens) -> Loss:  # noqa: ARG001  (jsd_beta reaches the kernels through step_options)
+    return Loss(x.terms.fkl * x.s)  # with JSD options the kernels' top-k term is the JSD
+
+
 def top_fraction_threshold(values: torch.Tensor, fraction: float) -> torch.Tensor:
     """The smallest value among the top `fraction` of `values` (at least one is kept)."""
     if values.numel() == 0:
@@ -356,6 +372,7 @@ SPECS: dict[str, Spec] = {
     ),
     "eopd": Spec(EOPD, eopd_loss, lambda loss, x, d: {"fraction_fkl": _fraction(loss.parts["fkl"], x)}),
     "fkl_topk": Spec(FKLTopK, fkl_topk_loss),
+    "jsd": Spec(JSD, jsd_loss),
 }
 OBJECTIVES = tuple(SPECS)
 # Objectives with a top-k forward-KL term. The others need only the teacher's log-prob of the
@@ -390,6 +407,8 @@ class Objective:
         cover = o.fkl_cover
         if cover is not None and o.cover_end is not None:
             cover = cover + (o.cover_end - cover) * frac
+        if isinstance(o, JSD):
+            return StepOptions(k, KernelOptions(temperature, o.fkl_mode, None, cover, "jsd", o.jsd_beta))
         return StepOptions(k, KernelOptions(temperature, o.fkl_mode, o.logprob_floor, cover))
 
     def max_k(self) -> int:

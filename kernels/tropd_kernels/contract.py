@@ -10,6 +10,7 @@ import torch
 
 IGNORE_INDEX = -100
 FKL_MODES = ("paper", "tail", "renorm")
+DIVERGENCES = ("fkl", "jsd")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -31,7 +32,7 @@ class TokenTerms(NamedTuple):
     """Per-token student terms. logprob and fkl carry gradients; entropy and topk_mass do not."""
 
     logprob: torch.Tensor  # [N] fp32, lp_S(t) of the sampled token
-    fkl: torch.Tensor  # [N] fp32, top-k forward KL
+    fkl: torch.Tensor  # [N] fp32, top-k forward KL (the top-k JSD with KernelOptions(divergence="jsd"))
     entropy: torch.Tensor  # [N] fp32, full-vocabulary student entropy
     topk_mass: torch.Tensor  # [N] fp32, student mass on the teacher's (kept) top-k
 
@@ -120,18 +121,36 @@ def check_fkl_options(fkl_mode: str, logprob_floor: float | None, fkl_cover: flo
         raise ValueError(f"fkl_cover={fkl_cover!r}: expected None or a number in (0, 1]")
 
 
+def check_divergence(divergence: str, jsd_beta: float, logprob_floor: float | None) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r}: expected one of {', '.join(DIVERGENCES)}")
+    if not (_is_number(jsd_beta) and 0 < jsd_beta < 1):
+        raise ValueError(f"jsd_beta={jsd_beta!r}: expected a number in (0, 1)")
+    if divergence == "jsd" and logprob_floor is not None:
+        raise ValueError(
+            f"logprob_floor={logprob_floor!r} with divergence='jsd': the floor is for the forward KL only "
+            "(the JSD is bounded by log 2 without it); expected logprob_floor=None"
+        )
+
+
 @dataclass(frozen=True)
 class KernelOptions:
     """How the student's vocabulary pass turns logits into terms, checked once when made.
 
     temperature divides the logits before every softmax; fkl_mode, logprob_floor and fkl_cover shape
-    the top-k forward KL (ALGORITHM.md section 1)."""
+    the top-k forward KL (ALGORITHM.md section 1). divergence="jsd" puts the generalized Jensen-Shannon
+    divergence over the same entries in TokenTerms.fkl instead (the paper's JSD baseline, Table 1):
+    jsd_beta KL(teacher || M) + (1 - jsd_beta) KL(student || M), M = jsd_beta teacher + (1 - jsd_beta) student.
+    fkl_mode and fkl_cover choose its entries as they do for the FKL; logprob_floor is for the FKL only."""
 
     temperature: float = 1.0
     fkl_mode: str = "paper"
     logprob_floor: float | None = None
     fkl_cover: float | None = None
+    divergence: str = "fkl"
+    jsd_beta: float = 0.5
 
     def __post_init__(self):
         object.__setattr__(self, "temperature", check_temperature(self.temperature))
         check_fkl_options(self.fkl_mode, self.logprob_floor, self.fkl_cover)
+        check_divergence(self.divergence, self.jsd_beta, self.logprob_floor)

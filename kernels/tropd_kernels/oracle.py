@@ -39,6 +39,8 @@ def token_terms_oracle(
     fkl_mode: str = "paper",
     logprob_floor: float | None = None,
     fkl_cover: float | None = None,
+    divergence: str = "fkl",
+    jsd_beta: float = 0.5,
 ) -> TokenTerms:
     """Differentiable with respect to `logits` through ordinary autograd."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
@@ -56,7 +58,9 @@ def token_terms_oracle(
     student_mass = torch.where(keep, lp_k.exp(), 0.0).sum(1)
 
     lp_in = lp_k if logprob_floor is None else torch.clamp(lp_k, min=logprob_floor)
-    if fkl_mode == "renorm":
+    if divergence == "jsd":
+        fkl = _jsd_oracle(teacher.logprobs, lp_k, keep, fkl_mode, jsd_beta)
+    elif fkl_mode == "renorm":
         qn = q / q_sum.unsqueeze(1)
         fkl = torch.where(keep, qn * (torch.where(keep, qn, 1.0).log() - lp_in), 0.0).sum(1)
     else:
@@ -75,3 +79,23 @@ def token_terms_oracle(
         entropy=torch.where(valid, _entropy(logp.detach()), zero),
         topk_mass=torch.where(valid, student_mass.detach(), zero),
     )
+
+
+def _kl_to_mixture(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """sum_i p_i log(p_i / m_i) over the last dimension, 0 log 0 = 0."""
+    ratio = torch.where(p > 0, p, 1.0) / torch.where(p > 0, m, 1.0)
+    return torch.where(p > 0, p * ratio.log(), 0.0).sum(-1)
+
+
+def _jsd_oracle(teacher_logprobs, lp_k, keep, fkl_mode: str, beta: float) -> torch.Tensor:
+    """Generalized JSD on explicit distributions over the kept entries (renorm: renormalised; tail: plus a
+    bucket for the rest), in probability space."""
+    q = torch.where(keep, teacher_logprobs.exp(), 0.0)
+    s = torch.where(keep, lp_k.exp(), 0.0)
+    if fkl_mode == "renorm":
+        q, s = q / q.sum(1, keepdim=True), s / s.sum(1, keepdim=True)
+    elif fkl_mode == "tail":
+        q = torch.cat([q, (1 - q.sum(1, keepdim=True)).clamp(min=0)], dim=1)
+        s = torch.cat([s, (1 - s.sum(1, keepdim=True)).clamp(min=0)], dim=1)
+    m = beta * q + (1 - beta) * s
+    return beta * _kl_to_mixture(q, m) + (1 - beta) * _kl_to_mixture(s, m)
