@@ -45,7 +45,7 @@ def test_presets_check_out_on_the_meta_device_in_seconds(capsys, preset, world, 
     [
         (["objective.options={k: 200000}"], "objective.options.k=200000 exceeds the vocabulary (128256 tokens)"),
         (["student.dtype=float32"], "enables bf16 but student.dtype='float32': expected student.dtype='bfloat16'"),
-        (["rollout.max_new_tokens=140000"], "exceeds student max_position_embeddings=131072"),
+        (["rollout.max_new_tokens=140000"], "more than the student's 131072 positions"),
         (["student.micro_batch_size=3"], "student.micro_batch_size=3 does not divide the 64 rollouts per rank"),
         (["optim.lr=1e-5"], "optimizer.params.lr=5e-06 contradicts optim.lr=1e-05"),
         (["rollout.prompts_per_step=100"], "rollout.prompts_per_step=100: expected a multiple of the 8 ranks"),

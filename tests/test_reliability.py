@@ -42,7 +42,7 @@ def _release_shm_of_started_runs():
         release_shm(port)
 
 
-def start(config: Path, env: dict | None = None) -> subprocess.Popen:
+def start(config: Path, env: dict | None = None, overrides: list[str] = ()) -> subprocess.Popen:
     PORTS.append(free_port())
     cmd = [
         DEEPSPEED,
@@ -54,6 +54,7 @@ def start(config: Path, env: dict | None = None) -> subprocess.Popen:
         "tropd_ds.train",
         "--config",
         str(config),
+        *[x for o in overrides for x in ("--set", o)],
     ]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     full_env.pop("TRITON_INTERPRET", None)
@@ -331,3 +332,52 @@ def test_a_lock_left_by_an_interrupted_op_build_is_reported_with_the_command_tha
     assert out.count("waiting on") == 1  # said once
     monkeypatch.setattr(process, "COMPILERS", process.COMPILERS | {psutil.Process().name()})  # a build in progress
     assert process.stale_extension_locks() == []
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def test_a_signal_during_set_up_ends_the_run_at_once_with_nothing_written(workspace):
+    config = write_config(workspace, "setup_signal", checkpoint={"every": 0})
+    proc = start(config)
+    seen = []
+    for line in proc.stdout:  # rank 0 reports the engines once they are built: still set-up, no step yet
+        seen.append(line)
+        if "ranks; student ZeRO stage" in line:
+            break
+    os.kill(rank_pid(proc, 0), signal.SIGTERM)
+    started = time.time()
+    code, out = finish(proc, timeout=120)
+    out = "".join(seen) + out
+    assert code != 0 and time.time() - started < 60, out[-3000:]
+    assert "SIGTERM during set-up: stopping now" in out or "SIGTERM during the first evaluation" in out, out[-3000:]
+    assert not list((workspace / "setup_signal/ckpt").glob("step*"))
+    assert "Traceback" not in out.split("SIGTERM during")[0][-2000:]
+
+
+def test_a_run_owns_its_checkpoint_folder_and_always_ends_with_a_verified_checkpoint(workspace, full_run):
+    config = write_config(workspace, "owned", checkpoint={"every": 0})
+    first = start(config)
+    wait_for_step(workspace / "owned", first, 1)
+    code, out = finish(start(config))  # a second run on the same folder, while the first one is running
+    assert code != 0 and "is in use by another run" in out, out[-3000:]
+    os.kill(rank_pid(first, 0), signal.SIGTERM)
+    code, out = finish(first)
+    assert code == 0 and "checkpoint saved" in out, out[-3000:]
+    saved = sorted(p.name for p in (workspace / "owned/ckpt").glob("step*"))
+    assert len(saved) == 1
+    for overrides, words in (
+        (["checkpoint.resume=false"], "holds another run's checkpoints"),
+        (["objective.name=opd", "objective.options={}"], "objective.name: 'tropd' -> 'opd'"),
+    ):
+        code, out = finish(start(config, overrides=overrides))
+        assert code != 0 and words in out and "Traceback" not in out, out[-3000:]
+        assert sorted(p.name for p in (workspace / "owned/ckpt").glob("step*")) == saved  # nothing deleted
+    done = launch(config)  # the same config resumes, and the end leaves step6 verified before the export
+    assert f"at step {saved[0][4:]}" in done.stdout
+    assert checkpoint.verify(workspace / "owned/ckpt/step6") is None
+    assert (workspace / "owned/export/tropd_export.json").is_file()
+    launches = sorted(p.name for p in (workspace / "owned/logs").glob("config.*.json"))
+    assert len(launches) == 2, launches  # each launch's resolved config is kept

@@ -20,9 +20,13 @@ from pathlib import Path
 import torch
 
 from . import collectives, faults
+from .config import ConfigError, RunConfig
 
 INCOMPLETE = ".incomplete-"
 MANIFEST = "manifest.json"
+IDENTITY = "run.json"  # what the checkpoints in a folder were trained with
+LOCK = "run.lock"  # the run that owns the folder now
+EXPORT_MARK = "tropd_export.json"  # a folder tropd-ds exported (and may replace)
 
 
 class CheckpointError(RuntimeError):
@@ -246,6 +250,166 @@ def resume(engine, ckpt_dir: str, log=print) -> dict | None:
     return None
 
 
+# ----------------------------------------------------------------------------- a run owns its folders
+
+
+def run_identity(cfg: RunConfig, world: int) -> dict:
+    """What must not change between a checkpoint and the run that resumes it (name -> value)."""
+    return {
+        "student.path": cfg.student.path,
+        "student.dtype": cfg.student.dtype,
+        "teacher.path": cfg.teacher.path,
+        "objective.name": cfg.objective.name,
+        "objective.options": cfg.objective.options,
+        "data.path": cfg.data.path,
+        "data.shuffle_seed": cfg.data.shuffle_seed,
+        "rollout.prompts_per_step": cfg.rollout.prompts_per_step,
+        "rollout.samples_per_prompt": cfg.rollout.samples_per_prompt,
+        "seed": cfg.seed,
+        "ranks": world,
+    }
+
+
+def identity_changes(old: dict, new: dict) -> list[str]:
+    changes = []
+    for key, value in new.items():
+        if key in old and json.dumps(old[key], sort_keys=True) != json.dumps(value, sort_keys=True):
+            changes.append(f"{key}: {old[key]!r} -> {value!r}")
+    return changes
+
+
+def _folder_has_checkpoints(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    names = [p.name for p in complete_checkpoints(str(root))]
+    names += [p.name for p in root.glob(f"{INCOMPLETE}*")]
+    return names + (["latest"] if (root / "latest").is_file() and not names else [])
+
+
+def _process_start(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+        return None
+
+
+def take_lock(root: Path, log=print) -> None:
+    """Rank 0 marks `root` as this run's; a live owner is refused, a dead one's lock replaced."""
+    import socket
+
+    lock = root / LOCK
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+    if lock.is_file():
+        try:
+            owner = json.loads(lock.read_text())
+        except (OSError, ValueError):
+            owner = {}
+        alive = owner.get("host") != me["host"] or (
+            _process_start(int(owner.get("pid", -1))) is not None
+            and abs(_process_start(int(owner["pid"])) - float(owner.get("started") or 0)) < 1.0
+        )
+        if alive and owner.get("pid") != me["pid"]:
+            where = "on this machine" if owner.get("host") == me["host"] else f"on host {owner.get('host')!r}"
+            raise ConfigError(
+                f"checkpoint.dir={str(root)!r} is in use by another run (pid {owner.get('pid')} {where}; {lock}): two "
+                "runs in one folder delete each other's checkpoints. Stop that run or choose another checkpoint.dir"
+                + ("" if owner.get("host") == me["host"] else "; if that run has ended, remove the lock file")
+            )
+        log(f"removed a stale lock of pid {owner.get('pid')} (that process has ended) from {root}")
+    root.mkdir(parents=True, exist_ok=True)
+    _write_atomic(lock, json.dumps(me))
+
+
+def release_lock(root: str) -> None:
+    lock = Path(root) / LOCK
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def claim(cfg: RunConfig, world: int, rank: int, log=print) -> None:
+    """Before any engine: the checkpoint folder is this run's (or its own earlier launch's, unchanged in
+    what matters), nobody else is using it, and the export folder may be written. Rank 0 takes the lock
+    and records the run's identity; every rank makes the same decision from the same files."""
+    root = Path(cfg.checkpoint.dir)
+    found = _folder_has_checkpoints(root)
+    new = run_identity(cfg, world)
+    old = None
+    if (root / IDENTITY).is_file():
+        try:
+            old = json.loads((root / IDENTITY).read_text())
+        except (OSError, ValueError):
+            old = None
+    if found and not cfg.checkpoint.resume and not cfg.checkpoint.overwrite:
+        raise ConfigError(
+            f"checkpoint.dir={str(root)!r} holds another run's checkpoints ({', '.join(found[:3])}) and "
+            "checkpoint.resume=false: a fresh run there would rotate them away with its own. Choose another "
+            "checkpoint.dir, resume it (checkpoint.resume=true), or set checkpoint.overwrite=true to delete them"
+        )
+    if found and cfg.checkpoint.resume and old is not None:
+        changes = identity_changes(old, new)
+        if changes and not cfg.checkpoint.overwrite:
+            ranks = [c for c in changes if c.startswith("ranks:")]
+            note = (
+                f" (resuming on another number of ranks is not supported: the ZeRO-3 shards and the data order are "
+                f"per rank; launch with {old['ranks']} ranks)"
+                if ranks
+                else ""
+            )
+            raise ConfigError(
+                f"checkpoint.dir={str(root)!r} holds checkpoints of a run with another config: {'; '.join(changes)}"
+                f"{note}. Resume with the same values, choose another checkpoint.dir, or set "
+                "checkpoint.overwrite=true to delete those checkpoints and start afresh"
+            )
+    check_export_target(cfg.checkpoint.export_dir, cfg.checkpoint.overwrite, "checkpoint.export_dir")
+    for key, folder in (("checkpoint.dir", root), ("logging.dir", Path(cfg.logging.dir))):
+        check_writable(folder, key)
+    if rank != 0:
+        return
+    take_lock(root, log)
+    if found and (cfg.checkpoint.overwrite and (not cfg.checkpoint.resume or (old and identity_changes(old, new)))):
+        log(f"checkpoint.overwrite=true: deleting {', '.join(found)} in {root}")
+        for name in {*found, "latest"}:
+            target = root / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    _write_atomic(root / IDENTITY, json.dumps(new, indent=1, default=str))
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """`folder` exists or can be made, and a file can be written there (found now, not at the first save)."""
+    probe_root = folder
+    while not probe_root.exists() and probe_root != probe_root.parent:
+        probe_root = probe_root.parent
+    if probe_root.exists() and not probe_root.is_dir():
+        raise ConfigError(f"{key}={str(folder)!r}: {probe_root} is a file, expected a folder")
+    if not os.access(probe_root, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={str(folder)!r} cannot be written ({probe_root} is not writable by this user)")
+
+
+def check_export_target(out: str, force: bool, what: str = "--out") -> None:
+    """An export goes into a new or empty folder, or replaces an earlier export; anything else needs force."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what}={out!r} is a file: expected a folder for the exported model")
+    if path.is_dir() and any(path.iterdir()) and not (path / EXPORT_MARK).is_file() and not force:
+        names = sorted(p.name for p in path.iterdir())
+        flag = "--force" if what == "--out" else "checkpoint.overwrite=true"
+        raise ConfigError(
+            f"{what}={out!r} is not empty ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) and is not an "
+            f"earlier tropd-ds export (no {EXPORT_MARK}): nothing was written. Choose a new folder, or pass {flag} to "
+            "replace its files"
+        )
+    check_writable(path, what)
+
+
+def mark_export(out_dir: str, source: str) -> None:
+    _write_atomic(Path(out_dir) / EXPORT_MARK, json.dumps({"exported_from": source}, indent=1))
+
+
 def export(engine, tokenizer, out_dir: str) -> None:
     """A folder with config, tokenizer and model.safetensors that AutoModelForCausalLM loads."""
     lm = engine.module.lm
@@ -260,6 +424,7 @@ def export(engine, tokenizer, out_dir: str) -> None:
         out.mkdir(parents=True, exist_ok=True)
         lm.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
+        mark_export(out_dir, "the end of training")
     collectives.barrier()
 
 
@@ -268,8 +433,6 @@ def export_from_checkpoint(ckpt_dir: str, student_path: str, out_dir: str, tag: 
     with the student's config and tokenizer as a Hugging Face folder."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .config import ConfigError
 
     if tag is None:
         found = complete_checkpoints(ckpt_dir)
@@ -281,6 +444,12 @@ def export_from_checkpoint(ckpt_dir: str, student_path: str, out_dir: str, tag: 
     if not (Path(ckpt_dir) / tag).is_dir():
         tags = sorted(p.name for p in Path(ckpt_dir).glob("step*"))
         raise ConfigError(f"checkpoint tag {tag!r} is not in {ckpt_dir!r}: available {tags}")
+    problem = verify(Path(ckpt_dir) / tag) if (Path(ckpt_dir) / tag / MANIFEST).is_file() else f"no {MANIFEST}"
+    if problem is not None:
+        raise ConfigError(
+            f"checkpoint {tag} in {ckpt_dir!r} fails its check ({problem}): nothing was exported; name an intact one "
+            "with --tag"
+        )
     state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     state = {k.removeprefix("lm."): v for k, v in state.items()}
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_path))
@@ -291,4 +460,5 @@ def export_from_checkpoint(ckpt_dir: str, student_path: str, out_dir: str, tag: 
         )
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(student_path).save_pretrained(out_dir)
+    mark_export(out_dir, str(Path(ckpt_dir) / tag))
     return str(Path(ckpt_dir) / tag)

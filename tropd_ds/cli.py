@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+from pathlib import Path
 
 
 def _eval(argv) -> int:
@@ -29,14 +32,35 @@ def _eval(argv) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--out", default=None, help="also append the result as a JSON line to this file")
     args = ap.parse_args(argv)
+    problems = [
+        f"--{name.replace('_', '-')}={value}: expected an integer >= 1"
+        for name, value in (("max_prompts", args.max_prompts), ("samples", args.samples),
+                            ("max_new_tokens", args.max_new_tokens))
+        if value < 1
+    ]  # fmt: skip
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        problems.append(f"--temperature={args.temperature}: expected a finite number >= 0 (0 = greedy)")
+    if args.out and Path(args.out).is_dir():
+        problems.append(f"--out={args.out!r} is a folder: expected a file to append the result to")
+    if problems:
+        print(f"tropd-ds eval: {problems[0]}", file=sys.stderr)
+        return 2
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .config import ConfigError
     from .data import load_rows, render_prompt
     from .evaluation import is_correct
 
-    rows = load_rows(args.data, what="--data")
+    try:
+        rows = load_rows(args.data, what="--data")
+    except ConfigError as exc:
+        print(f"tropd-ds eval: {exc}", file=sys.stderr)
+        return 2
+    if not (Path(args.model) / "config.json").is_file():
+        print(f"tropd-ds eval: {args.model!r} is not a model folder (no config.json)", file=sys.stderr)
+        return 2
     if "answer" not in rows.column_names:
         print(
             f"tropd-ds eval: --data {args.data!r} has columns {rows.column_names}: an 'answer' column is required",
@@ -80,13 +104,23 @@ def _export(argv) -> int:
     ap.add_argument("--config", required=True, help="the run's config (for the student folder and the checkpoint dir)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--tag", default=None, help="checkpoint tag, e.g. step200 (default: the newest)")
-    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--out", required=True, help="output folder (new, empty, or an earlier export)")
+    ap.add_argument(
+        "--force", action="store_true", help="replace the files of a non-empty folder that is not an export"
+    )
     args = ap.parse_args(argv)
-    from .checkpoint import export_from_checkpoint
+    from .checkpoint import check_export_target, export_from_checkpoint
     from .config import ConfigError, load_config
 
     try:
+        if not args.out.strip():
+            raise ConfigError("--out is empty: expected a folder for the exported model")
         cfg = load_config(args.config, args.overrides)
+        out = os.path.realpath(args.out)
+        for role, model in (("student", cfg.student.path), ("teacher", cfg.teacher.path)):
+            if model and os.path.realpath(model) in (out, *map(str, Path(out).parents)):
+                raise ConfigError(f"--out={args.out!r} is the {role}'s model folder or inside it: expected another")
+        check_export_target(args.out, args.force)
         path = export_from_checkpoint(cfg.checkpoint.dir, cfg.student.path, args.out, args.tag)
     except ConfigError as exc:
         print(f"tropd-ds export: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 
+from . import checkpoint
 from .config import ConfigError, RunConfig, load_config
 from .preflight import Prepared, validate_before_engines
 
@@ -16,6 +17,11 @@ Each step is the algorithm's three phases: rollout (the student samples, after a
 guided), teacher scoring (a TeacherTopK per response token), student update (kernels, objective,
 backward, step). Around them, on schedule: metrics, held-out evaluation, checkpoints.
 """
+
+
+def _log(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[tropd-ds] {msg}", flush=True)
 
 
 def parse_args(argv=None):
@@ -52,13 +58,16 @@ def prepare(argv=None) -> tuple[RunConfig, Prepared] | int:
         if args.dry_run:
             from .dry_run import dry_run
 
-            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
             if world < 1:
                 raise ConfigError(f"--world-size={world}: expected an integer >= 1")
             for line in dry_run(cfg, world, args.gpu_mem):
                 print(line, flush=True)
             return 0
-        return cfg, validate_before_engines(cfg)
+        prepared = validate_before_engines(cfg)
+        # the checkpoint folder is this run's, not locked by another, and every output folder is writable
+        checkpoint.claim(cfg, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), _log)
+        return cfg, prepared
     except ConfigError as exc:
         print(f"tropd-ds: configuration error: {exc}", file=sys.stderr)
         return 2

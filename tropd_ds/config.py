@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
 import re
 import types
 import typing
@@ -86,6 +88,8 @@ class CheckpointConfig:
     resume: bool = True
     export_dir: str = "runs/export"
     stop_after: int = 0  # end this process after that many steps (with a checkpoint), e.g. for time-limited slots
+    # replace another run's checkpoints in `dir`, and a non-empty export_dir that tropd-ds did not export
+    overwrite: bool = False
 
 
 @dataclass
@@ -267,6 +271,24 @@ def _parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+def parse_file(path: Path):
+    """A YAML or JSON file's content; a syntax error names the file, line and column."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from exc
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: JSON syntax error: {exc.msg}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        raise ConfigError(f"{where}: YAML syntax error: {problem}{f' ({context})' if context else ''}") from exc
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Parse `path` (YAML or JSON) and apply `--set key.sub=value` overrides."""
     data: dict = {}
@@ -275,8 +297,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        text = path.read_text()
-        data = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
+        data = parse_file(path) or {}
         base = path.resolve().parent
     for item in overrides:
         keys, value = _parse_override(item)
@@ -295,7 +316,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for (section, name), (lo, lo_in, hi, hi_in) in RANGES.items():
         value = getattr(getattr(cfg, section), name)
         bad = (
-            value != value
+            not math.isfinite(value)
             or (value < lo if lo_in else value <= lo)
             or (hi is not None and (value > hi if hi_in else value >= hi))
         )
@@ -310,7 +331,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{section}.{name}={value!r}: expected one of {', '.join(allowed)}")
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(_is_fraction(b) for b in betas):
+        raise ConfigError(f"optim.betas={list(betas)!r}: expected two numbers in [0, 1)")
     check_sampling(cfg)
+    check_outputs(cfg)
     if cfg.student.gather_params:
         raise ConfigError(
             "student.gather_params=True: gathering applies to the teacher's scoring; the student's generation is set "
@@ -322,6 +347,50 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             "student only"
         )
     return cfg
+
+
+def _is_fraction(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+
+
+OUTPUT_FIELDS = (("checkpoint", "dir"), ("checkpoint", "export_dir"), ("logging", "dir"))
+INPUT_FIELDS = (("student", "path"), ("teacher", "path"))
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_outputs(cfg: RunConfig) -> None:
+    """Output folders are named, distinct, and never a model folder or inside one: a run writes nothing
+    the user did not give it."""
+    outputs = {}
+    for section, name in OUTPUT_FIELDS:
+        value = getattr(getattr(cfg, section), name)
+        if not value.strip():
+            raise ConfigError(
+                f"{section}.{name} is empty: expected a folder for the run's "
+                f"{'logs' if section == 'logging' else 'checkpoints' if name == 'dir' else 'exported model'} "
+                "(an empty path would write into the current directory)"
+            )
+        outputs[f"{section}.{name}"] = Path(os.path.realpath(value))
+    for key, out in outputs.items():
+        for section, name in INPUT_FIELDS:
+            model = getattr(getattr(cfg, section), name)
+            if model and Path(model).exists() and _inside(out, Path(os.path.realpath(model))):
+                raise ConfigError(
+                    f"{key}={str(out)!r} is {'the' if out == Path(os.path.realpath(model)) else 'inside the'} "
+                    f"{section}'s model folder ({section}.{name}={model!r}): the run would write over the model it "
+                    "reads; expected a folder outside it"
+                )
+    keys = list(outputs)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            if outputs[a] == outputs[b]:
+                raise ConfigError(
+                    f"{a} and {b} are the same folder ({str(outputs[a])!r}): logs, checkpoints and the exported model "
+                    "each need their own (their files would mix: both write config.json)"
+                )
 
 
 # Objectives whose loss uses no log-ratio of the sampled token (top-k forward KL on the student's states).

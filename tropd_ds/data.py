@@ -19,11 +19,23 @@ def load_rows(path: str, split: str = "train", what: str = "data.path"):
     if not path:
         raise ConfigError(f"{what} is empty: expected a JSON/JSONL/Parquet/Arrow file or a folder saved by datasets")
     if p.is_dir():
-        if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
-            ds = datasets.load_from_disk(str(p))
-        else:
-            ds = datasets.load_dataset(str(p), split=split)
+        if not any(p.iterdir()):
+            raise ConfigError(f"{what}={path!r} is an empty folder: expected data files or a folder saved by datasets")
+        try:
+            if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
+                ds = datasets.load_from_disk(str(p))
+            else:
+                ds = datasets.load_dataset(str(p), split=split)
+        except Exception as exc:  # datasets raises many kinds of errors for folders it cannot read
+            raise ConfigError(
+                f"{what}={path!r} could not be read as a data set: {type(exc).__name__}: {str(exc)[:300]}"
+            ) from exc
     elif p.is_file():
+        if split != "train":
+            raise ConfigError(
+                f"data.split={split!r} with the file {what}={path!r}: a file holds one split, 'train'; data.split "
+                "chooses among the splits of a saved DatasetDict folder or a hub data set"
+            )
         builder = BUILDERS.get(p.suffix)
         if builder is None:
             raise ConfigError(f"{what}={path!r}: unknown file type {p.suffix!r}; expected one of {', '.join(BUILDERS)}")
@@ -166,10 +178,108 @@ class PromptStream:
     def next_batch(self) -> list[Prompt]:
         """This rank's prompts for the next step (all ranks advance the same global cursor)."""
         chosen: list[Prompt] = []
+        skipped_in_a_row = 0
         while len(chosen) < self.per_step:
             idx = self._next_index()
             prompt = self.encode(idx)
             if prompt is not None:
                 chosen.append(prompt)
+                skipped_in_a_row = 0
+                continue
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= len(self.ds):  # a whole epoch without one usable prompt: it would never end
+                raise ConfigError(
+                    f"every one of the {len(self.ds)} prompts is longer than data.max_prompt_tokens="
+                    f"{self.max_prompt_tokens} and data.long_prompts='skip' drops them: raise max_prompt_tokens or "
+                    "set long_prompts=truncate"
+                )
         share = self.per_step // self.world
         return chosen[self.rank * share : (self.rank + 1) * share]
+
+
+def unknown_token(tokenizer) -> tuple[int | None, str | None]:
+    """The id and text of the token that characters outside the vocabulary become: the tokenizer's
+    unk_token, or its backend model's (a WordLevel or BPE model can name one the wrapper does not)."""
+    if getattr(tokenizer, "unk_token_id", None) is not None:
+        return tokenizer.unk_token_id, tokenizer.unk_token
+    backend = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    text = getattr(backend, "unk_token", None)
+    if text:
+        token_id = tokenizer.convert_tokens_to_ids(text)
+        if isinstance(token_id, int) and token_id >= 0:
+            return token_id, text
+    return None, None
+
+
+SCAN_ROWS = 20_000  # rows checked before the engines start (all of them in smaller data sets)
+
+
+def check_rows(
+    ds, tokenizer, what: str, max_prompt_tokens: int, long_prompts: str, chat_template: bool, need_answer: bool = False
+) -> list[str]:
+    """Types, nulls, chat template and lengths of the first SCAN_ROWS rows, before any engine starts.
+    Raises ConfigError naming the first bad row; returns warnings (unknown-token rate) to print."""
+    n = min(len(ds), SCAN_ROWS)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    usable, unknown, total_tokens, unknown_rows, example = 0, 0, 0, 0, None
+    unk, unk_text = unknown_token(tokenizer)
+    columns = ds[:n]  # one read of every column
+    for i in range(n):
+        row = {name: values[i] for name, values in columns.items()}
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            if not prompt or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in prompt
+            ):
+                raise ConfigError(
+                    f"{what} row {i}: prompt is a list but not of chat messages: expected "
+                    "[{'role': 'user', 'content': '...'}, ...] with string roles and contents"
+                )
+            if not has_template:
+                raise ConfigError(
+                    f"{what} row {i}: prompt is a list of chat messages but the tokenizer has no chat template: "
+                    "use a tokenizer with one (tokenizer_config.json 'chat_template'), or plain string prompts"
+                )
+        elif not isinstance(prompt, str) or not prompt:
+            raise ConfigError(
+                f"{what} row {i}: prompt={prompt!r} ({type(prompt).__name__}): expected a non-empty string or a list "
+                "of chat messages"
+            )
+        elif chat_template and not has_template:
+            raise ConfigError(
+                f"data.chat_template=true but the tokenizer has no chat template ({what} row {i}): set "
+                "data.chat_template=false or use a tokenizer with one"
+            )
+        response = row.get("teacher_response")
+        if response is not None and not isinstance(response, str):
+            raise ConfigError(
+                f"{what} row {i}: teacher_response={response!r} ({type(response).__name__}): expected a string or null"
+            )
+        if need_answer and (row.get("answer") is None or str(row.get("answer")).strip() == ""):
+            raise ConfigError(f"{what} row {i}: answer is {row.get('answer')!r}: every held-out row needs an answer")
+        ids = tokenizer(render_prompt(tokenizer, prompt, chat_template), add_special_tokens=not chat_template)[
+            "input_ids"
+        ]
+        usable += len(ids) <= max_prompt_tokens or long_prompts != "skip"
+        if unk is not None:
+            bad = sum(t == unk for t in ids)
+            unknown += bad
+            unknown_rows += bad > 0
+            if bad and example is None:
+                example = i
+        total_tokens += len(ids)
+    if usable == 0:
+        raise ConfigError(
+            f"every one of the {'first ' if n < len(ds) else ''}{n} prompts in {what} is longer than "
+            f"data.max_prompt_tokens={max_prompt_tokens} and data.long_prompts='skip' drops them: no step could "
+            "start; raise max_prompt_tokens or set long_prompts=truncate"
+        )
+    warnings = []
+    if unknown:
+        warnings.append(
+            f"warning: {unknown} of {total_tokens} prompt tokens in {unknown_rows} of {n} rows of {what} map to the "
+            f"tokenizer's unknown token {unk_text!r} (first in row {example}): the models never see "
+            "those characters"
+        )
+    return warnings

@@ -34,13 +34,7 @@ def _meta_model(role: str, model_cfg, seq: int):
 
     from .models import DTYPES
 
-    config = AutoConfig.from_pretrained(model_cfg.path)
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and seq > limit:
-        raise ConfigError(
-            f"data.max_prompt_tokens + rollout.max_new_tokens = {seq} exceeds {role} max_position_embeddings={limit} "
-            f"({model_cfg.path})"
-        )
+    config = AutoConfig.from_pretrained(model_cfg.path)  # its positions were checked by preflight.check_positions
     try:
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[model_cfg.dtype])

@@ -39,6 +39,48 @@ def check_model_folder(cfg: ModelConfig, role: str, weights: bool = True) -> Non
         raise ConfigError(
             f"{role}.ds_config={cfg.ds_config!r}: expected a DeepSpeed JSON config file (see ds_configs/)"
         )
+    if Path(cfg.path).is_dir():
+        check_model_files(Path(cfg.path), role, weights)
+
+
+def check_model_files(folder: Path, role: str, weights: bool) -> None:
+    """config.json parses; every safetensors file has a readable header; the embedding agrees with the
+    config's vocab_size and hidden size. A truncated download is found here, not after the engines."""
+    import json
+
+    where = f"{role}.path={str(folder)!r}"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: config.json:{exc.lineno}:{exc.colno} is not valid JSON: {exc.msg}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: config.json cannot be read: {exc}") from exc
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ConfigError(f"{where}: config.json has no 'model_type': expected a Hugging Face model config")
+    if not weights:
+        return
+    from safetensors import safe_open
+
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    vocab, hidden = text.get("vocab_size"), text.get("hidden_size")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+        except Exception as exc:  # safetensors raises its own SafetensorError for a damaged header
+            raise ConfigError(
+                f"{where}: {path.name} cannot be read ({type(exc).__name__}: {exc}): a truncated or damaged download? "
+                "Download the weights again"
+            ) from exc
+        size = path.stat().st_size
+        for name, shape in shapes.items():
+            if name.endswith("embed_tokens.weight") and vocab and hidden and list(shape) != [vocab, hidden]:
+                raise ConfigError(
+                    f"{where}: {path.name} holds {name} of shape {list(shape)} but config.json says vocab_size={vocab},"
+                    f" hidden_size={hidden}: the weights and the config are from different models"
+                )
+        if size < 8:
+            raise ConfigError(f"{where}: {path.name} has {size} bytes: a truncated download? Download it again")
 
 
 def check_hub_model(cfg: ModelConfig, role: str) -> None:
@@ -208,9 +250,14 @@ def check_ds_config(
     different value in the DeepSpeed file is an error that names both."""
     where = f"{role}.ds_config={cfg.ds_config!r}"
     zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{where}: zero_optimization is a {type(zero).__name__}: expected a JSON object")
     stage = zero.get("stage", 0)
-    if stage != 3:
-        raise ConfigError(f"{where}: zero_optimization.stage={stage}: expected 3 (the {role} is sharded with ZeRO-3)")
+    if stage != 3 or isinstance(stage, bool):
+        kind = "" if isinstance(stage, int) else f" (a JSON {type(stage).__name__}; write the number 3, no quotes)"
+        raise ConfigError(
+            f"{where}: zero_optimization.stage={stage!r}{kind}: expected 3 (the {role} is sharded with ZeRO-3)"
+        )
     for key, want in _PRECISION.items():
         on = bool(ds.get(key, {}).get("enabled", False))
         if on and cfg.dtype != want:
@@ -267,8 +314,21 @@ def _plain_linear(ds_config: dict) -> dict:
     return ds_config
 
 
-def student_ds_config(cfg: ModelConfig, optim: OptimConfig, micro_batch: int, grad_accum: int) -> dict:
+MONITORS = ("csv_monitor", "tensorboard", "comet")
+
+
+def student_ds_config(
+    cfg: ModelConfig, optim: OptimConfig, micro_batch: int, grad_accum: int, logging_dir: str | None = None
+) -> dict:
+    """The student's DeepSpeed config with the run config's batch, clipping and optimiser values; a monitor's
+    relative output_path is taken under `logging_dir` (so runs never write into each other's files)."""
     ds_config = _plain_linear(read_ds_config(cfg.ds_config))
+    for name in MONITORS:
+        section = ds_config.get(name)
+        if logging_dir and isinstance(section, dict) and section.get("enabled"):
+            path = section.get("output_path") or "monitor"
+            if not Path(path).is_absolute():
+                section["output_path"] = str(Path(logging_dir) / path)
     ds_config["train_micro_batch_size_per_gpu"] = micro_batch
     ds_config["gradient_accumulation_steps"] = grad_accum
     ds_config.pop("train_batch_size", None)

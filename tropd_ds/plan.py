@@ -437,6 +437,29 @@ def format_plan(r: dict) -> str:
     return "\n".join(lines)
 
 
+# Figures that may be 0 (everything else must be > 0): 0 rollout micro-batch means "all of a GPU's share".
+MAY_BE_ZERO = {"rollout_micro_batch", "teacher_prefetch_params"}
+FRACTIONS = {"mfu", "hbm_efficiency"}  # in (0, 1]
+
+
+def check_figures(hw: Hardware, wl: Workload) -> None:
+    """Every hardware and workload number finite and in range: a plan from a zero, a NaN or a negative
+    figure would print nonsense (or divide by zero)."""
+    for obj in (hw, wl):
+        for name, f in obj.__dataclass_fields__.items():
+            value = getattr(obj, name)
+            if f.type not in ("int", "float"):
+                continue
+            flag = "--" + name.replace("_", "-")
+            low_ok = value >= 0 if name in MAY_BE_ZERO else value > 0
+            if not math.isfinite(value) or not low_ok:
+                raise ValueError(f"{flag}={value}: expected a finite number {'>= 0' if name in MAY_BE_ZERO else '> 0'}")
+            if name in FRACTIONS and value > 1:
+                raise ValueError(f"{flag}={value}: expected a fraction in (0, 1]")
+    if wl.k > 0 and not float(wl.k).is_integer():
+        raise ValueError(f"--k={wl.k}: expected an integer")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="tropd-ds plan",
@@ -478,8 +501,7 @@ def main(argv=None) -> int:
         if not student or not teacher:
             raise ValueError("give --student and --teacher (or --config with both models)")
         hw = Hardware(**{name: getattr(args, name) for name in Hardware.__dataclass_fields__})
-        if hw.gpus_per_node < 1 or hw.nodes < 1:
-            raise ValueError(f"gpus_per_node={hw.gpus_per_node}, nodes={hw.nodes}: expected integers >= 1")
+        check_figures(hw, wl)
         result = plan(load_arch(student), load_arch(teacher), hw, wl)
     except ValueError as exc:  # ConfigError is a ValueError
         print(f"tropd-ds plan: {exc}", file=sys.stderr)

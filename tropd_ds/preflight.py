@@ -14,7 +14,7 @@ import tropd_kernels as tk
 
 from . import collectives
 from .config import ConfigError, RunConfig, micro_batches_per_rank, read_ds_config
-from .data import encode_prompt, load_rows
+from .data import check_rows, encode_prompt, load_rows
 from .models import check_ds_config, check_logit_transforms, load_tokenizers_and_check, vocab_from_configs
 from .objectives import Objective, loss_fn
 
@@ -59,7 +59,39 @@ def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: b
             f"{train_rows.column_names} (set rollout.prefix_source=teacher or rollout.guidance=false)"
         )
     check_run_shapes(cfg, world or int(os.environ.get("WORLD_SIZE", "1")))
+    if tokenizer is not None:
+        d = cfg.data
+        warnings = check_rows(train_rows, tokenizer, "data.path", d.max_prompt_tokens, d.long_prompts, d.chat_template)
+        if eval_rows is not None:
+            warnings += check_rows(
+                eval_rows, tokenizer, "data.eval_path", d.max_prompt_tokens, d.long_prompts, d.chat_template, True
+            )
+        if os.environ.get("RANK", "0") == "0":
+            for line in warnings:
+                print(f"[tropd-ds] {line}", flush=True)
+    check_positions(cfg)
     return Prepared(tokenizer, n_tokens, train_rows, eval_rows, objective)
+
+
+def check_positions(cfg: RunConfig) -> None:
+    """A prompt of data.max_prompt_tokens plus the longest response must fit each model's positions."""
+    from transformers import AutoConfig
+
+    longest = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    for role, model in (("student", cfg.student), ("teacher", cfg.teacher)):
+        try:
+            config = AutoConfig.from_pretrained(model.path)
+        except Exception:  # checked (and reported) by the model-folder checks; a dry run may have only a config
+            continue
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        positions = getattr(text, "max_position_embeddings", None)
+        if isinstance(positions, int) and longest > positions:
+            raise ConfigError(
+                f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} plus max_new_tokens "
+                f"(rollout {cfg.rollout.max_new_tokens}, eval {cfg.eval.max_new_tokens}) is {longest} tokens, more "
+                f"than the {role}'s {positions} positions (max_position_embeddings in {model.path}): lower them so "
+                f"that the sum is at most {positions}"
+            )
 
 
 def check_objective(cfg: RunConfig, n_tokens: int) -> Objective:

@@ -41,11 +41,16 @@ def seed_everything(seed: int) -> None:
 
 
 class StopRequest:
-    """SIGTERM / SIGINT ask the run to stop after the current step (it then saves a checkpoint); a second
-    signal ends the process at once. `agreed()` is the same on every rank: a signal on any rank stops all."""
+    """SIGTERM / SIGINT, from the first line of a run. While nothing would be lost (`can_leave_now`: set-up,
+    the first evaluation, a step after a checkpoint) the process ends at once with 128 + the signal's number.
+    Once a step has completed since the last checkpoint, the run stops after the current step and saves;
+    a second signal ends the process at once. `agreed()` is the same on every rank: a signal on any rank
+    stops all."""
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.can_leave_now = True
+        self.phase = "set-up"
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
@@ -55,6 +60,16 @@ class StopRequest:
             os.kill(os.getpid(), signum)
             return
         self.signal_name = signal.Signals(signum).name
+        if self.can_leave_now:
+            rank = os.environ.get("RANK", "0")
+            if rank == "0":
+                print(
+                    f"[tropd-ds] {self.signal_name} during {self.phase}: stopping now; no step has completed since "
+                    "the last checkpoint (or the start), so nothing is lost",
+                    flush=True,
+                )
+            release_cpu_shm_buffers()
+            exit_without_teardown(128 + signum)
 
     def agreed(self) -> bool:
         """A collective: True on every rank when any rank was signalled."""

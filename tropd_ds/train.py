@@ -16,20 +16,25 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, collectives, command, evaluation, process, rollout, scoring, update
-from .config import RunConfig, micro_batches_per_rank, to_dict
+from .config import ConfigError, RunConfig, micro_batches_per_rank, to_dict
 from .data import PromptStream
 from .metrics import MetricsWriter, NonFiniteSteps, step_record
 from .preflight import Prepared, check_logit_parity
 
 
 def main(argv=None) -> int:
+    stop = process.StopRequest()  # signals are handled from the first line: set-up ends at once
     loaded = command.prepare(argv)  # arguments, config and pre-flight checks (or the dry run): an int is an exit code
     if isinstance(loaded, int):
         return loaded
     try:
-        code = run(*loaded)
+        code = run(*loaded, stop=stop)
+    except ConfigError as exc:  # found only once running (e.g. a data set whose every prompt is skipped)
+        log(f"configuration error: {exc}")
+        code = 2
     finally:
         process.release_cpu_shm_buffers()
+        checkpoint.release_lock(loaded[0].checkpoint.dir)
     if dist.is_initialized():  # every rank returns here together (a rank failing alone leaves via process.leave_now)
         dist.destroy_process_group()
     return code
@@ -56,7 +61,8 @@ class Trainer:
 def set_up(cfg: RunConfig, prepared: Prepared, device: torch.device) -> Trainer:
     rank, world = collectives.rank_world()
     mb, n_tokens, tokenizer = cfg.student.micro_batch_size, prepared.n_tokens, prepared.tokenizer
-    student, keep_s = update.student_engine(cfg.student, cfg.optim, n_tokens, mb, micro_batches_per_rank(cfg, world))
+    grad_accum = micro_batches_per_rank(cfg, world)
+    student, keep_s = update.student_engine(cfg.student, cfg.optim, n_tokens, mb, grad_accum, cfg.logging.dir)
     teacher, keep_t = scoring.teacher_engine(cfg.teacher, n_tokens)
     offload = teacher.config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
     how = {True: "with all parameters gathered", False: "layer by layer"}
@@ -103,8 +109,9 @@ def train_step(t: Trainer, step: int) -> dict:
     return record
 
 
-def run(cfg: RunConfig, prepared: Prepared) -> int:
+def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = None) -> int:
     # Set-up: processes and engines; then the check that our log-probs are the models' own, and resume.
+    stop = stop or process.StopRequest()
     device = process.start_distributed()
     rank = collectives.rank_world()[0]
     process.seed_everything(cfg.seed + rank)
@@ -121,15 +128,25 @@ def run(cfg: RunConfig, prepared: Prepared) -> int:
             return 3
         if client is not None:
             start_step = client["step"]
+            if start_step > cfg.optim.steps:
+                log(
+                    f"error: the checkpoint in {cfg.checkpoint.dir} is at step {start_step}, past optim.steps="
+                    f"{cfg.optim.steps}: raise optim.steps to train on, or export it with `tropd-ds export`"
+                )
+                return 2
             t.stream.load_state_dict(client["data"])
             metrics.truncate_after(start_step)
             log(f"resumed from {cfg.checkpoint.dir} at step {start_step}")
-    if rank == 0:
-        Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.logging.dir) / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    if rank == 0:  # each launch's resolved config is kept: config.json is the latest, config.<time>.json each one
+        logs = Path(cfg.logging.dir)
+        logs.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(dict(to_dict(cfg), resumed_at_step=start_step), indent=2, default=str)
+        (logs / f"config.{time.strftime('%Y%m%d-%H%M%S')}-step{start_step}.json").write_text(text)
+        (logs / "config.json").write_text(text)
 
     total = cfg.optim.steps
     held_out = evaluation.Schedule(t.roll_out.student, prepared, cfg, device, metrics, log)
+    stop.phase = "the first evaluation"
     if start_step == 0:
         held_out.evaluate(0)
     progress = None
@@ -137,11 +154,14 @@ def run(cfg: RunConfig, prepared: Prepared) -> int:
         from tqdm import tqdm
 
         progress = tqdm(total=total, initial=start_step, desc="distill", unit="step", dynamic_ncols=True)
-    stop, bad_steps = process.StopRequest(), NonFiniteSteps(cfg.optim.max_bad_steps)
+    bad_steps = NonFiniteSteps(cfg.optim.max_bad_steps)
+    saved = start_step if start_step else None  # the step of the newest checkpoint of this run
 
     for step in range(start_step, total):
         skipped_before = t.student.skipped_steps
+        stop.phase = f"step {step + 1}"
         record, done = train_step(t, step), step + 1
+        stop.can_leave_now = False  # a completed step that no checkpoint holds yet
         # DeepSpeed skips a step whose gradient norm is not finite: the parameters stay as they were.
         message = bad_steps.observe(done, record, t.student.skipped_steps > skipped_before)
         if message:
@@ -165,6 +185,7 @@ def run(cfg: RunConfig, prepared: Prepared) -> int:
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or stopping or interrupted:
             if not save(t, done, progress):
                 return 3
+            saved, stop.can_leave_now = done, True
         if stopping or interrupted:
             if progress is not None:
                 progress.close()
@@ -175,12 +196,32 @@ def run(cfg: RunConfig, prepared: Prepared) -> int:
             )
             return 0
 
-    # The end: a last evaluation, and the student exported as a Hugging Face folder.
+    # The end: a verified checkpoint of the last step, a last evaluation, and the student exported.
     if progress is not None:
         progress.close()
+    if saved != total:
+        stop.phase = "the final save"
+        if not save(t, total, progress):
+            return 3
+        stop.can_leave_now = True
+    final = Path(cfg.checkpoint.dir) / f"step{total}"
+    problem = checkpoint.verify(final)
+    if problem is not None:
+        log(f"error: the final checkpoint {final} fails its check ({problem}); nothing was exported")
+        return 3
+    stop.phase = "the final evaluation"
     if start_step < total:
         held_out.evaluate(total)
-    checkpoint.export(t.student, prepared.tokenizer, cfg.checkpoint.export_dir)
+    stop.phase = "the export"
+    try:
+        checkpoint.export(t.student, prepared.tokenizer, cfg.checkpoint.export_dir)
+    except (OSError, RuntimeError, ValueError) as exc:
+        log(
+            f"error: exporting the student to {cfg.checkpoint.export_dir} failed ({type(exc).__name__}: {exc}); the "
+            f"final checkpoint {final} is intact: export it with `tropd-ds export --config <this run's config> --out "
+            "<folder>`"
+        )
+        return 3
     log(f"exported the student to {cfg.checkpoint.export_dir}")
     held_out.summary()
     return 0

@@ -29,9 +29,17 @@ class StudentTerms(VocabHeadModel):
         return tk.token_terms_from_hidden(hidden, weight, targets, teacher, bias=bias, options=options)
 
 
-def student_engine(cfg: ModelConfig, optim: OptimConfig, n_tokens: int, micro_batch: int, grad_accum: int):
-    """A ZeRO-3 training engine; returns the engine and the HfDeepSpeedConfig that must outlive the loading."""
-    ds_config = student_ds_config(cfg, optim, micro_batch, grad_accum)
+def student_engine(
+    cfg: ModelConfig,
+    optim: OptimConfig,
+    n_tokens: int,
+    micro_batch: int,
+    grad_accum: int,
+    logging_dir: str | None = None,
+):
+    """A ZeRO-3 training engine; returns the engine and the HfDeepSpeedConfig that must outlive the loading.
+    Monitors with a relative output_path write under `logging_dir`."""
+    ds_config = student_ds_config(cfg, optim, micro_batch, grad_accum, logging_dir)
     lm, keep = load_causal_lm(cfg, ds_config)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

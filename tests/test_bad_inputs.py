@@ -1,0 +1,352 @@
+"""Bad inputs, table-driven: each is refused before any engine starts, with exit code 2, an error that
+names the bad value and what is accepted, no traceback, and nothing written to the run's folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from launch import ROOT, write_config
+
+from tropd_ds import checkpoint, cli, command
+from tropd_ds.config import ConfigError
+from tropd_ds.data import PromptStream, load_rows
+
+
+def copy_model(workspace: Path, tmp: Path, role: str = "student") -> Path:
+    out = tmp / f"{role}_copy"
+    shutil.copytree(workspace / role, out)
+    return out
+
+
+def write_rows(tmp: Path, rows: list, name: str = "rows.jsonl") -> Path:
+    path = tmp / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def fake_checkpoint(root: Path, step: int = 3, identity: dict | None = None) -> None:
+    folder = root / f"step{step}"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"step": step, "world_size": 1, "files": {}}))
+    (root / "latest").write_text(f"step{step}")
+    if identity is not None:
+        (root / "run.json").write_text(json.dumps(identity))
+
+
+def identity_of(config: Path, *overrides: str, world: int = 1) -> dict:
+    from tropd_ds.config import load_config
+
+    return checkpoint.run_identity(load_config(config, list(overrides)), world)
+
+
+# Each case: name -> function(workspace, tmp, config) returning (config path, overrides, words of the error).
+def _yaml_syntax(ws, tmp, config):
+    bad = tmp / "run.yaml"
+    bad.write_text(config.read_text() + "optim: {steps: 3, lr: [1e-3\n")
+    return bad, [], [f"{bad}:", "YAML syntax error"]
+
+
+def _json_syntax(ws, tmp, config):
+    bad = tmp / "run.json"
+    bad.write_text('{"optim": {"steps": 3,}}')
+    return bad, [], [f"{bad}:1:", "JSON syntax error"]
+
+
+def _set(*overrides_and_words):
+    *overrides, words = overrides_and_words
+    return lambda ws, tmp, config: (config, list(overrides), words)
+
+
+def _truncated_weights(ws, tmp, config):
+    model = copy_model(ws, tmp)
+    path = model / "model.safetensors"
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    return config, [f"student.path={model}"], ["model.safetensors cannot be read", "Download"]
+
+
+def _invalid_model_config(ws, tmp, config):
+    model = copy_model(ws, tmp, "teacher")
+    (model / "config.json").write_text('{"model_type": "llama", ')
+    return config, [f"teacher.path={model}"], ["config.json:1:", "is not valid JSON"]
+
+
+def _embedding_shape(ws, tmp, config):
+    model = copy_model(ws, tmp)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["hidden_size"] = cfg["hidden_size"] * 2
+    (model / "config.json").write_text(json.dumps(cfg))
+    return config, [f"student.path={model}"], ["embed_tokens.weight of shape", "different models"]
+
+
+def _rows(rows, words, field="data.path"):
+    return lambda ws, tmp, config: (config, [f"{field}={write_rows(tmp, rows)}", "rollout.guidance=false"], words)
+
+
+def _messages_without_template(ws, tmp, config):
+    rows = [{"prompt": [{"role": "user", "content": "1+2="}], "teacher_response": "1+2=3;#3"}]
+    return config, [f"data.path={write_rows(tmp, rows)}"], ["row 0", "no chat template"]
+
+
+def _stage_as_string(ws, tmp, config):
+    ds = json.loads((ROOT / "ds_configs/cpu_student_zero3.json").read_text())
+    ds["zero_optimization"]["stage"] = "3"
+    path = tmp / "ds.json"
+    path.write_text(json.dumps(ds))
+    return config, [f"student.ds_config={path}"], ["zero_optimization.stage='3'", "a JSON str", "expected 3"]
+
+
+def _export_dir_not_an_export(ws, tmp, config):
+    out = tmp / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    return config, [f"checkpoint.export_dir={out}"], ["is not empty (notes.txt)", "checkpoint.overwrite=true"]
+
+
+def _fresh_run_among_checkpoints(ws, tmp, config):
+    ckpt = tmp / "old_ckpt"
+    fake_checkpoint(ckpt)
+    return config, [f"checkpoint.dir={ckpt}", "checkpoint.resume=false"], ["holds another run's checkpoints", "step3"]
+
+
+def _resume_with_another_objective(ws, tmp, config):
+    ckpt = tmp / "opd_ckpt"
+    fake_checkpoint(ckpt, identity=identity_of(config, "objective.name=opd", "objective.options={}"))
+    return config, [f"checkpoint.dir={ckpt}"], ["objective.name: 'opd' -> 'tropd'", "checkpoint.overwrite=true"]
+
+
+def _resume_on_other_ranks(ws, tmp, config):
+    ckpt = tmp / "two_rank_ckpt"
+    fake_checkpoint(ckpt, identity=identity_of(config, world=2))
+    return config, [f"checkpoint.dir={ckpt}"], ["ranks: 2 -> 1", "launch with 2 ranks"]
+
+
+def _output_under_a_file(ws, tmp, config):
+    (tmp / "afile").write_text("x")
+    return config, [f"logging.dir={tmp / 'afile' / 'logs'}"], ["logging.dir=", "is a file, expected a folder"]
+
+
+def _empty_data_folder(ws, tmp, config):
+    (tmp / "empty_data").mkdir()
+    return config, [f"data.path={tmp / 'empty_data'}"], ["is an empty folder"]
+
+
+CASES = {
+    "empty data folder": _empty_data_folder,
+    "split of a file": _set("data.split=test", ["data.split='test' with the file", "holds one split"]),
+    "yaml syntax": _yaml_syntax,
+    "json syntax": _json_syntax,
+    "lr inf": _set("optim.lr=.inf", ["optim.lr=inf: expected a number > 0"]),
+    "temperature inf": _set("rollout.temperature=.inf", "objective.temperature=.inf", ["rollout.temperature=inf"]),
+    "betas out of range": _set("optim.betas=[0.9, 1.5]", ["optim.betas=[0.9, 1.5]", "in [0, 1)"]),
+    "empty export dir": _set("checkpoint.export_dir=", ["checkpoint.export_dir is empty", "current directory"]),
+    "empty logging dir": _set("logging.dir=", ["logging.dir is empty"]),
+    "export into the student": lambda ws, tmp, config: (
+        config,
+        [f"checkpoint.export_dir={ws / 'student'}"],
+        ["the student's model folder", "write over the model"],
+    ),
+    "logs inside the teacher": lambda ws, tmp, config: (
+        config,
+        [f"logging.dir={ws / 'teacher' / 'logs'}"],
+        ["inside the teacher's model folder"],
+    ),
+    "two outputs in one folder": lambda ws, tmp, config: (
+        config,
+        [f"logging.dir={tmp / 'same'}", f"checkpoint.dir={tmp / 'same'}"],
+        ["are the same folder"],
+    ),
+    "truncated weights": _truncated_weights,
+    "invalid model config": _invalid_model_config,
+    "embedding shape": _embedding_shape,
+    "null prompt": _rows([{"prompt": "1+2="}, {"prompt": None}], ["data.path row 1", "prompt=None"]),
+    "number prompt": _rows([{"prompt": "1+2="}, {"prompt": 12}], ["data.path row 1", "prompt=12 (int)"]),
+    "empty prompt": _rows([{"prompt": ""}], ["data.path row 0", "expected a non-empty string"]),
+    "messages without chat template": _messages_without_template,
+    "chat_template without a template": _set(
+        "data.chat_template=true", ["data.chat_template=true", "no chat template"]
+    ),
+    "response not a string": _rows(
+        [{"prompt": "1+2=", "teacher_response": 3}], ["row 0: teacher_response=3 (int)", "a string or null"]
+    ),
+    "eval answer missing": _rows(
+        [{"prompt": "1+2=", "answer": "3"}, {"prompt": "2+2=", "answer": None}],
+        ["data.eval_path row 1", "answer is None"],
+        "data.eval_path",
+    ),
+    "every prompt skipped": _set(
+        "data.max_prompt_tokens=2", "data.long_prompts=skip", ["every one of the 200 prompts", "long_prompts=truncate"]
+    ),
+    "longer than the positions": _set(
+        "rollout.max_new_tokens=120", "eval.max_new_tokens=12", ["is 152 tokens", "student's 128 positions"]
+    ),
+    "deepspeed stage as a string": _stage_as_string,
+    "export dir holds user files": _export_dir_not_an_export,
+    "fresh run among old checkpoints": _fresh_run_among_checkpoints,
+    "resume with another objective": _resume_with_another_objective,
+    "resume on another number of ranks": _resume_on_other_ranks,
+    "output under a file": _output_under_a_file,
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_refused_before_any_engine(workspace, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    run_dir = tmp_path / "run"
+    config = write_config(
+        workspace,
+        f"bad_{case.replace(' ', '_')}",
+        checkpoint={"dir": str(run_dir / "ckpt"), "export_dir": str(run_dir / "export")},
+        logging={"dir": str(run_dir / "logs")},
+    )
+    path, overrides, words = CASES[case](workspace, tmp_path, config)
+    argv = ["--config", str(path)] + [x for o in overrides for x in ("--set", o)]
+    assert command.prepare(argv) == 2
+    err = capsys.readouterr().err
+    assert "tropd-ds: configuration error: " in err, err
+    for word in words:
+        assert word in err, (word, err)
+    assert "Traceback" not in err
+    assert not run_dir.exists(), sorted(str(p) for p in run_dir.rglob("*"))  # nothing written
+
+
+def test_a_good_config_passes_and_claims_its_folder_with_identity_and_lock(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    config = write_config(workspace, "good", checkpoint={"dir": str(tmp_path / "ckpt")})
+    cfg, _ = command.prepare(["--config", str(config)])
+    lock = json.loads((tmp_path / "ckpt/run.lock").read_text())
+    assert lock["pid"] == os.getpid()
+    assert json.loads((tmp_path / "ckpt/run.json").read_text())["objective.name"] == "tropd"
+    checkpoint.release_lock(cfg.checkpoint.dir)
+    assert not (tmp_path / "ckpt/run.lock").exists()
+    assert command.prepare(["--config", str(config), "--dry-run", "--world-size", "0"]) == 2
+    assert "--world-size=0: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_a_live_lock_is_refused_and_a_dead_ones_lock_replaced(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    import socket
+
+    import psutil
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    config = write_config(workspace, "locked", checkpoint={"dir": str(ckpt)})
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        started = psutil.Process(other.pid).create_time()
+        (ckpt / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "started": started}))
+        assert command.prepare(["--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another run (pid {other.pid} on this machine" in err, err
+    finally:
+        other.kill()
+        other.wait()
+    cfg, _ = command.prepare(["--config", str(config)])  # that process has ended: its lock is stale
+    assert f"removed a stale lock of pid {other.pid}" in capsys.readouterr().out
+    assert json.loads((ckpt / "run.lock").read_text())["pid"] == os.getpid()
+    checkpoint.release_lock(cfg.checkpoint.dir)
+
+
+def test_overwrite_deletes_another_runs_checkpoints_only_when_asked(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    ckpt = tmp_path / "ckpt"
+    config = write_config(workspace, "overwrite", checkpoint={"dir": str(ckpt)})
+    fake_checkpoint(ckpt, identity=identity_of(config, "seed=5"))
+    assert command.prepare(["--config", str(config)]) == 2
+    assert "seed: 5 -> 0" in capsys.readouterr().err and (ckpt / "step3").is_dir()
+    cfg, _ = command.prepare(["--config", str(config), "--set", "checkpoint.overwrite=true"])
+    assert "deleting step3 in" in capsys.readouterr().out
+    assert not (ckpt / "step3").exists() and not (ckpt / "latest").exists()
+    assert json.loads((ckpt / "run.json").read_text())["seed"] == 0
+    checkpoint.release_lock(cfg.checkpoint.dir)
+
+
+def test_a_prompt_stream_that_can_never_fill_a_step_ends_with_an_error(workspace, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(workspace / "student")
+    rows = load_rows(str(write_rows(tmp_path, [{"prompt": "1+2+3+4="}, {"prompt": "5+6+7+8="}])))
+    stream = PromptStream(rows, tok, 2, 0, 1, 0, max_prompt_tokens=3, long_prompts="skip")
+    with pytest.raises(ConfigError, match="every one of the 2 prompts is longer than data.max_prompt_tokens=3"):
+        stream.next_batch()
+
+
+def test_unknown_characters_are_a_warning_with_counts(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    rows = write_rows(tmp_path, [{"prompt": "1+x=", "teacher_response": "1+x=1;#1"}, {"prompt": "2+2="}])
+    config = write_config(workspace, "unknown", checkpoint={"dir": str(tmp_path / "ckpt")})
+    cfg, _ = command.prepare(["--config", str(config), "--set", f"data.path={rows}", "--set", "rollout.guidance=false"])
+    out = capsys.readouterr().out
+    assert "1 of 8 prompt tokens in 1 of 2 rows of data.path map to the tokenizer's unknown token '<pad>'" in out
+    checkpoint.release_lock(cfg.checkpoint.dir)
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["plan", "--student", "qwen2.5-7b", "--teacher", "llama-3.1-70b", "--tflops", "0"], "--tflops=0.0: expected"),
+        (["plan", "--student", "qwen2.5-7b", "--teacher", "llama-3.1-70b", "--nodes", "0"], "--nodes=0: expected"),
+        (["plan", "--student", "qwen2.5-7b", "--teacher", "llama-3.1-70b", "--mfu", "nan"], "--mfu=nan: expected"),
+        (["plan", "--student", "qwen2.5-7b", "--teacher", "llama-3.1-70b", "--mfu", "2"], "expected a fraction"),
+        (["plan", "--student", "qwen2.5-7b", "--teacher", "llama-3.1-70b", "--prompt-len", "-5"], "--prompt-len=-5"),
+        (["plan", "--student", "qwen2.5-7b", "--teacher", "llama-3.1-70b", "--gpu-mem-gib", "inf"], "gpu-mem-gib=inf"),
+        (["eval", "MODEL", "--data", "EVAL", "--max-prompts", "0"], "--max-prompts=0: expected an integer >= 1"),
+        (["eval", "MODEL", "--data", "EVAL", "--temperature", "-1"], "--temperature=-1.0: expected a finite number"),
+        (["eval", "MODEL", "--data", "EVAL", "--samples", "0"], "--samples=0"),
+        (["eval", "MISSING", "--data", "EVAL"], "is not a model folder"),
+        (["eval", "MODEL", "--data", "MISSING"], "does not exist"),
+        (["export", "--config", "CONFIG", "--out", ""], "--out is empty"),
+        (["export", "--config", "CONFIG", "--out", "FILE"], "is a file"),
+        (["export", "--config", "CONFIG", "--out", "USERDIR"], "is not empty (notes.txt)"),
+        (["export", "--config", "CONFIG", "--out", "MODEL"], "the student's model folder"),
+    ],
+)
+def test_command_arguments_are_range_checked(workspace, tmp_path, capsys, argv, words):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user/notes.txt").write_text("mine")
+    config = write_config(workspace, "cli_args", checkpoint={"dir": str(tmp_path / "ckpt")})
+    names = {
+        "MODEL": workspace / "student",
+        "EVAL": workspace / "data/eval.jsonl",
+        "CONFIG": config,
+        "FILE": tmp_path / "file",
+        "USERDIR": tmp_path / "user",
+        "MISSING": tmp_path / "missing",
+    }
+    code = cli.main([str(names.get(a, a)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err, err
+    assert "Traceback" not in err
+    assert (tmp_path / "user/notes.txt").read_text() == "mine" and sorted(os.listdir(tmp_path / "user")) == [
+        "notes.txt"
+    ]
+
+
+def test_monitor_output_goes_under_the_runs_logging_dir(workspace, tmp_path):
+    from tropd_ds.config import load_config
+    from tropd_ds.models import student_ds_config
+
+    cfg = load_config(write_config(workspace, "monitor"))
+    ds = student_ds_config(cfg.student, cfg.optim, 2, 1, cfg.logging.dir)
+    assert ds["csv_monitor"]["output_path"] == str(Path(cfg.logging.dir) / "monitor")
+    absolute = yaml.safe_load(json.dumps({"csv_monitor": {"enabled": True, "output_path": "/abs/where"}}))
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**json.loads((ROOT / "ds_configs/cpu_student_zero3.json").read_text()), **absolute}))
+    cfg.student.ds_config = str(path)
+    assert (
+        student_ds_config(cfg.student, cfg.optim, 2, 1, cfg.logging.dir)["csv_monitor"]["output_path"] == "/abs/where"
+    )
