@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS) tests
 
 # The main job: TrOPD with guidance on the embedded demo task, 2 CPU ranks under the deepspeed
 # launcher. Uses the shipped demo_assets/ (rebuilt by scripts/build_demo_models.py if missing).

@@ -21,6 +21,7 @@ setup(
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",
         "accelerate>=1.1,<2",
+        "psutil>=5.9,<8",  # imported directly (locks, stale build locks), not only through deepspeed
     ],
     extras_require={"dev": ["pytest>=8,<10", "ruff>=0.6"], "liger": ["liger-kernel>=0.8"], "bench": ["trl>=1.16,<2"]},
     entry_points={"console_scripts": ["tropd-ds=tropd_ds.cli:main"]},

@@ -140,6 +140,7 @@ def _empty_data_folder(ws, tmp, config):
 
 CASES = {
     "empty data folder": _empty_data_folder,
+    "seed too large": _set("seed=18446744073709551616", ["seed=18446744073709551616: expected an integer in [0"]),
     "split of a file": _set("data.split=test", ["data.split='test' with the file", "holds one split"]),
     "yaml syntax": _yaml_syntax,
     "json syntax": _json_syntax,

@@ -205,6 +205,11 @@ def test_a_corrupted_checkpoint_is_detected_and_resume_takes_the_previous_one(wo
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a truncated write
     assert "manifest says" in checkpoint.verify(newest)
     config = write_config(workspace, "corrupted", optim={"steps": 6, "lr": 1e-3})
+    from tropd_ds import cli
+
+    out = tmp_path / "exported"
+    assert cli.main(["export", "--config", str(config), "--out", str(out), "--tag", "step6"]) == 2
+    assert not out.exists()  # the damaged checkpoint is refused before anything is written
     relaunch = launch(config)
     assert f"checkpoint step6 is damaged: {victim.name} has" in relaunch.stdout and "at step 3" in relaunch.stdout
     assert_same_steps(run, full_run[0], (4, 5, 6))

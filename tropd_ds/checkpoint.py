@@ -406,8 +406,10 @@ def check_export_target(out: str, force: bool, what: str = "--out") -> None:
     check_writable(path, what)
 
 
-def mark_export(out_dir: str, source: str) -> None:
-    _write_atomic(Path(out_dir) / EXPORT_MARK, json.dumps({"exported_from": source}, indent=1))
+def mark_export(out_dir: str, source: str, complete: bool = True) -> None:
+    """Written before the files (an interrupted export is still recognised as ours) and again after."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    _write_atomic(Path(out_dir) / EXPORT_MARK, json.dumps({"exported_from": source, "complete": complete}, indent=1))
 
 
 def export(engine, tokenizer, out_dir: str) -> None:
@@ -421,7 +423,7 @@ def export(engine, tokenizer, out_dir: str) -> None:
     if rank == 0:
         state = {k.removeprefix("lm."): v for k, v in state.items()}
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        mark_export(out_dir, "the end of training", complete=False)
         lm.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
         mark_export(out_dir, "the end of training")
@@ -458,6 +460,7 @@ def export_from_checkpoint(ckpt_dir: str, student_path: str, out_dir: str, tag: 
         raise ConfigError(
             f"checkpoint {tag} does not match the student at {student_path}: missing {missing}, unexpected {unexpected}"
         )
+    mark_export(out_dir, str(Path(ckpt_dir) / tag), complete=False)
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(student_path).save_pretrained(out_dir)
     mark_export(out_dir, str(Path(ckpt_dir) / tag))

@@ -331,6 +331,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{section}.{name}={value!r}: expected one of {', '.join(allowed)}")
+    for name, value in (("seed", cfg.seed), ("data.shuffle_seed", cfg.data.shuffle_seed)):
+        if not 0 <= value < 2**32:
+            raise ConfigError(f"{name}={value}: expected an integer in [0, 2**32)")
     betas = cfg.optim.betas
     if len(betas) != 2 or not all(_is_fraction(b) for b in betas):
         raise ConfigError(f"optim.betas={list(betas)!r}: expected two numbers in [0, 1)")

@@ -40,12 +40,11 @@ def check_model_folder(cfg: ModelConfig, role: str, weights: bool = True) -> Non
             f"{role}.ds_config={cfg.ds_config!r}: expected a DeepSpeed JSON config file (see ds_configs/)"
         )
     if Path(cfg.path).is_dir():
-        check_model_files(Path(cfg.path), role, weights)
+        read_model_config(Path(cfg.path), role)
 
 
-def check_model_files(folder: Path, role: str, weights: bool) -> None:
-    """config.json parses; every safetensors file has a readable header; the embedding agrees with the
-    config's vocab_size and hidden size. A truncated download is found here, not after the engines."""
+def read_model_config(folder: Path, role: str) -> dict:
+    """config.json as a dict; a syntax error names the file, line and column."""
     import json
 
     where = f"{role}.path={str(folder)!r}"
@@ -57,9 +56,16 @@ def check_model_files(folder: Path, role: str, weights: bool) -> None:
         raise ConfigError(f"{where}: config.json cannot be read: {exc}") from exc
     if not isinstance(config, dict) or "model_type" not in config:
         raise ConfigError(f"{where}: config.json has no 'model_type': expected a Hugging Face model config")
-    if not weights:
-        return
+    return config
+
+
+def check_model_files(folder: Path, role: str) -> None:
+    """Every safetensors file has a readable header and the embedding agrees with the config's vocab_size
+    and hidden size. A truncated download is found here, not after the engines."""
     from safetensors import safe_open
+
+    where = f"{role}.path={str(folder)!r}"
+    config = read_model_config(folder, role)
 
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     vocab, hidden = text.get("vocab_size"), text.get("hidden_size")
@@ -135,6 +141,9 @@ def load_tokenizers_and_check(student: ModelConfig, teacher: ModelConfig, weight
                 f"{role} embedding has {rows} rows but the shared tokenizer has {n_tokens} tokens: expected at least "
                 f"{n_tokens}"
             )
+    for role, cfg in (("student", student), ("teacher", teacher)):
+        if weights and Path(cfg.path).is_dir():
+            check_model_files(Path(cfg.path), role)
     if tok_s.pad_token_id is None:
         tok_s.pad_token = tok_s.eos_token
     return tok_s, n_tokens
