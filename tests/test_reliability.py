@@ -364,15 +364,17 @@ def test_a_signal_during_set_up_ends_the_run_at_once_with_nothing_written(worksp
 
 def test_a_run_owns_its_checkpoint_folder_and_always_ends_with_a_verified_checkpoint(workspace, full_run):
     config = write_config(workspace, "owned", checkpoint={"every": 0})
-    first = start(config)
+    first = start(config, overrides=["optim.steps=400"])  # long enough to be running while the others start
     wait_for_step(workspace / "owned", first, 1)
     code, out = finish(start(config))  # a second run on the same folder, while the first one is running
     assert code != 0 and "is in use by another run" in out, out[-3000:]
+    assert first.poll() is None
     os.kill(rank_pid(first, 0), signal.SIGTERM)
     code, out = finish(first)
     assert code == 0 and "checkpoint saved" in out, out[-3000:]
     saved = sorted(p.name for p in (workspace / "owned/ckpt").glob("step*"))
     assert len(saved) == 1
+    stopped = int(saved[0][4:])
     for overrides, words in (
         (["checkpoint.resume=false"], "holds another run's checkpoints"),
         (["objective.name=opd", "objective.options={}"], "objective.name: 'tropd' -> 'opd'"),
@@ -380,9 +382,11 @@ def test_a_run_owns_its_checkpoint_folder_and_always_ends_with_a_verified_checkp
         code, out = finish(start(config, overrides=overrides))
         assert code != 0 and words in out and "Traceback" not in out, out[-3000:]
         assert sorted(p.name for p in (workspace / "owned/ckpt").glob("step*")) == saved  # nothing deleted
-    done = launch(config)  # the same config resumes, and the end leaves step6 verified before the export
-    assert f"at step {saved[0][4:]}" in done.stdout
-    assert checkpoint.verify(workspace / "owned/ckpt/step6") is None
-    assert (workspace / "owned/export/tropd_export.json").is_file()
+    # the same config (more steps is not a change that matters) resumes; with checkpoint.every 0 the end
+    # still leaves a verified checkpoint of the last step before the export
+    done = launch(config, f"optim.steps={stopped + 2}")
+    assert f"at step {stopped}" in done.stdout
+    assert checkpoint.verify(workspace / f"owned/ckpt/step{stopped + 2}") is None
+    assert json.loads((workspace / "owned/export/tropd_export.json").read_text())["complete"] is True
     launches = sorted(p.name for p in (workspace / "owned/logs").glob("config.*.json"))
     assert len(launches) == 2, launches  # each launch's resolved config is kept
