@@ -52,7 +52,8 @@ def test_hub_ids_resolve_from_an_offline_cache(tmp_path):
                     "path": "tiny-org/tiny-llama",
                     "ds_config": str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json"),
                 },
-                "data": {"path": "tiny-org/tiny-sums", "eval_path": "tiny-org/tiny-sums"},
+                # the tiny models have 128 positions: prompt + response must fit (checked before the engines)
+                "data": {"path": "tiny-org/tiny-sums", "eval_path": "tiny-org/tiny-sums", "max_prompt_tokens": 32},
                 "rollout": {"guidance": False, "prompts_per_step": 4, "samples_per_prompt": 1},
                 "objective": {"name": "opd", "options": {}},
             }
