@@ -390,3 +390,15 @@ def test_a_run_owns_its_checkpoint_folder_and_always_ends_with_a_verified_checkp
     assert json.loads((workspace / "owned/export/tropd_export.json").read_text())["complete"] is True
     launches = sorted(p.name for p in (workspace / "owned/logs").glob("config.*.json"))
     assert len(launches) == 2, launches  # each launch's resolved config is kept
+
+
+def test_an_export_that_fails_on_rank_0_ends_every_rank_and_names_the_intact_checkpoint(workspace):
+    export = workspace / "export_fails/export"
+    (export / "model.safetensors").mkdir(parents=True)  # save_pretrained cannot write its weights file
+    (export / "tropd_export.json").write_text('{"exported_from": "an earlier run", "complete": true}')
+    config = write_config(workspace, "export_fails", optim={"steps": 2, "lr": 1e-3}, checkpoint={"every": 0})
+    code, out = finish(start(config), timeout=300)  # the other rank must not wait in a barrier for ever
+    assert code == 3, out[-3000:]
+    assert "exporting the student to" in out and "Is a directory" in out, out[-3000:]
+    assert "the final checkpoint" in out and "step2 is intact: export it with `tropd-ds export" in out
+    assert checkpoint.verify(workspace / "export_fails/ckpt/step2") is None

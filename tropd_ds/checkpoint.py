@@ -306,10 +306,9 @@ def take_lock(root: Path, log=print) -> None:
             owner = json.loads(lock.read_text())
         except (OSError, ValueError):
             owner = {}
-        alive = owner.get("host") != me["host"] or (
-            _process_start(int(owner.get("pid", -1))) is not None
-            and abs(_process_start(int(owner["pid"])) - float(owner.get("started") or 0)) < 1.0
-        )
+        started = _process_start(int(owner.get("pid", -1)))  # None once that process has ended
+        same_process = started is not None and abs(started - float(owner.get("started") or 0)) < 1.0
+        alive = owner.get("host") != me["host"] or same_process
         if alive and owner.get("pid") != me["pid"]:
             where = "on this machine" if owner.get("host") == me["host"] else f"on host {owner.get('host')!r}"
             raise ConfigError(
@@ -420,14 +419,18 @@ def export(engine, tokenizer, out_dir: str) -> None:
     else:
         state = engine.module.state_dict()
     rank, _ = collectives.rank_world()
+    error = None
     if rank == 0:
         state = {k.removeprefix("lm."): v for k, v in state.items()}
-        out = Path(out_dir)
-        mark_export(out_dir, "the end of training", complete=False)
-        lm.save_pretrained(out, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        mark_export(out_dir, "the end of training")
-    collectives.barrier()
+        try:
+            mark_export(out_dir, "the end of training", complete=False)
+            lm.save_pretrained(Path(out_dir), state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(Path(out_dir))
+            mark_export(out_dir, "the end of training")
+        except Exception as exc:  # OSError, safetensors' own SafetensorError, ...: every rank must hear of it
+            error = f"{type(exc).__name__}: {exc}"
+    if not _all_true(error is None):
+        raise CheckpointError(f"exporting the student to {out_dir} failed ({error or 'on rank 0'})")
 
 
 def export_from_checkpoint(ckpt_dir: str, student_path: str, out_dir: str, tag: str | None = None) -> str:

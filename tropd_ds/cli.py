@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -110,16 +109,13 @@ def _export(argv) -> int:
     )
     args = ap.parse_args(argv)
     from .checkpoint import check_export_target, export_from_checkpoint
-    from .config import ConfigError, load_config
+    from .config import ConfigError, check_outside_models, load_config
 
     try:
         if not args.out.strip():
             raise ConfigError("--out is empty: expected a folder for the exported model")
         cfg = load_config(args.config, args.overrides)
-        out = os.path.realpath(args.out)
-        for role, model in (("student", cfg.student.path), ("teacher", cfg.teacher.path)):
-            if model and os.path.realpath(model) in (out, *map(str, Path(out).parents)):
-                raise ConfigError(f"--out={args.out!r} is the {role}'s model folder or inside it: expected another")
+        check_outside_models(cfg, "--out", args.out)
         check_export_target(args.out, args.force)
         path = export_from_checkpoint(cfg.checkpoint.dir, cfg.student.path, args.out, args.tag)
     except ConfigError as exc:

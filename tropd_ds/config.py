@@ -364,6 +364,19 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def check_outside_models(cfg: RunConfig, key: str, value: str) -> None:
+    """The output folder `value` (named `key` in errors) is neither a model folder of `cfg` nor inside one."""
+    out = Path(os.path.realpath(value))
+    for section, name in INPUT_FIELDS:
+        model = getattr(getattr(cfg, section), name)
+        if model and Path(model).exists() and _inside(out, Path(os.path.realpath(model))):
+            raise ConfigError(
+                f"{key}={value!r} is {'the' if out == Path(os.path.realpath(model)) else 'inside the'} "
+                f"{section}'s model folder ({section}.{name}={model!r}): it would write over the model it "
+                "reads; expected a folder outside it"
+            )
+
+
 def check_outputs(cfg: RunConfig) -> None:
     """Output folders are named, distinct, and never a model folder or inside one: a run writes nothing
     the user did not give it."""
@@ -378,14 +391,7 @@ def check_outputs(cfg: RunConfig) -> None:
             )
         outputs[f"{section}.{name}"] = Path(os.path.realpath(value))
     for key, out in outputs.items():
-        for section, name in INPUT_FIELDS:
-            model = getattr(getattr(cfg, section), name)
-            if model and Path(model).exists() and _inside(out, Path(os.path.realpath(model))):
-                raise ConfigError(
-                    f"{key}={str(out)!r} is {'the' if out == Path(os.path.realpath(model)) else 'inside the'} "
-                    f"{section}'s model folder ({section}.{name}={model!r}): the run would write over the model it "
-                    "reads; expected a folder outside it"
-                )
+        check_outside_models(cfg, key, str(out))
     keys = list(outputs)
     for i, a in enumerate(keys):
         for b in keys[i + 1 :]:

@@ -215,11 +215,10 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
     stop.phase = "the export"
     try:
         checkpoint.export(t.student, prepared.tokenizer, cfg.checkpoint.export_dir)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except checkpoint.CheckpointError as exc:
         log(
-            f"error: exporting the student to {cfg.checkpoint.export_dir} failed ({type(exc).__name__}: {exc}); the "
-            f"final checkpoint {final} is intact: export it with `tropd-ds export --config <this run's config> --out "
-            "<folder>`"
+            f"error: {exc}; the final checkpoint {final} is intact: export it with `tropd-ds export --config "
+            "<this run's config> --out <folder>`"
         )
         return 3
     log(f"exported the student to {cfg.checkpoint.export_dir}")

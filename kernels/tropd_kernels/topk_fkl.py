@@ -53,13 +53,19 @@ def student_terms(
 
     if options.divergence == "jsd":
         fkl = _jsd(q, log_q, lp_k, keep, student_mass, options)
-        return TokenTerms(
-            logprob=torch.where(valid, logprob, 0.0),
-            fkl=torch.where(valid, fkl, 0.0),
-            entropy=torch.where(valid, entropy, 0.0),
-            topk_mass=torch.where(valid, student_mass.detach(), 0.0),
-        )
+    else:
+        fkl = _fkl(q, log_q, q_sum, lp_k, keep, student_mass, fkl_mode, logprob_floor)
 
+    return TokenTerms(
+        logprob=torch.where(valid, logprob, 0.0),
+        fkl=torch.where(valid, fkl, 0.0),
+        entropy=torch.where(valid, entropy, 0.0),
+        topk_mass=torch.where(valid, student_mass.detach(), 0.0),
+    )
+
+
+def _fkl(q, log_q, q_sum, lp_k, keep, student_mass, fkl_mode: str, logprob_floor: float | None) -> torch.Tensor:
+    """sum_i q_i (log q_i - lp_i) over the kept entries (renorm: q renormalised; tail: plus the tail bucket)."""
     lp_in = lp_k if logprob_floor is None else torch.clamp(lp_k, min=logprob_floor)
     if fkl_mode == "renorm":
         log_norm = q_sum.clamp(min=torch.finfo(torch.float32).tiny).log().unsqueeze(1)
@@ -70,13 +76,7 @@ def student_terms(
         s_tail = (1 - student_mass).clamp(min=TAIL_FLOOR)
         log_q_tail = torch.where(q_tail > 0, q_tail, 1.0).log()
         fkl = fkl + q_tail * (log_q_tail - s_tail.log())
-
-    return TokenTerms(
-        logprob=torch.where(valid, logprob, 0.0),
-        fkl=torch.where(valid, fkl, 0.0),
-        entropy=torch.where(valid, entropy, 0.0),
-        topk_mass=torch.where(valid, student_mass.detach(), 0.0),
-    )
+    return fkl
 
 
 def _mixture_terms(p, log_p, log_m):
