@@ -194,14 +194,15 @@ def main() -> None:
         groups.append(("Ablation: k and coverage (TrOPD with guidance)", ABLATION, ablation_seeds))
     jobs = {}
     with ThreadPoolExecutor(args.jobs) as pool:
-        for _, runs, seeds in groups:
-            for label, (name, options) in runs.items():
-                for s in seeds:
-                    key = (run_dir_of(label), s)
-                    if key not in jobs:
-                        jobs[key] = pool.submit(
-                            run_one, label, name, options, s, args.steps, args.out, args.ranks, extra
-                        )
+        # Seed-major order: a stopped comparison has every row at its first seeds rather than some rows at all.
+        order = [
+            (i, label, spec) for _, runs, seeds in groups for label, spec in runs.items() for i in range(len(seeds))
+        ]
+        seeds_of = {label: seeds for _, runs, seeds in groups for label in runs}
+        for i, label, (name, options) in sorted(order, key=lambda x: x[0]):
+            key = (run_dir_of(label), seeds_of[label][i])
+            if key not in jobs:
+                jobs[key] = pool.submit(run_one, label, name, options, key[1], args.steps, args.out, args.ranks, extra)
         results: dict[str, list[dict]] = {}
         for _, runs, seeds in groups:
             for label in runs:
