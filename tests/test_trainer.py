@@ -106,7 +106,7 @@ def test_data_without_prompt_column_and_empty_data_are_clear_errors(workspace):
     bad = workspace / "noprompt.jsonl"
     bad.write_text('{"question": "1+1=", "answer": "2"}\n')
     code, err = run_main("--config", str(write_config(workspace, "bad2")), "--set", f"data.path={bad}")
-    assert code == 2 and "a 'prompt' column is required" in err and "question" in err
+    assert code == 2 and "expected a prompt column 'prompt' (data.prompt_column)" in err and "question" in err
     empty = workspace / "empty.jsonl"
     empty.write_text("")
     code, err = run_main("--config", str(write_config(workspace, "bad3")), "--set", f"data.path={empty}")

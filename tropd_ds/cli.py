@@ -4,7 +4,7 @@ train   the distillation run (launch with `deepspeed --num_gpus N --module tropd
         several ranks; `tropd-ds train` runs it in one process; `--dry-run` checks a config
         on the meta device without weights)
 plan    memory budget per GPU and host and a step-time estimate, from configs alone
-eval    held-out exact-match accuracy of an exported (Hugging Face) student folder
+eval    held-out accuracy (avg@n, standard error, per-prompt records) of a Hugging Face model folder
 export  a Hugging Face folder from the newest DeepSpeed checkpoint of a run
 """
 
@@ -13,85 +13,158 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 
 def _eval(argv) -> int:
     ap = argparse.ArgumentParser(
-        prog="tropd-ds eval", description="Exact-match accuracy (avg@n) of a model folder on held-out prompts."
+        prog="tropd-ds eval",
+        description="Held-out accuracy (avg@n with its standard error) of a model folder, with per-prompt records.",
     )
     ap.add_argument("model", help="a Hugging Face model folder (e.g. a run's export)")
     ap.add_argument(
-        "--data", required=True, help="prompts with an 'answer' column (JSON/JSONL/Parquet/Arrow or a saved folder)"
+        "--data", required=True, help="prompts with an answer column (JSON/JSONL/Parquet/Arrow or a saved folder)"
     )
     ap.add_argument("--max-prompts", type=int, default=500)
-    ap.add_argument("--samples", type=int, default=1, help="n of avg@n")
+    ap.add_argument("--samples", type=int, default=1, help="n of avg@n (n > 1 needs --temperature > 0)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--batch-size", type=int, default=64, help="prompts generated at once")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto: the dtype the model was saved in",
+    )
+    ap.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    ap.add_argument(
+        "--answer-check",
+        default="auto",
+        choices=("auto", "exact", "math_verify"),
+        help="auto: math_verify when the eval extra is installed, else exact match",
+    )
+    ap.add_argument("--chat-template", action="store_true", help="render string prompts with the chat template")
+    ap.add_argument("--chat-template-kwargs", default="{}", help="JSON, e.g. '{\"enable_thinking\": false}'")
+    ap.add_argument("--prompt-column", default="prompt")
+    ap.add_argument("--answer-column", default="answer")
+    ap.add_argument("--messages-column", default="messages", help="conversations, used without a prompt column")
     ap.add_argument("--out", default=None, help="also append the result as a JSON line to this file")
-    args = ap.parse_args(argv)
+    ap.add_argument("--records", default=None, help="per-prompt records (completions, verdicts) as JSON lines")
+    args = ap.parse_args(argv)  # fmt: skip
     problems = [
         f"--{name.replace('_', '-')}={value}: expected an integer >= 1"
         for name, value in (("max_prompts", args.max_prompts), ("samples", args.samples),
-                            ("max_new_tokens", args.max_new_tokens))
+                            ("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size))
         if value < 1
     ]  # fmt: skip
     if not math.isfinite(args.temperature) or args.temperature < 0:
         problems.append(f"--temperature={args.temperature}: expected a finite number >= 0 (0 = greedy)")
-    if args.out and Path(args.out).is_dir():
-        problems.append(f"--out={args.out!r} is a folder: expected a file to append the result to")
+    elif args.samples > 1 and args.temperature == 0:
+        problems.append(
+            f"--samples={args.samples} with --temperature=0: greedy decoding gives {args.samples} identical "
+            "completions; set --temperature > 0 for avg@n"
+        )
+    for flag, path in (("--out", args.out), ("--records", args.records)):
+        if path and Path(path).is_dir():
+            problems.append(f"{flag}={path!r} is a folder: expected a file")
+    try:
+        template_kwargs = json.loads(args.chat_template_kwargs)
+        if not isinstance(template_kwargs, dict):
+            raise ValueError
+    except ValueError:
+        problems.append(
+            f"--chat-template-kwargs={args.chat_template_kwargs!r}: expected a JSON object, e.g. "
+            "'{\"enable_thinking\": false}'"
+        )
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", args.device):
+        problems.append(f"--device={args.device!r}: expected auto, cpu, cuda or cuda:N")
     if problems:
         print(f"tropd-ds eval: {problems[0]}", file=sys.stderr)
         return 2
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import ConfigError
-    from .data import load_rows, render_prompt
-    from .evaluation import is_correct
+    from .data import Columns, check_template_kwargs, load_rows, prompt_ids
+    from .evaluation import avg_at_n, is_correct, resolve_checker, write_records
 
     try:
-        rows = load_rows(args.data, what="--data")
+        if not (Path(args.model) / "config.json").is_file():
+            raise ConfigError(f"{args.model!r} is not a model folder (no config.json)")
+        columns = Columns(prompt=args.prompt_column, answer=args.answer_column, messages=args.messages_column)
+        rows = load_rows(args.data, what="--data", columns=columns)
+        if "answer" not in rows.column_names:
+            raise ConfigError(
+                f"--data {args.data!r} has columns {rows.column_names}: an answer column {args.answer_column!r} "
+                "(--answer-column) is required"
+            )
+        checker = resolve_checker(args.answer_check, "--answer-check")
+        device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        )
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device={args.device}: this machine has no CUDA device; use --device cpu")
     except ConfigError as exc:
         print(f"tropd-ds eval: {exc}", file=sys.stderr)
         return 2
-    if not (Path(args.model) / "config.json").is_file():
-        print(f"tropd-ds eval: {args.model!r} is not a model folder (no config.json)", file=sys.stderr)
-        return 2
-    if "answer" not in rows.column_names:
-        print(
-            f"tropd-ds eval: --data {args.data!r} has columns {rows.column_names}: an 'answer' column is required",
-            file=sys.stderr,
-        )
-        return 2
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(args.model)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    for line in check_template_kwargs(tok, template_kwargs, "--chat-template-kwargs"):
+        print(f"tropd-ds eval: {line}", file=sys.stderr)
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)  # auto: as saved (config.json dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map={"": device}).eval()
     n = min(len(rows), args.max_prompts)
-    correct = total = 0
-    for start in range(0, n, 64):
-        chunk = [rows[i] for i in range(start, min(n, start + 64))]
-        enc = tok([render_prompt(tok, r["prompt"], False) for r in chunk], return_tensors="pt", padding=True)
+    records = []
+    for start in range(0, n, args.batch_size):
+        chunk = [rows[i] for i in range(start, min(n, start + args.batch_size))]
+        ids = [prompt_ids(tok, r["prompt"], args.chat_template, template_kwargs) for r in chunk]
+        width = max(map(len, ids))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
         with torch.no_grad():
             out = model.generate(
-                **enc,
+                input_ids=input_ids,
+                attention_mask=attention,
                 max_new_tokens=args.max_new_tokens,
                 do_sample=args.temperature > 0,
                 temperature=args.temperature if args.temperature > 0 else None,
                 num_return_sequences=args.samples,
-                pad_token_id=tok.pad_token_id,
+                pad_token_id=pad,
             )
-        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        for j, text in enumerate(texts):
-            correct += is_correct(text, chunk[j // args.samples]["answer"])
-            total += 1
-    result = {"model": args.model, "eval_accuracy": correct / max(total, 1), "eval_completions": total}
+        texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+        for i, row in enumerate(chunk):
+            completions = texts[i * args.samples : (i + 1) * args.samples]
+            verdicts = [is_correct(t, row["answer"], checker) for t in completions]
+            prompt = row["prompt"]
+            records.append(
+                {"index": start + i, "prompt": prompt, "answer": str(row["answer"]), "completions": completions,
+                 "correct": verdicts}
+            )  # fmt: skip
+    accuracy, stderr = avg_at_n([sum(r["correct"]) / len(r["correct"]) for r in records])
+    result = {
+        "model": args.model,
+        "data": args.data,
+        "eval_accuracy": accuracy,
+        "eval_accuracy_stderr": stderr,
+        "eval_prompts": len(records),
+        "eval_completions": len(records) * args.samples,
+        "samples": args.samples,
+        "temperature": args.temperature,
+        "answer_check": checker,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(device),
+    }
     print(json.dumps(result))
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(result) + "\n")
+    if args.records:
+        write_records(Path(args.records), records)
     return 0
 
 

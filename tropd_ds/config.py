@@ -45,6 +45,11 @@ class DataConfig:
     long_prompts: str = "truncate"  # truncate (keep the end) | skip
     shuffle_seed: int = 0
     chat_template: bool = False  # render `prompt` with the tokenizer's chat template
+    chat_template_kwargs: dict = field(default_factory=dict)  # the template's own keywords, e.g. enable_thinking
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"  # held-out rows: the reference answer
+    teacher_response_column: str = "teacher_response"  # the teacher's worked response (guidance prefixes)
+    messages_column: str = "messages"  # used without a prompt column: a chat whose last assistant turn is the response
 
 
 @dataclass
@@ -106,6 +111,7 @@ class EvalConfig:
     samples: int = 1  # avg@n
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
+    answer_check: str = "auto"  # exact | math_verify (the `eval` extra) | auto: math_verify when installed
 
 
 @dataclass
@@ -197,6 +203,7 @@ def _range_text(lo, lo_in, hi, hi_in) -> str:
 
 CHOICES = {
     ("data", "long_prompts"): ("truncate", "skip"),
+    ("eval", "answer_check"): ("auto", "exact", "math_verify"),
     ("rollout", "prefix_source"): ("data", "teacher"),
     ("student", "dtype"): ("float32", "bfloat16", "float16"),
     ("teacher", "dtype"): ("float32", "bfloat16", "float16"),
@@ -331,12 +338,20 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{section}.{name}={value!r}: expected one of {', '.join(allowed)}")
+    for key in ("prompt_column", "answer_column", "teacher_response_column", "messages_column"):
+        if not getattr(cfg.data, key).strip():
+            raise ConfigError(f"data.{key} is empty: expected the name of a column of the data set")
     for name, value in (("seed", cfg.seed), ("data.shuffle_seed", cfg.data.shuffle_seed)):
         if not 0 <= value < 2**32:
             raise ConfigError(f"{name}={value}: expected an integer in [0, 2**32)")
     betas = cfg.optim.betas
     if len(betas) != 2 or not all(_is_fraction(b) for b in betas):
         raise ConfigError(f"optim.betas={list(betas)!r}: expected two numbers in [0, 1)")
+    if cfg.eval.samples > 1 and cfg.eval.temperature == 0:
+        raise ConfigError(
+            f"eval.samples={cfg.eval.samples} with eval.temperature=0: greedy decoding gives {cfg.eval.samples} "
+            "identical completions; set eval.temperature > 0 for avg@n, or eval.samples=1"
+        )
     check_sampling(cfg)
     check_outputs(cfg)
     if cfg.student.gather_params:

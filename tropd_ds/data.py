@@ -11,8 +11,32 @@ from .config import ConfigError, looks_like_hub_id
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 
 
-def load_rows(path: str, split: str = "train", what: str = "data.path"):
-    """A `datasets.Dataset` from a local file, a folder saved by `datasets`, or a hub name."""
+@dataclass(frozen=True)
+class Columns:
+    """Where a data set keeps each field (data.*_column): the rows are renamed to the canonical names
+    prompt / answer / teacher_response on load. Without the prompt column, a `messages` column (a chat:
+    a list of {role, content}) gives the prompt (every turn before the last assistant turn) and the
+    teacher response (that turn)."""
+
+    prompt: str = "prompt"
+    answer: str = "answer"
+    teacher_response: str = "teacher_response"
+    messages: str = "messages"
+
+    @classmethod
+    def of(cls, data_cfg) -> Columns:
+        return cls(
+            data_cfg.prompt_column, data_cfg.answer_column, data_cfg.teacher_response_column, data_cfg.messages_column
+        )
+
+    def source(self, canonical: str) -> str:
+        """The data set's own name of a canonical column (what messages about its rows call it)."""
+        return getattr(self, canonical)
+
+
+def load_rows(path: str, split: str = "train", what: str = "data.path", columns: Columns | None = None):
+    """A `datasets.Dataset` from a local file, a folder saved by `datasets`, or a hub name, with its columns
+    renamed to prompt / answer / teacher_response (see Columns)."""
     import datasets
 
     p = Path(path)
@@ -53,11 +77,71 @@ def load_rows(path: str, split: str = "train", what: str = "data.path"):
         if split not in ds:
             raise ConfigError(f"{what}={path!r} has splits {list(ds)}: data.split={split!r} is not one of them")
         ds = ds[split]
-    if "prompt" not in ds.column_names:
-        raise ConfigError(f"{what}={path!r} has columns {ds.column_names}: a 'prompt' column is required")
     if len(ds) == 0:
         raise ConfigError(f"{what}={path!r} has no rows: expected at least one prompt")
+    return canonical_columns(ds, columns or Columns(), f"{what}={path!r}")
+
+
+def canonical_columns(ds, columns: Columns, what: str):
+    """`ds` with the configured columns under the canonical names (other columns kept as they are)."""
+    names = ds.column_names
+    if columns.prompt not in names and columns.messages not in names:
+        raise ConfigError(
+            f"{what} has columns {names}: expected a prompt column {columns.prompt!r} (data.prompt_column) or a "
+            f"conversation column {columns.messages!r} (data.messages_column)"
+        )
+    # a column configured under another name that the data lacks is missing, even if one is called by the
+    # canonical name (which the user chose not to use)
+    unused = [dst for dst in ("prompt", "answer", "teacher_response") if getattr(columns, dst) not in names + [dst]]
+    if unused and any(dst in names for dst in unused):
+        ds = ds.remove_columns([dst for dst in unused if dst in names])
+    wanted = {"answer": columns.answer, "teacher_response": columns.teacher_response}
+    if columns.prompt in names:
+        wanted["prompt"] = columns.prompt
+    renames = {src: dst for dst, src in wanted.items() if src in names and src != dst}
+    if renames:
+        # through temporary names: a configured column may carry another one's canonical name
+        ds = ds.rename_columns({src: f"__tropd_{dst}" for src, dst in renames.items()})
+        shadowed = [dst for dst in renames.values() if dst in ds.column_names]
+        if shadowed:  # the configured column wins over one that merely has the canonical name
+            ds = ds.remove_columns(shadowed)
+        ds = ds.rename_columns({f"__tropd_{dst}": dst for dst in renames.values()})
+    if "prompt" not in wanted:
+        ds = from_messages(ds, columns.messages, what)
     return ds
+
+
+def split_conversation(messages, where: str) -> tuple[list[dict], str | None]:
+    """A chat as (prompt turns, teacher response): the last turn is the response when it is the assistant's."""
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(
+            f"{where}: messages={messages!r}: expected a non-empty list of {{'role': ..., 'content': ...}} turns"
+        )
+    for turn in messages:
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise ConfigError(
+                f"{where}: the turn {turn!r} is not a chat message: expected {{'role': str, 'content': str}}"
+            )
+    if messages[-1]["role"] != "assistant":
+        return [{"role": m["role"], "content": m["content"]} for m in messages], None
+    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    if not prompt:
+        raise ConfigError(
+            f"{where}: the conversation is a lone assistant turn: a prompt needs at least one turn before"
+        )
+    return prompt, messages[-1]["content"]
+
+
+def from_messages(ds, column: str, what: str):
+    """Conversation rows as prompt (turns before the last assistant turn) and teacher_response (that turn),
+    unless the data has its own teacher_response column."""
+    has_response = "teacher_response" in ds.column_names
+
+    def convert(row, index):
+        prompt, response = split_conversation(row[column], f"{what} row {index} ({column!r})")
+        return {"prompt": prompt} if has_response else {"prompt": prompt, "teacher_response": response}
+
+    return ds.map(convert, with_indices=True, remove_columns=[column], keep_in_memory=True, desc="conversations")
 
 
 def load_hub_dataset(name: str, split: str, what: str):
@@ -81,11 +165,67 @@ def load_hub_dataset(name: str, split: str, what: str):
         return datasets.load_dataset(folder, split=split)
 
 
-def render_prompt(tokenizer, prompt, chat_template: bool) -> str:
+RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "tokenize", "add_generation_prompt", "return_dict")
+
+
+def render_prompt(tokenizer, prompt, chat_template: bool, template_kwargs: dict | None = None) -> str:
+    """The prompt's text: a list of chat messages, or a string when `chat_template`, through the tokenizer's
+    chat template (with `template_kwargs`, e.g. enable_thinking); otherwise the string itself."""
     if isinstance(prompt, list) or chat_template:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+        )
     return prompt
+
+
+def template_variables(tokenizer) -> set[str] | None:
+    """The names the tokenizer's chat template reads (None without a template)."""
+    import jinja2
+    from jinja2 import meta
+
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    texts = template.values() if isinstance(template, dict) else [template]
+    env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+    found: set[str] = set()
+    for text in texts:
+        try:
+            found |= meta.find_undeclared_variables(env.parse(text))
+        except jinja2.TemplateError:  # a template jinja cannot parse here: nothing to say about its keywords
+            return None
+    return found
+
+
+def check_template_kwargs(tokenizer, kwargs: dict, what: str = "data.chat_template_kwargs") -> list[str]:
+    """Errors for keywords tropd-ds sets itself; warnings (returned) for keywords the template never reads."""
+    reserved = [k for k in kwargs if k in RESERVED_TEMPLATE_KWARGS]
+    if reserved:
+        raise ConfigError(
+            f"{what} sets {', '.join(map(repr, reserved))}: tropd-ds sets {', '.join(RESERVED_TEMPLATE_KWARGS)} "
+            "itself; pass only the template's own keywords (e.g. enable_thinking)"
+        )
+    if not kwargs:
+        return []
+    read = template_variables(tokenizer)
+    if read is None:
+        return [f"warning: {what}={kwargs!r} but the tokenizer has no chat template: the keywords have no effect"]
+    ignored = sorted(k for k in kwargs if k not in read)
+    if not ignored:
+        return []
+    return [
+        f"warning: {what}: the chat template never reads {', '.join(map(repr, ignored))} (it reads "
+        f"{', '.join(sorted(read - {'messages'})) or 'only messages'}): "
+        f"{'they have' if len(ignored) > 1 else 'it has'} no effect"
+    ]
+
+
+def prompt_ids(tokenizer, prompt, chat_template: bool, template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of a prompt; text from a chat template already holds the template's special tokens."""
+    templated = chat_template or isinstance(prompt, list)
+    text = render_prompt(tokenizer, prompt, chat_template, template_kwargs)
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
 
 @dataclass
@@ -98,13 +238,18 @@ class Prompt:
 
 
 def encode_prompt(
-    tokenizer, row: dict, index: int, max_prompt_tokens: int, long_prompts: str, chat_template: bool = False
+    tokenizer,
+    row: dict,
+    index: int,
+    max_prompt_tokens: int,
+    long_prompts: str,
+    chat_template: bool = False,
+    template_kwargs: dict | None = None,
 ):
     """One data row as a Prompt (its text through the chat template when asked, then the tokenizer), or
     None when it is longer than `max_prompt_tokens` and `long_prompts` is 'skip' ('truncate' keeps its
     last tokens). The teacher response, when the row has one, ends with the tokenizer's EOS."""
-    text = render_prompt(tokenizer, row["prompt"], chat_template)
-    ids = tokenizer(text, add_special_tokens=not chat_template)["input_ids"]
+    ids = prompt_ids(tokenizer, row["prompt"], chat_template, template_kwargs)
     truncated = len(ids) > max_prompt_tokens
     if truncated:
         if long_prompts == "skip":
@@ -133,6 +278,7 @@ class PromptStream:
         max_prompt_tokens: int,
         long_prompts: str,
         chat_template: bool = False,
+        template_kwargs: dict | None = None,
     ):
         if per_step % world:
             raise ConfigError(
@@ -141,6 +287,7 @@ class PromptStream:
         self.ds, self.tok = ds, tokenizer
         self.per_step, self.rank, self.world, self.seed = per_step, rank, world, seed
         self.max_prompt_tokens, self.long_prompts, self.chat_template = max_prompt_tokens, long_prompts, chat_template
+        self.template_kwargs = template_kwargs
         self.epoch, self.cursor = 0, 0
         self.truncated = self.skipped = 0
         self._order = self._permutation(0)
@@ -169,8 +316,9 @@ class PromptStream:
     def encode(self, index: int) -> Prompt | None:
         """Row `index` as a Prompt (None when skipped), counted in `truncated` / `skipped`."""
         prompt = encode_prompt(
-            self.tok, self.ds[index], index, self.max_prompt_tokens, self.long_prompts, self.chat_template
-        )
+            self.tok, self.ds[index], index, self.max_prompt_tokens, self.long_prompts, self.chat_template,
+            self.template_kwargs,
+        )  # fmt: skip
         self.skipped += prompt is None
         self.truncated += prompt is not None and prompt.truncated
         return prompt
@@ -215,7 +363,15 @@ SCAN_ROWS = 20_000  # rows checked before the engines start (all of them in smal
 
 
 def check_rows(
-    ds, tokenizer, what: str, max_prompt_tokens: int, long_prompts: str, chat_template: bool, need_answer: bool = False
+    ds,
+    tokenizer,
+    what: str,
+    max_prompt_tokens: int,
+    long_prompts: str,
+    chat_template: bool,
+    need_answer: bool = False,
+    template_kwargs: dict | None = None,
+    columns: Columns | None = None,
 ) -> list[str]:
     """Types, nulls, chat template and lengths of the first SCAN_ROWS rows, before any engine starts.
     Raises ConfigError naming the first bad row; returns warnings (unknown-token rate) to print."""
@@ -223,9 +379,10 @@ def check_rows(
     has_template = bool(getattr(tokenizer, "chat_template", None))
     usable, unknown, total_tokens, unknown_rows, example = 0, 0, 0, 0, None
     unk, unk_text = unknown_token(tokenizer)
-    columns = ds[:n]  # one read of every column
+    name = (columns or Columns()).source  # the data set's own name of each column, in messages
+    table = ds[:n]  # one read of every column
     for i in range(n):
-        row = {name: values[i] for name, values in columns.items()}
+        row = {key: values[i] for key, values in table.items()}
         prompt = row["prompt"]
         if isinstance(prompt, list):
             if not prompt or not all(
@@ -243,8 +400,8 @@ def check_rows(
                 )
         elif not isinstance(prompt, str) or not prompt:
             raise ConfigError(
-                f"{what} row {i}: prompt={prompt!r} ({type(prompt).__name__}): expected a non-empty string or a list "
-                "of chat messages"
+                f"{what} row {i}: {name('prompt')}={prompt!r} ({type(prompt).__name__}): expected a non-empty string "
+                "or a list of chat messages"
             )
         elif chat_template and not has_template:
             raise ConfigError(
@@ -254,13 +411,19 @@ def check_rows(
         response = row.get("teacher_response")
         if response is not None and not isinstance(response, str):
             raise ConfigError(
-                f"{what} row {i}: teacher_response={response!r} ({type(response).__name__}): expected a string or null"
+                f"{what} row {i}: {name('teacher_response')}={response!r} ({type(response).__name__}): expected a "
+                "string or null"
             )
-        if need_answer and (row.get("answer") is None or str(row.get("answer")).strip() == ""):
-            raise ConfigError(f"{what} row {i}: answer is {row.get('answer')!r}: every held-out row needs an answer")
-        ids = tokenizer(render_prompt(tokenizer, prompt, chat_template), add_special_tokens=not chat_template)[
-            "input_ids"
-        ]
+        answer = row.get("answer")
+        if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+            raise ConfigError(
+                f"{what} row {i}: {name('answer')}={answer!r} ({type(answer).__name__}): expected a string or a number"
+            )
+        if need_answer and (answer is None or str(answer).strip() == ""):
+            raise ConfigError(
+                f"{what} row {i}: {name('answer')} is {row.get('answer')!r}: every held-out row needs an answer"
+            )
+        ids = prompt_ids(tokenizer, prompt, chat_template, template_kwargs)
         usable += len(ids) <= max_prompt_tokens or long_prompts != "skip"
         if unk is not None:
             bad = sum(t == unk for t in ids)

@@ -1,11 +1,16 @@
-"""Evaluation: generate on held-out prompts and score the final answer by exact match (avg@n).
+"""Evaluation: generate on held-out prompts and check the final answer (avg@n with its standard error).
 
-Answer extraction lives here: the last \\boxed{...}, else the number after '#', else the last number."""
+Answer checking lives here: exact match of the extracted answer (the last \\boxed{...}, else the number
+after '#', else the last number), then, with the `eval` extra installed, `math-verify` for what exact match
+misses (fractions, expressions, units, LaTeX)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 import re
+from pathlib import Path
 
 import torch
 
@@ -27,23 +32,70 @@ def extract_answer(text: str) -> str | None:
     return None
 
 
-def is_correct(completion: str, answer: str) -> bool:
+CHECKERS = ("auto", "exact", "math_verify")
+
+
+def resolve_checker(name: str, what: str = "eval.answer_check") -> str:
+    """'exact' or 'math_verify': auto is math_verify when the `eval` extra is installed."""
+    installed = importlib.util.find_spec("math_verify") is not None
+    if name == "auto":
+        return "math_verify" if installed else "exact"
+    if name == "math_verify" and not installed:
+        from .config import ConfigError
+
+        raise ConfigError(
+            f"{what}=math_verify needs the math-verify package: pip install 'tropd-ds[eval]' (or set {what}=exact)"
+        )
+    return name
+
+
+def equivalent(answer: str, completion: str) -> bool:
+    """math-verify's verdict: the completion's final answer equals the reference mathematically."""
+    from math_verify import parse, verify
+
+    text = str(answer).strip()
+    try:
+        # a bare reference answer is read as LaTeX math: as plain text, "2(x+1)" would parse as just 2
+        gold = parse(text if "$" in text or "\\boxed" in text else f"${text}$") or parse(text)
+        return bool(gold) and verify(gold, parse(completion))
+    except Exception:  # math-verify gives up on some inputs (timeouts, sympy errors): not verified
+        return False
+
+
+def is_correct(completion: str, answer: str, checker: str = "exact") -> bool:
+    """Exact match of the extracted answer; with checker 'math_verify', math-verify for what it misses."""
     got = extract_answer(completion)
-    return got is not None and got == str(answer).strip().replace(",", "")
+    if got is not None and got == str(answer).strip().replace(",", ""):
+        return True
+    return checker == "math_verify" and equivalent(answer, completion)
 
 
-def held_out_set(rows, tokenizer, max_prompts: int, max_prompt_tokens: int, chat_template: bool) -> list[dict]:
+def avg_at_n(per_prompt: list[float]) -> tuple[float, float]:
+    """Mean over prompts of each prompt's fraction of correct samples, and its standard error."""
+    if not per_prompt:
+        return 0.0, float("nan")
+    mean = sum(per_prompt) / len(per_prompt)
+    if len(per_prompt) < 2:
+        return mean, float("nan")
+    var = sum((p - mean) ** 2 for p in per_prompt) / (len(per_prompt) - 1)
+    return mean, math.sqrt(var / len(per_prompt))
+
+
+def held_out_set(
+    rows, tokenizer, max_prompts: int, max_prompt_tokens: int, chat_template: bool, template_kwargs: dict | None = None
+) -> list[dict]:
     """The first `max_prompts` rows as {"ids", "answer"} (a prompt longer than max_prompt_tokens keeps its
     last tokens)."""
     out = []
     for i in range(min(len(rows), max_prompts)):
-        prompt = encode_prompt(tokenizer, rows[i], i, max_prompt_tokens, "truncate", chat_template)
-        out.append({"ids": prompt.ids, "answer": str(rows[i]["answer"])})
+        prompt = encode_prompt(tokenizer, rows[i], i, max_prompt_tokens, "truncate", chat_template, template_kwargs)
+        out.append({"index": i, "ids": prompt.ids, "answer": str(rows[i]["answer"])})
     return out
 
 
-def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64) -> dict:
-    """accuracy (avg@n over `cfg.samples` samples per prompt) on `rows` (dicts with prompt ids and answer).
+def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64, checker: str = "exact") -> dict:
+    """accuracy (avg@n over `cfg.samples` samples per prompt, with its standard error over prompts) on `rows`
+    (dicts with prompt ids and answer); "eval_records" holds this rank's per-prompt records.
 
     Every rank runs the same number of generate calls (ZeRO-3 gathers are collective): prompts are
     split evenly and the last rank's share is padded with repeats that are not counted. Completions
@@ -58,8 +110,12 @@ def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64)
     sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n_samples_per_prompt=cfg.samples
     )
-    correct = torch.zeros(3, dtype=torch.float64)  # correct, completions, completion tokens
-    examples = []
+    # correct, completions, completion tokens, prompts, sum and sum of squares of per-prompt accuracies
+    correct = torch.zeros(6, dtype=torch.float64)
+    examples, records = (
+        [],
+        [{"index": r["index"], "answer": r["answer"], "completions": [], "correct": []} for r in mine],
+    )
     engine = rollout_engine.engine
     engine.eval()
     for start in range(0, share, batch_size):
@@ -73,19 +129,39 @@ def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64)
             if pos >= counted:
                 continue
             text = tokenizer.decode(completion, skip_special_tokens=True)
-            ok = is_correct(text, mine[pos]["answer"])
-            correct += torch.tensor([float(ok), 1.0, float(completion.numel())], dtype=torch.float64)
+            ok = is_correct(text, mine[pos]["answer"], checker)
+            correct[:3] += torch.tensor([float(ok), 1.0, float(completion.numel())], dtype=torch.float64)
+            records[pos]["completions"].append(text)
+            records[pos]["correct"].append(ok)
             if len(examples) < 3:
                 examples.append({"completion": text, "answer": mine[pos]["answer"], "correct": ok})
     engine.train()
+    records = records[:counted]
+    for r in records:
+        p = sum(r["correct"]) / max(len(r["correct"]), 1)
+        correct[3:] += torch.tensor([1.0, p, p * p], dtype=torch.float64)
     correct = collectives.all_reduce(correct)
+    prompts, total, squares = float(correct[3]), float(correct[4]), float(correct[5])
+    mean = total / max(prompts, 1.0)
+    var = (squares - prompts * mean * mean) / (prompts - 1) if prompts > 1 else float("nan")
     return {
         "eval_accuracy": float(correct[0] / max(correct[1], 1.0)),
+        # standard error of avg@n over prompts (samples of one prompt are not independent draws of the task)
+        "eval_accuracy_stderr": math.sqrt(max(var, 0.0) / prompts) if prompts > 1 else float("nan"),
         "eval_completions": int(correct[1]),
         # tokens per completion, end token included: how the student answers (one line, or worked steps)
         "eval_response_tokens": float(correct[2] / max(correct[1], 1.0)),
         "eval_examples": examples,
+        "eval_records": records,
     }
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    """Per-prompt records as JSON lines: index, answer, completions, correct (one entry per sample)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
 
 
 class Schedule:
@@ -95,22 +171,30 @@ class Schedule:
     def __init__(self, rollout_engine, prepared, cfg, device, metrics, log):
         self.rollout_engine, self.tokenizer, self.cfg, self.device = rollout_engine, prepared.tokenizer, cfg, device
         self.metrics, self.log, self.accuracies = metrics, log, []
+        self.checker = resolve_checker(cfg.eval.answer_check)
         self.rows = None
         if prepared.eval_rows is not None:
             d = cfg.data
             self.rows = held_out_set(
-                prepared.eval_rows, self.tokenizer, cfg.eval.max_prompts, d.max_prompt_tokens, d.chat_template
-            )
+                prepared.eval_rows, self.tokenizer, cfg.eval.max_prompts, d.max_prompt_tokens, d.chat_template,
+                d.chat_template_kwargs,
+            )  # fmt: skip
 
     def evaluate(self, step: int) -> None:
         if self.rows is None:
             return
-        result = evaluate(self.rollout_engine, self.tokenizer, self.rows, self.cfg.eval, self.device)
+        result = evaluate(
+            self.rollout_engine, self.tokenizer, self.rows, self.cfg.eval, self.device, checker=self.checker
+        )
+        rank = collectives.rank_world()[0]
+        # each rank's share of the prompts: logs/eval/step<N>-rank<r>.jsonl
+        write_records(Path(self.cfg.logging.dir) / "eval" / f"step{step}-rank{rank}.jsonl", result.pop("eval_records"))
         examples = result.pop("eval_examples")
         self.metrics.write(step, result | {"eval_examples": examples})
         self.accuracies.append((step, result["eval_accuracy"]))
         self.log(
-            f"step {step}: held-out accuracy {result['eval_accuracy']:.3f} ({result['eval_completions']} completions)"
+            f"step {step}: held-out accuracy {result['eval_accuracy']:.3f} ± {result['eval_accuracy_stderr']:.3f} "
+            f"({result['eval_completions']} completions, {self.checker} answer check)"
         )
 
     def summary(self) -> None:

@@ -14,7 +14,8 @@ import tropd_kernels as tk
 
 from . import collectives
 from .config import ConfigError, RunConfig, micro_batches_per_rank, read_ds_config
-from .data import check_rows, encode_prompt, load_rows
+from .data import Columns, check_rows, check_template_kwargs, encode_prompt, load_rows
+from .evaluation import resolve_checker
 from .models import check_ds_config, check_logit_transforms, load_tokenizers_and_check, vocab_from_configs
 from .objectives import Objective, loss_fn
 
@@ -41,13 +42,18 @@ def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: b
         tokenizer, n_tokens = load_tokenizers_and_check(cfg.student, cfg.teacher, weights=not dry_run)
     check_logit_transforms(cfg.student.path, "student")
     check_logit_transforms(cfg.teacher.path, "teacher")
-    train_rows = load_rows(cfg.data.path, cfg.data.split, "data.path")
-    eval_rows = load_rows(cfg.data.eval_path, cfg.data.split, "data.eval_path") if cfg.data.eval_path else None
-    if eval_rows is not None and "answer" not in eval_rows.column_names:
-        raise ConfigError(
-            f"data.eval_path={cfg.data.eval_path!r} has columns {eval_rows.column_names}: evaluation needs an "
-            "'answer' column"
-        )
+    columns = Columns.of(cfg.data)
+    train_rows = load_rows(cfg.data.path, cfg.data.split, "data.path", columns)
+    eval_rows = None
+    if cfg.data.eval_path:
+        eval_rows = load_rows(cfg.data.eval_path, cfg.data.split, "data.eval_path", columns)
+        if "answer" not in eval_rows.column_names:
+            raise ConfigError(
+                f"data.eval_path={cfg.data.eval_path!r} has columns {eval_rows.column_names}: evaluation needs an "
+                f"answer column {columns.answer!r} (data.answer_column)"
+            )
+    if eval_rows is not None:
+        resolve_checker(cfg.eval.answer_check)  # an explicit math_verify without the `eval` extra fails here
     objective = check_objective(cfg, n_tokens)
     if (
         cfg.rollout.guidance
@@ -55,17 +61,24 @@ def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: b
         and "teacher_response" not in train_rows.column_names
     ):
         raise ConfigError(
-            f"rollout.guidance with prefix_source='data' needs a 'teacher_response' column; data.path has "
-            f"{train_rows.column_names} (set rollout.prefix_source=teacher or rollout.guidance=false)"
+            f"rollout.guidance with prefix_source='data' needs a teacher response column "
+            f"{columns.teacher_response!r} (data.teacher_response_column) or conversations whose last turn is the "
+            f"assistant's; data.path has {train_rows.column_names} (set rollout.prefix_source=teacher or "
+            "rollout.guidance=false)"
         )
     check_run_shapes(cfg, world or int(os.environ.get("WORLD_SIZE", "1")))
     if tokenizer is not None:
         d = cfg.data
-        warnings = check_rows(train_rows, tokenizer, "data.path", d.max_prompt_tokens, d.long_prompts, d.chat_template)
+        warnings = check_template_kwargs(tokenizer, d.chat_template_kwargs)
+        options = dict(template_kwargs=d.chat_template_kwargs, columns=columns)
+        warnings += check_rows(
+            train_rows, tokenizer, "data.path", d.max_prompt_tokens, d.long_prompts, d.chat_template, **options
+        )
         if eval_rows is not None:
             warnings += check_rows(
-                eval_rows, tokenizer, "data.eval_path", d.max_prompt_tokens, d.long_prompts, d.chat_template, True
-            )
+                eval_rows, tokenizer, "data.eval_path", d.max_prompt_tokens, d.long_prompts, d.chat_template, True,
+                **options,
+            )  # fmt: skip
         if os.environ.get("RANK", "0") == "0":
             for line in warnings:
                 print(f"[tropd-ds] {line}", flush=True)
@@ -172,8 +185,9 @@ def check_logit_parity(cfg: RunConfig, student, teacher, rows, tokenizer, device
     model whose logits the package does not reproduce (an unhandled logit transform) stops the run here
     with the figures, instead of training against the wrong distribution."""
     encode = lambda i: encode_prompt(
-        tokenizer, rows[i], i, cfg.data.max_prompt_tokens, cfg.data.long_prompts, cfg.data.chat_template
-    )  # noqa: E731
+        tokenizer, rows[i], i, cfg.data.max_prompt_tokens, cfg.data.long_prompts, cfg.data.chat_template,
+        cfg.data.chat_template_kwargs,
+    )  # noqa: E731  # fmt: skip
     row = encode(0) or encode(len(rows) - 1)
     ids = (row.ids + (row.response_ids or []))[:64] if row is not None else []
     if len(ids) < 2:

@@ -75,7 +75,7 @@ def set_up(cfg: RunConfig, prepared: Prepared, device: torch.device) -> Trainer:
     d = cfg.data
     stream = PromptStream(
         prepared.train_rows, tokenizer, cfg.rollout.prompts_per_step, rank, world, d.shuffle_seed,
-        d.max_prompt_tokens, d.long_prompts, d.chat_template,
+        d.max_prompt_tokens, d.long_prompts, d.chat_template, d.chat_template_kwargs,
     )  # fmt: skip
     roll_out = rollout.Rollout.of_engines(student, teacher, tokenizer, cfg, device)
     return Trainer(cfg, prepared, student, teacher, roll_out, stream, [keep_s, keep_t])

@@ -1,0 +1,222 @@
+"""Data as users have it (configurable columns, conversations, chat-template keywords) and evaluation users
+trust (math-verify answer checks, avg@n with its standard error, per-prompt records, dtype and device)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from launch import launch, records, write_config
+
+from tropd_ds.config import ConfigError
+from tropd_ds.data import Columns, check_rows, check_template_kwargs, load_rows, render_prompt
+from tropd_ds.evaluation import avg_at_n, is_correct, resolve_checker
+
+CLI = str(Path(sys.executable).with_name("tropd-ds"))
+# Reads enable_thinking: "+0" before the "=" of the generation prompt (the sum is unchanged, the text is not).
+THINKING_TEMPLATE = (
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}{% if enable_thinking %}+0{% endif %}={% endif %}"
+)
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def with_template(workspace: Path, tmp: Path, role: str) -> Path:
+    from transformers import AutoTokenizer
+
+    out = tmp / role
+    shutil.copytree(workspace / role, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = THINKING_TEMPLATE
+    tok.save_pretrained(out)
+    return out
+
+
+def test_configured_columns_are_read_under_the_canonical_names(tmp_path):
+    path = write_rows(
+        tmp_path / "rows.jsonl",
+        [{"question": "1+2=", "solution": 3, "worked": "1+2=3;#3", "prompt": "not this one", "id": 7}],
+    )
+    ds = load_rows(str(path), columns=Columns(prompt="question", answer="solution", teacher_response="worked"))
+    row = ds[0]
+    assert (row["prompt"], row["answer"], row["teacher_response"], row["id"]) == ("1+2=", 3, "1+2=3;#3", 7)
+    assert "question" not in ds.column_names and "solution" not in ds.column_names
+    # two configured columns that carry each other's canonical names
+    swapped = load_rows(str(write_rows(tmp_path / "s.jsonl", [{"prompt": "9", "answer": "4+5="}])),
+                        columns=Columns(prompt="answer", answer="prompt"))  # fmt: skip
+    assert (swapped[0]["prompt"], swapped[0]["answer"]) == ("4+5=", "9")
+
+
+def test_conversations_give_the_prompt_turns_and_the_last_assistant_turn_as_teacher_response(tmp_path):
+    chat = [
+        {"role": "system", "content": "add"},
+        {"role": "user", "content": "1+2"},
+        {"role": "assistant", "content": "1+2=3;#3"},
+    ]
+    open_chat = [{"role": "user", "content": "4+4"}]
+    ds = load_rows(str(write_rows(tmp_path / "c.jsonl", [{"chat": chat, "answer": "3"}, {"chat": open_chat}])),
+                   columns=Columns(messages="chat"))  # fmt: skip
+    assert ds[0]["prompt"] == chat[:2] and ds[0]["teacher_response"] == "1+2=3;#3" and ds[0]["answer"] == "3"
+    assert ds[1]["prompt"] == open_chat and ds[1]["teacher_response"] is None
+    # a teacher_response column of the data's own wins over the conversation's last turn
+    own = load_rows(str(write_rows(tmp_path / "o.jsonl", [{"messages": chat, "teacher_response": "x"}])))
+    assert own[0]["prompt"] == chat[:2] and own[0]["teacher_response"] == "x"
+
+
+@pytest.mark.parametrize(
+    "rows, columns, words",
+    [
+        ([{"q": "1+2="}], Columns(prompt="question"), ["has columns ['q']", "'question' (data.prompt_column)",
+                                                       "'messages' (data.messages_column)"]),
+        ([{"messages": [{"role": "assistant", "content": "3"}]}], Columns(), ["row 0", "lone assistant turn"]),
+        ([{"messages": [{"role": "user", "content": "1"}]}, {"messages": [{"role": "user"}]}], Columns(),
+         ["row 1", "is not a chat message", "'content': str"]),
+        ([{"messages": "1+2="}], Columns(), ["row 0", "expected a non-empty list"]),
+    ],
+)  # fmt: skip
+def test_a_missing_column_or_a_malformed_conversation_is_named(tmp_path, rows, columns, words):
+    with pytest.raises(ConfigError) as err:
+        load_rows(str(write_rows(tmp_path / "bad.jsonl", rows)), columns=columns)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_a_column_of_the_wrong_type_is_named_with_the_data_sets_own_name(workspace, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(workspace / "student")
+    columns = Columns(answer="solution")
+    ds = load_rows(str(write_rows(tmp_path / "r.jsonl", [{"prompt": "1+2=", "solution": [3]}])), columns=columns)
+    with pytest.raises(ConfigError, match=r"row 0: solution=\[3\] \(list\): expected a string or a number"):
+        check_rows(ds, tok, "data.eval_path", 16, "truncate", False, True, columns=columns)
+
+
+def test_chat_template_keywords_reach_the_template_and_ignored_ones_are_warned(workspace):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(workspace / "student")
+    tok.chat_template = THINKING_TEMPLATE
+    assert render_prompt(tok, "1+2", True) == "1+2="
+    assert render_prompt(tok, "1+2", True, {"enable_thinking": True}) == "1+2+0="
+    assert check_template_kwargs(tok, {"enable_thinking": False}) == []
+    [warning] = check_template_kwargs(tok, {"enable_thinking": True, "thinking_budget": 3})
+    assert "never reads 'thinking_budget'" in warning and "enable_thinking" in warning
+    with pytest.raises(ConfigError, match="sets 'tokenize'"):
+        check_template_kwargs(tok, {"tokenize": True})
+    tok.chat_template = None
+    [warning] = check_template_kwargs(tok, {"enable_thinking": True})
+    assert "no chat template" in warning
+
+
+def test_answers_are_checked_exactly_then_by_math_verify():
+    assert resolve_checker("auto") == "math_verify"  # the eval extra is installed for the tests
+    assert is_correct("8+1=9;#9", "9", "exact") and is_correct("8+1=9;#9", "9", "math_verify")
+    assert not is_correct(r"so \boxed{1/2}", "0.5", "exact")
+    assert is_correct(r"so \boxed{1/2}", "0.5", "math_verify")
+    assert is_correct(r"the answer is \frac{3}{4}", "0.75", "math_verify")
+    assert is_correct(r"\boxed{2x+2}", "2(x+1)", "math_verify") and not is_correct("#2", "2(x+1)", "math_verify")
+    assert is_correct(r"the side is \boxed{5\text{ cm}}", "5", "math_verify")
+    assert not is_correct("4+4=8;#8", "9", "math_verify") and not is_correct("no answer", "9", "math_verify")
+
+
+def test_a_missing_eval_extra_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name))
+    assert resolve_checker("auto") == "exact"
+    with pytest.raises(ConfigError, match=r"pip install 'tropd-ds\[eval\]'"):
+        resolve_checker("math_verify")
+
+
+def test_avg_at_n_and_its_standard_error():
+    mean, stderr = avg_at_n([1.0, 0.5, 0.0, 0.5])
+    assert mean == 0.5 and math.isclose(stderr, math.sqrt((0.25 + 0 + 0.25 + 0) / 3 / 4))
+    assert math.isnan(avg_at_n([1.0])[1])
+
+
+def test_a_run_on_conversations_with_renamed_eval_columns_and_template_keywords(workspace, tmp_path):
+    """2 CPU ranks: conversation training data, held-out rows under other column names, the template's
+    enable_thinking; then `tropd-ds eval` on the export with the same keywords, avg@2 and records."""
+    student, teacher = with_template(workspace, tmp_path, "student"), with_template(workspace, tmp_path, "teacher")
+    train = [json.loads(x) for x in (workspace / "data/train.jsonl").read_text().splitlines()][:64]
+    chats = [{"messages": [{"role": "user", "content": r["prompt"].rstrip("=")},
+                           {"role": "assistant", "content": r["teacher_response"]}]} for r in train]  # fmt: skip
+    held = [json.loads(x) for x in (workspace / "data/eval.jsonl").read_text().splitlines()][:6]
+    eval_rows = [{"question": r["prompt"].rstrip("="), "solution": r["answer"]} for r in held]
+    data = {
+        "path": str(write_rows(tmp_path / "chats.jsonl", chats)),
+        "eval_path": str(write_rows(tmp_path / "held.jsonl", eval_rows)),
+        "max_prompt_tokens": 32,
+        "chat_template": True,
+        "chat_template_kwargs": {"enable_thinking": True},
+        "prompt_column": "question",
+        "answer_column": "solution",
+    }
+    config = write_config(
+        tmp_path, "chats", data=data, optim={"steps": 2, "lr": 1e-3}, eval={"max_prompts": 6, "max_new_tokens": 12},
+        checkpoint={"every": 0}, logging={"samples_every": 1, "progress": False},
+    )  # fmt: skip
+    assert str(student) in config.read_text() and str(teacher) in config.read_text()  # the templated copies
+    launch(config)
+    rs = records(tmp_path / "chats")
+    samples = [r["sample"] for r in rs if "sample" in r]
+    assert samples and all("+0=" in s for s in samples), samples  # the template rendered with enable_thinking
+    evals = [r for r in rs if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2] and all(math.isfinite(r["eval_accuracy_stderr"]) for r in evals)
+    per_prompt = [json.loads(x) for f in sorted((tmp_path / "chats/logs/eval").glob("step2-rank*.jsonl"))
+                  for x in f.read_text().splitlines()]  # fmt: skip
+    assert sorted(r["index"] for r in per_prompt) == list(range(6))
+    assert all(len(r["completions"]) == len(r["correct"]) == 1 for r in per_prompt)
+    assert sum(r["correct"][0] for r in per_prompt) / 6 == pytest.approx(evals[-1]["eval_accuracy"])
+
+    out = tmp_path / "eval.jsonl"
+    proc = subprocess.run(
+        [CLI, "eval", str(tmp_path / "chats/export"), "--data", data["eval_path"], "--prompt-column", "question",
+         "--answer-column", "solution", "--chat-template-kwargs", '{"enable_thinking": true, "budget": 1}',
+         "--samples", "2", "--temperature", "1.0", "--max-new-tokens", "12", "--records", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "never reads 'budget'" in proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["eval_completions"] == 12 and result["eval_prompts"] == 6 and result["samples"] == 2
+    assert result["answer_check"] == "math_verify" and math.isfinite(result["eval_accuracy_stderr"])
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["index"] for r in lines] == list(range(6)) and all(len(r["completions"]) == 2 for r in lines)
+    assert [r["prompt"] for r in lines] == [r["question"] for r in eval_rows]
+
+
+def test_eval_loads_the_model_in_its_saved_dtype_and_refuses_bad_arguments(workspace, tmp_path, capsys):
+    from tropd_ds import cli
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(workspace / "student").to(torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(workspace / "student").save_pretrained(folder)
+    data = str(workspace / "data/eval.jsonl")
+    base = [CLI, "eval", str(folder), "--data", data, "--max-prompts", "4", "--max-new-tokens", "6"]
+    for extra, dtype in (([], "bfloat16"), (["--dtype", "float32"], "float32")):
+        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["dtype"] == dtype and result["device"] == "cpu" and result["eval_prompts"] == 4
+    for extra, words in (
+        (["--samples", "3"], "greedy decoding gives 3 identical completions"),
+        (["--chat-template-kwargs", "[1]"], "expected a JSON object"),
+        (["--device", "tpu"], "--device='tpu': expected auto, cpu, cuda or cuda:N"),
+        (["--answer-column", "solution"], "an answer column 'solution' (--answer-column) is required"),
+    ):
+        code = cli.main(base[1:] + extra)
+        err = capsys.readouterr().err
+        assert code == 2 and words in err, err[-2000:]
