@@ -22,7 +22,18 @@ setup(
         "matplotlib>=3.8,<4",
         "accelerate>=1.1,<2",
         "psutil>=5.9,<8",  # imported directly (locks, stale build locks), not only through deepspeed
+        "jinja2>=3.1,<4",  # reading which keywords a chat template uses
+        "huggingface_hub>=1.0,<3",  # hub data sets offline from the cache
     ],
-    extras_require={"dev": ["pytest>=8,<10", "ruff>=0.6"], "liger": ["liger-kernel>=0.8"], "bench": ["trl>=1.16,<2"]},
+    # Optional features; each names its extra when it is asked for and missing (tropd_ds.extras).
+    extras_require={
+        "dev": ["pytest>=8,<10", "ruff>=0.6"],
+        "peft": ["peft>=0.17,<1"],  # LoRA students
+        "eval": ["math-verify>=0.8,<1"],  # answer checking beyond exact match
+        "liger": ["liger-kernel>=0.8"],  # scripts/bench_kernels.py's Liger comparison (GPU)
+        "bench": ["trl>=1.16,<2"],  # scripts/bench_step.py's TRL comparison
+        "tensorboard": ["tensorboard>=2.15,<3"],  # DeepSpeed's TensorBoard monitor
+        "wandb": ["wandb>=0.17,<1"],  # DeepSpeed's Weights & Biases monitor
+    },
     entry_points={"console_scripts": ["tropd-ds=tropd_ds.cli:main"]},
 )

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch import launch, records, write_config
+from launch import ROOT, launch, records, write_config
 
 from tropd_ds.config import ConfigError
 from tropd_ds.data import Columns, check_rows, check_template_kwargs, load_rows, render_prompt
@@ -23,6 +23,11 @@ THINKING_TEMPLATE = (
     "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     "{% if add_generation_prompt %}{% if enable_thinking %}+0{% endif %}={% endif %}"
 )
+
+
+def git_head() -> str | None:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -161,15 +166,33 @@ def test_a_run_on_conversations_with_renamed_eval_columns_and_template_keywords(
         "prompt_column": "question",
         "answer_column": "solution",
     }
+    ds_config = json.loads((ROOT / "ds_configs/cpu_student_zero3.json").read_text())
+    ds_config["tensorboard"] = {"enabled": True, "output_path": "tb", "job_name": "chats"}
+    (tmp_path / "student_ds.json").write_text(json.dumps(ds_config))
     config = write_config(
-        tmp_path, "chats", data=data, optim={"steps": 2, "lr": 1e-3}, eval={"max_prompts": 6, "max_new_tokens": 12},
-        checkpoint={"every": 0}, logging={"samples_every": 1, "progress": False},
-    )  # fmt: skip
+        tmp_path,
+        "chats",
+        data=data,
+        student={"ds_config": str(tmp_path / "student_ds.json")},
+        optim={"steps": 2, "lr": 1e-3},
+        eval={"max_prompts": 6, "max_new_tokens": 12},
+        checkpoint={"every": 0},
+        logging={"samples_every": 1, "progress": False},
+    )
     assert str(student) in config.read_text() and str(teacher) in config.read_text()  # the templated copies
     launch(config)
     rs = records(tmp_path / "chats")
     samples = [r["sample"] for r in rs if "sample" in r]
     assert samples and all("+0=" in s for s in samples), samples  # the template rendered with enable_thinking
+    # the first step carries the resolved config and the code's commit; TensorBoard has them and the scalars
+    first = [r for r in rs if "loss" in r][0]
+    assert first["run_config"]["data"]["chat_template_kwargs"] == {"enable_thinking": True}
+    assert first["git_commit"] == git_head() and "deepspeed" in first["versions"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [events] = {p.parent for p in (tmp_path / "chats/logs/tb").rglob("events.out.tfevents.*")}
+    tb = EventAccumulator(str(events)).Reload()
+    assert "tropd/loss" in tb.Tags()["scalars"] and "tropd/run/text_summary" in tb.Tags()["tensors"]
     evals = [r for r in rs if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [0, 2] and all(math.isfinite(r["eval_accuracy_stderr"]) for r in evals)
     per_prompt = [json.loads(x) for f in sorted((tmp_path / "chats/logs/eval").glob("step2-rank*.jsonl"))
@@ -196,10 +219,10 @@ def test_a_run_on_conversations_with_renamed_eval_columns_and_template_keywords(
 
 
 def test_eval_loads_the_model_in_its_saved_dtype_and_refuses_bad_arguments(workspace, tmp_path, capsys):
-    from tropd_ds import cli
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tropd_ds import cli
 
     folder = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(workspace / "student").to(torch.bfloat16).save_pretrained(folder)

@@ -1,4 +1,4 @@
-"""`tropd-ds train | plan | eval | export`.
+"""`tropd-ds train | plan | eval | export | config`.
 
 train   the distillation run (launch with `deepspeed --num_gpus N --module tropd_ds.train ...` for
         several ranks; `tropd-ds train` runs it in one process; `--dry-run` checks a config
@@ -6,6 +6,7 @@ train   the distillation run (launch with `deepspeed --num_gpus N --module tropd
 plan    memory budget per GPU and host and a step-time estimate, from configs alone
 eval    held-out accuracy (avg@n, standard error, per-prompt records) of a Hugging Face model folder
 export  a Hugging Face folder from the newest DeepSpeed checkpoint of a run
+config  every config field with its type, default, range and meaning (--list); a resolved config (--dump)
 """
 
 from __future__ import annotations
@@ -198,9 +199,51 @@ def _export(argv) -> int:
     return 0
 
 
+def _config(argv) -> int:
+    ap = argparse.ArgumentParser(
+        prog="tropd-ds config",
+        description="Every run-config field with its type, default, accepted values and meaning (--list), or a "
+        "config fully resolved: defaults filled in, --set applied, paths absolute (--dump).",
+    )
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--list", action="store_true", help="every field")
+    what.add_argument("--dump", action="store_true", help="the resolved config of --config (and --set)")
+    ap.add_argument("--config", default=None, help="YAML or JSON run config (for --dump; default: all defaults)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--json", action="store_true", help="JSON instead of text (--list) or YAML (--dump)")
+    args = ap.parse_args(argv)
+    from .config import ConfigError, describe_fields, load_config, to_dict
+
+    if args.list:
+        fields = describe_fields()
+        if args.json:
+            print(json.dumps(fields, indent=1, default=str))
+            return 0
+        for f in fields:
+            print(f"{f['key']}  ({f['type']}, default {json.dumps(f['default'], default=str)}; {f['accepted']})")
+            print(f"    {f['meaning']}")
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"tropd-ds config: {exc}", file=sys.stderr)
+        return 2
+    data = json.loads(json.dumps(to_dict(cfg), default=list))  # tuples as lists
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        import yaml
+
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    return 0
+
+
+COMMANDS = ("train", "plan", "eval", "export", "config")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("train", "plan", "eval", "export"):
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
@@ -212,7 +255,7 @@ def main(argv=None) -> int:
         from .plan import main as plan_main
 
         return plan_main(rest)
-    return _eval(rest) if command == "eval" else _export(rest)
+    return {"eval": _eval, "export": _export, "config": _config}[command](rest)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,11 @@ def _log(msg: str) -> None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
-        prog="tropd-ds train", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="tropd-ds train",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every config field with its type, default, range and meaning: tropd-ds config --list. The resolved "
+        "config of a run: tropd-ds config --dump --config run.yaml [--set k=v ...].",
     )
     ap.add_argument("--config", required=False, help="YAML or JSON run config")
     ap.add_argument(

@@ -39,14 +39,14 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # JSON/JSONL/Parquet/Arrow file or a folder saved by `datasets`
-    split: str = "train"
+    split: str = "train"  # a split of a saved DatasetDict folder or a hub data set (a file holds only train)
     eval_path: str = ""  # held-out prompts with an `answer` column (optional)
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = 256  # prompt tokens kept per row (see long_prompts)
     long_prompts: str = "truncate"  # truncate (keep the end) | skip
-    shuffle_seed: int = 0
+    shuffle_seed: int = 0  # seed of the per-epoch prompt order
     chat_template: bool = False  # render `prompt` with the tokenizer's chat template
     chat_template_kwargs: dict = field(default_factory=dict)  # the template's own keywords, e.g. enable_thinking
-    prompt_column: str = "prompt"
+    prompt_column: str = "prompt"  # the prompt: a string, or a list of chat messages
     answer_column: str = "answer"  # held-out rows: the reference answer
     teacher_response_column: str = "teacher_response"  # the teacher's worked response (guidance prefixes)
     messages_column: str = "messages"  # used without a prompt column: a chat whose last assistant turn is the response
@@ -55,7 +55,7 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     prompts_per_step: int = 8  # global, across ranks
-    samples_per_prompt: int = 2
+    samples_per_prompt: int = 2  # responses sampled per prompt
     max_new_tokens: int = 64  # the whole response: teacher prefix plus the student's continuation
     temperature: float = 1.0  # sampling temperature; objective.temperature must equal it
     top_p: float = 1.0  # < 1 only for objectives without a log-ratio (fkl_topk, jsd)
@@ -68,30 +68,32 @@ class RolloutConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "tropd"
+    name: str = "tropd"  # tropd | opd | eopd | reopold | mask_outlier | clip_outlier | entropy_opd | fkl_topk | jsd
     options: dict = field(default_factory=dict)  # passed to tropd_ds.objectives.loss_fn
-    temperature: float = 1.0
+    temperature: float = 1.0  # the temperature of the log-probs the objective compares; equals rollout.temperature
 
 
 @dataclass
 class OptimConfig:
-    steps: int = 200
-    lr: float = 5e-6
-    warmup_steps: int = 0
-    min_lr_ratio: float = 1.0  # cosine decay to lr * min_lr_ratio; 1.0 = constant
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    betas: tuple = (0.9, 0.999)
+    steps: int = 200  # optimiser steps (one rollout batch each)
+    lr: float = 5e-6  # peak learning rate
+    warmup_steps: int = 0  # linear warm-up steps from 0
+    schedule: str = "cosine_with_min_lr"  # a transformers learning-rate schedule (transformers.get_scheduler)
+    min_lr_ratio: float = 1.0  # cosine_with_min_lr: decay to lr * min_lr_ratio; 1.0 = constant after warm-up
+    schedule_kwargs: dict = field(default_factory=dict)  # the schedule's own arguments, e.g. num_decay_steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = none)
+    betas: tuple = (0.9, 0.999)  # AdamW betas, two numbers in [0, 1)
     max_bad_steps: int = 3  # stop after this many consecutive steps skipped for a non-finite loss or gradient
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str = "runs/checkpoints"
+    dir: str = "runs/checkpoints"  # checkpoints of this run (one run per folder)
     every: int = 0  # steps; 0 = only at the end
-    keep_last: int = 2
-    resume: bool = True
-    export_dir: str = "runs/export"
+    keep_last: int = 2  # checkpoints kept (older ones deleted; 0 = keep all)
+    resume: bool = True  # continue from the newest checkpoint in dir
+    export_dir: str = "runs/export"  # the final student as a Hugging Face folder
     stop_after: int = 0  # end this process after that many steps (with a checkpoint), e.g. for time-limited slots
     # replace another run's checkpoints in `dir`, and a non-empty export_dir that tropd-ds did not export
     overwrite: bool = False
@@ -99,17 +101,17 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    dir: str = "runs/logs"
-    samples_every: int = 10
-    progress: bool = True
+    dir: str = "runs/logs"  # metrics.jsonl, resolved configs, evaluation records, monitors
+    samples_every: int = 10  # log one decoded rollout every this many steps (0 = never)
+    progress: bool = True  # a progress bar on rank 0
 
 
 @dataclass
 class EvalConfig:
     every: int = 0  # steps; 0 = only before and after training
-    max_prompts: int = 200
+    max_prompts: int = 200  # held-out prompts evaluated (the first ones)
     samples: int = 1  # avg@n
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # tokens generated per held-out answer
     temperature: float = 0.0  # 0 = greedy
     answer_check: str = "auto"  # exact | math_verify (the `eval` extra) | auto: math_verify when installed
 
@@ -125,7 +127,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
+    seed: int = 0  # seed of sampling and initialisation (rank r uses seed + r)
 
 
 PATH_FIELDS = {
@@ -195,6 +197,9 @@ RANGES = {
 }
 
 
+MIN_LR_SCHEDULES = ("cosine_with_min_lr", "cosine_warmup_with_min_lr")
+
+
 def _range_text(lo, lo_in, hi, hi_in) -> str:
     if hi is None:
         return f"a number {'>=' if lo_in else '>'} {lo}"
@@ -204,6 +209,19 @@ def _range_text(lo, lo_in, hi, hi_in) -> str:
 CHOICES = {
     ("data", "long_prompts"): ("truncate", "skip"),
     ("eval", "answer_check"): ("auto", "exact", "math_verify"),
+    # transformers' schedules that need no metric (reduce_lr_on_plateau and greedy do)
+    ("optim", "schedule"): (
+        "cosine_with_min_lr",
+        "cosine_warmup_with_min_lr",
+        "constant_with_warmup",
+        "constant",
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "inverse_sqrt",
+        "warmup_stable_decay",
+    ),  # fmt: skip
     ("rollout", "prefix_source"): ("data", "teacher"),
     ("student", "dtype"): ("float32", "bfloat16", "float16"),
     ("teacher", "dtype"): ("float32", "bfloat16", "float16"),
@@ -344,6 +362,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for name, value in (("seed", cfg.seed), ("data.shuffle_seed", cfg.data.shuffle_seed)):
         if not 0 <= value < 2**32:
             raise ConfigError(f"{name}={value}: expected an integer in [0, 2**32)")
+    if cfg.optim.min_lr_ratio != 1.0 and cfg.optim.schedule not in MIN_LR_SCHEDULES:
+        raise ConfigError(
+            f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} with optim.schedule={cfg.optim.schedule!r}: the ratio "
+            f"applies to {' and '.join(MIN_LR_SCHEDULES)}; remove it or pass the schedule's own arguments in "
+            "optim.schedule_kwargs"
+        )
     betas = cfg.optim.betas
     if len(betas) != 2 or not all(_is_fraction(b) for b in betas):
         raise ConfigError(f"optim.betas={list(betas)!r}: expected two numbers in [0, 1)")
@@ -444,6 +468,57 @@ def check_sampling(cfg: RunConfig) -> None:
             "teacher prefix "
             "counts towards the response length; expected at most max_new_tokens (0 = max_new_tokens)"
         )
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """Each field's meaning: its trailing comment, or the comment lines just above it (the dataclass source
+    is the one place the fields are documented)."""
+    import inspect
+
+    docs, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        found = re.match(r"(\w+)\s*:[^#]*?(?:#\s*(.*))?$", text)
+        if found:
+            docs[found.group(1)] = found.group(2) or " ".join(above)
+        above = []
+    return docs
+
+
+def describe_fields() -> list[dict]:
+    """Every config field: key, type, default, what is accepted, and one line of meaning."""
+    out = []
+    for section in dataclasses.fields(RunConfig):
+        cls = typing.get_type_hints(RunConfig)[section.name]
+        if not dataclasses.is_dataclass(cls):
+            meaning = _field_comments(RunConfig)[section.name]
+            out.append({"key": section.name, "type": cls.__name__, "default": section.default,
+                        "accepted": "an integer in [0, 2**32)", "meaning": meaning})  # fmt: skip
+            continue
+        comments, hints, defaults = _field_comments(cls), typing.get_type_hints(cls), cls()
+        for f in dataclasses.fields(cls):
+            where = (section.name, f.name)
+            if where in RANGES:
+                accepted = _range_text(*RANGES[where])
+            elif where in CHOICES:
+                accepted = "one of " + ", ".join(CHOICES[where])
+            elif where in PATH_FIELDS:
+                accepted = "a path (relative to the config file)" + (" or a hub id" if where in HUB_FIELDS else "")
+            else:
+                accepted = {bool: "true or false", dict: "a mapping", tuple: "a list", str: "a string"}.get(
+                    hints[f.name], hints[f.name].__name__
+                )
+            out.append({
+                "key": f"{section.name}.{f.name}",
+                "type": getattr(hints[f.name], "__name__", str(hints[f.name])),
+                "default": getattr(defaults, f.name),
+                "accepted": accepted,
+                "meaning": comments.get(f.name, ""),
+            })  # fmt: skip
+    return out
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -6,7 +6,6 @@ misses (fractions, expressions, units, LaTeX)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -37,15 +36,12 @@ CHECKERS = ("auto", "exact", "math_verify")
 
 def resolve_checker(name: str, what: str = "eval.answer_check") -> str:
     """'exact' or 'math_verify': auto is math_verify when the `eval` extra is installed."""
-    installed = importlib.util.find_spec("math_verify") is not None
-    if name == "auto":
-        return "math_verify" if installed else "exact"
-    if name == "math_verify" and not installed:
-        from .config import ConfigError
+    from .extras import installed, require
 
-        raise ConfigError(
-            f"{what}=math_verify needs the math-verify package: pip install 'tropd-ds[eval]' (or set {what}=exact)"
-        )
+    if name == "auto":
+        return "math_verify" if installed("math_verify") else "exact"
+    if name == "math_verify":
+        require("math_verify", f"{what}=math_verify (or set {what}=exact)")
     return name
 
 

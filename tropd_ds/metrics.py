@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 from . import collectives
@@ -53,6 +54,21 @@ class MetricsWriter:
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
 
+    def describe_run(self, step: int, run: dict) -> None:
+        """The run's resolved config and code version, for the trackers: W&B's run config, a TensorBoard text
+        entry (metrics.jsonl has them in the first step's record)."""
+        if self.rank != 0 or self.monitor is None or not getattr(self.monitor, "enabled", False):
+            return
+        tb = getattr(self.monitor, "tb_monitor", None)
+        if tb is not None and getattr(tb, "summary_writer", None) is not None:
+            tb.summary_writer.add_text("tropd/run", "```\n" + json.dumps(run, indent=2, default=str) + "\n```", step)
+            tb.summary_writer.flush()
+        if getattr(self.monitor, "wandb_monitor", None) is not None:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.config.update(json.loads(json.dumps(run, default=str)), allow_val_change=True)
+
     def write(self, step: int, record: dict) -> None:
         if self.rank != 0:
             return
@@ -62,6 +78,38 @@ class MetricsWriter:
             self.monitor.write_events(
                 [(f"tropd/{k}", v, step) for k, v in record.items() if isinstance(v, (int, float))]
             )
+
+
+def code_version() -> dict:
+    """The code a run ran: the git commit of the tropd-ds checkout (None when installed without git), whether
+    it had uncommitted changes, and the versions of the packages that decide the numbers."""
+    import deepspeed
+    import torch
+    import transformers
+
+    from . import __version__
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "git_commit": commit,
+        "git_dirty": bool(status) if status is not None else None,
+        "versions": {
+            "tropd_ds": __version__,
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
 
 
 def step_record(local: list[dict], engine, extra: dict) -> dict:

@@ -232,15 +232,32 @@ class VocabHeadModel(nn.Module):
         return weight, bias
 
 
-def lr_lambda(optim: OptimConfig):
-    def factor(step: int) -> float:
-        if optim.warmup_steps and step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        span = max(1, optim.steps - optim.warmup_steps)
-        progress = min(1.0, (step - optim.warmup_steps) / span)
-        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_schedule(optimizer, optim: OptimConfig):
+    """transformers' scheduler `optim.schedule` over optim.steps with optim.warmup_steps of linear warm-up
+    (from 0, transformers' convention); min_lr_ratio is the cosine_with_min_lr floor."""
+    from transformers import get_scheduler
 
-    return factor
+    kwargs = dict(optim.schedule_kwargs)
+    if optim.schedule in ("cosine_with_min_lr", "cosine_warmup_with_min_lr") and "min_lr" not in kwargs:
+        kwargs.setdefault("min_lr_rate", optim.min_lr_ratio)
+    return get_scheduler(
+        optim.schedule,
+        optimizer,
+        num_warmup_steps=optim.warmup_steps,
+        num_training_steps=optim.steps,
+        scheduler_specific_kwargs=kwargs,
+    )
+
+
+def check_lr_schedule(optim: OptimConfig) -> None:
+    """The schedule built once on a throw-away optimiser: bad optim.schedule_kwargs fail before any engine."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=optim.lr)
+    try:
+        lr_schedule(probe, optim)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"optim.schedule={optim.schedule!r} with optim.schedule_kwargs={optim.schedule_kwargs!r}: {exc}"
+        ) from exc
 
 
 _PRECISION = {"bf16": "bfloat16", "fp16": "float16"}
@@ -258,6 +275,12 @@ def check_ds_config(
     """The DeepSpeed config must not contradict the run config: the run config decides, so a
     different value in the DeepSpeed file is an error that names both."""
     where = f"{role}.ds_config={cfg.ds_config!r}"
+    from .extras import require
+
+    for monitor in ("tensorboard", "wandb"):
+        section = ds.get(monitor)
+        if isinstance(section, dict) and section.get("enabled"):
+            require(monitor, f'{where} "{monitor}": {{"enabled": true}}')
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise ConfigError(f"{where}: zero_optimization is a {type(zero).__name__}: expected a JSON object")
@@ -379,6 +402,6 @@ def initialize(model: nn.Module, ds_config: dict, optim: OptimConfig | None = No
         optimizer=optimizer,
         model_parameters=model.parameters(),
         config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim)),
+        lr_scheduler=lambda opt: lr_schedule(opt, optim),
     )
     return engine

@@ -16,7 +16,13 @@ from . import collectives
 from .config import ConfigError, RunConfig, micro_batches_per_rank, read_ds_config
 from .data import Columns, check_rows, check_template_kwargs, encode_prompt, load_rows
 from .evaluation import resolve_checker
-from .models import check_ds_config, check_logit_transforms, load_tokenizers_and_check, vocab_from_configs
+from .models import (
+    check_ds_config,
+    check_logit_transforms,
+    check_lr_schedule,
+    load_tokenizers_and_check,
+    vocab_from_configs,
+)
 from .objectives import Objective, loss_fn
 
 
@@ -67,6 +73,7 @@ def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: b
             "rollout.guidance=false)"
         )
     check_run_shapes(cfg, world or int(os.environ.get("WORLD_SIZE", "1")))
+    check_lr_schedule(cfg.optim)
     if tokenizer is not None:
         d = cfg.data
         warnings = check_template_kwargs(tokenizer, d.chat_template_kwargs)

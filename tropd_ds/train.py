@@ -18,7 +18,7 @@ import torch.distributed as dist
 from . import checkpoint, collectives, command, evaluation, process, rollout, scoring, update
 from .config import ConfigError, RunConfig, micro_batches_per_rank, to_dict
 from .data import PromptStream
-from .metrics import MetricsWriter, NonFiniteSteps, step_record
+from .metrics import MetricsWriter, NonFiniteSteps, code_version, step_record
 from .preflight import Prepared, check_logit_parity
 
 
@@ -137,10 +137,14 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
             t.stream.load_state_dict(client["data"])
             metrics.truncate_after(start_step)
             log(f"resumed from {cfg.checkpoint.dir} at step {start_step}")
+    # what ran: the resolved config and the code's commit, with the first step of each launch and in the trackers
+    version = code_version() if rank == 0 else {}
+    run_info = {"run_config": to_dict(cfg), **version}
     if rank == 0:  # each launch's resolved config is kept: config.json is the latest, config.<time>.json each one
+        metrics.describe_run(start_step, run_info)
         logs = Path(cfg.logging.dir)
         logs.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(dict(to_dict(cfg), resumed_at_step=start_step), indent=2, default=str)
+        text = json.dumps(dict(to_dict(cfg), resumed_at_step=start_step, **version), indent=2, default=str)
         (logs / f"config.{time.strftime('%Y%m%d-%H%M%S')}-step{start_step}.json").write_text(text)
         (logs / "config.json").write_text(text)
 
@@ -166,6 +170,8 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
         message = bad_steps.observe(done, record, t.student.skipped_steps > skipped_before)
         if message:
             log(message)
+        if step == start_step:
+            record.update(run_info)
         metrics.write(done, record)
         if progress is not None:
             loss, trust = record.get("loss", float("nan")), record.get("trust_fraction", float("nan"))
