@@ -16,27 +16,42 @@ import zero3_student_worker as worker  # noqa: E402
 from launch import cpu_ranks  # noqa: E402
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
-def test_student_update_under_zero3_equals_single_process(tmp_path, checkpointing):
+@pytest.mark.parametrize(
+    "checkpointing, lora",
+    [(False, False), (True, False), (False, True)],
+    ids=["plain", "gradient_checkpointing", "lora"],
+)
+def test_student_update_under_zero3_equals_single_process(tmp_path, checkpointing, lora):
+    """With LoRA: the adapters' update equals a single-process PEFT step and the partitioned base stays put."""
     from tropd_ds.demo_models import build_llama
     from tropd_ds.demo_task import build_tokenizer
 
     build_llama(tmp_path / "student", build_tokenizer(), hidden=32, layers=2, heads=2, mlp=64, seed=3)
     out = tmp_path / "zero3.json"
-    flags = ["--checkpointing"] if checkpointing else []
+    flags = (["--checkpointing"] if checkpointing else []) + (["--lora"] if lora else [])
     cpu_ranks([HERE / "zero3_student_worker.py", *flags, tmp_path / "student", out], cwd=tmp_path, timeout=600)
     result = json.loads(out.read_text())
     assert result["lm_head_partitioned"], "lm_head was not partitioned: the test would prove nothing"
 
-    want = worker.reference_step(str(tmp_path / "student"))
+    want = worker.reference_step(str(tmp_path / "student"), lora)
     from transformers import AutoModelForCausalLM
 
     initial = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "student").named_parameters())
     assert set(result["params"]) == set(want)
     bad = []
+    trained = [name for name in want if "lora_" in name] if lora else list(want)
+    if lora:
+        adapters = worker.with_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "student")).state_dict()
+    assert trained
     for name, p in want.items():
         got = torch.tensor(result["params"][name])
-        assert not torch.equal(got, initial[name.removeprefix("lm.")].detach()), f"{name} did not move"
+        before = initial.get(name.removeprefix("lm.").replace(".base_layer.", "."))
+        if name in trained and before is not None:
+            assert not torch.equal(got, before.detach()), f"{name} did not move"
+        elif before is not None:  # a frozen base parameter of the LoRA student
+            assert torch.equal(got, before.detach()), f"frozen {name} moved"
+        if "lora_" in name:  # every adapter moved: A too, since B starts away from zero
+            assert not torch.allclose(got, adapters[name.removeprefix("lm.")]), f"{name} did not move"
         if not torch.allclose(got, p, rtol=1e-5, atol=1e-6):
             bad.append((name, float((got - p).abs().max())))
     assert not bad, "; ".join(f"{n}: {e:.2e}" for n, e in bad)

@@ -17,6 +17,20 @@ from tropd_ds.objectives import loss_fn
 from tropd_ds.process import exit_without_teardown
 
 SEQ, K, LR = 10, 6, 0.5
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+
+
+def with_lora(lm):
+    """The trainer's LoRA adapters, with B set away from PEFT's zero start so that A gets a gradient too."""
+    from tropd_ds import lora
+
+    lm = lora.apply(lm, LORA)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        for name, p in sorted(lm.named_parameters()):
+            if "lora_B" in name:
+                p.data.copy_(torch.randn(p.shape) * 0.1)
+    return lm
 
 
 def batch(rank: int, vocab: int):
@@ -43,14 +57,15 @@ def total_tokens(vocab: int) -> float:
     return float(sum(int(batch(r, vocab)[2].sum()) for r in range(2)))
 
 
-def reference_step(model_dir: str) -> dict:
+def reference_step(model_dir: str, lora: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
     from tropd_ds.update import StudentTerms
 
     lm = AutoModelForCausalLM.from_pretrained(model_dir)
+    lm = with_lora(lm) if lora else lm
     model = StudentTerms(lm, lm.config.vocab_size)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     vocab = lm.config.vocab_size
     loss = sum(loss_of(model, r, vocab, total_tokens(vocab)) for r in range(2))
     loss.backward()
@@ -58,7 +73,7 @@ def reference_step(model_dir: str) -> dict:
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def main(model_dir: str, out_path: str, checkpointing: bool) -> None:
+def main(model_dir: str, out_path: str, checkpointing: bool, lora: bool) -> None:
     import deepspeed
 
     from tropd_ds.models import load_causal_lm
@@ -75,13 +90,17 @@ def main(model_dir: str, out_path: str, checkpointing: bool) -> None:
         "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
     }
     lm, _keep = load_causal_lm(ModelConfig(path=model_dir), config)
+    lm = with_lora(lm) if lora else lm
     if checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.train()
     model = StudentTerms(lm, lm.config.vocab_size)
     head = lm.get_output_embeddings().weight
     partitioned = head.numel() == 0 or getattr(head, "ds_numel", 0) > head.numel()
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(trainable, lr=LR), model_parameters=trainable, config=config
+    )
     vocab = lm.config.vocab_size
     # DeepSpeed averages gradients over the 2 ranks: a token count of total / 2 makes the sum exact
     loss = loss_of(engine, rank, vocab, total_tokens(vocab) / 2)
@@ -97,6 +116,6 @@ def main(model_dir: str, out_path: str, checkpointing: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[-2], sys.argv[-1], "--checkpointing" in sys.argv)
+    main(sys.argv[-2], sys.argv[-1], "--checkpointing" in sys.argv, "--lora" in sys.argv)
     torch.distributed.destroy_process_group()
     exit_without_teardown(0)  # gloo's threads sometimes abort the interpreter's teardown (SIGABRT)

@@ -258,6 +258,7 @@ def run_identity(cfg: RunConfig, world: int) -> dict:
     return {
         "student.path": cfg.student.path,
         "student.dtype": cfg.student.dtype,
+        "student.lora": cfg.student.lora,
         "teacher.path": cfg.teacher.path,
         "objective.name": cfg.objective.name,
         "objective.options": cfg.objective.options,
@@ -411,9 +412,11 @@ def mark_export(out_dir: str, source: str, complete: bool = True) -> None:
     _write_atomic(Path(out_dir) / EXPORT_MARK, json.dumps({"exported_from": source, "complete": complete}, indent=1))
 
 
-def export(engine, tokenizer, out_dir: str) -> None:
-    """A folder with config, tokenizer and model.safetensors that AutoModelForCausalLM loads."""
+def export(engine, tokenizer, out_dir: str, student_path: str = "") -> None:
+    """A folder with config, tokenizer and model.safetensors that AutoModelForCausalLM loads. A LoRA
+    student is exported merged, with its adapter alone in `out_dir/adapter` (PEFT's format)."""
     lm = engine.module.lm
+    adapters = getattr(engine.module, "lora", None)
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # full weights on rank 0 only
     else:
@@ -424,6 +427,11 @@ def export(engine, tokenizer, out_dir: str) -> None:
         state = {k.removeprefix("lm."): v for k, v in state.items()}
         try:
             mark_export(out_dir, "the end of training", complete=False)
+            if adapters:
+                from . import lora
+
+                lora.save_adapter(state, adapters, student_path, Path(out_dir) / "adapter")
+                state = lora.merged_state(state, adapters)
             lm.save_pretrained(Path(out_dir), state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(Path(out_dir))
             mark_export(out_dir, "the end of training")
@@ -433,9 +441,17 @@ def export(engine, tokenizer, out_dir: str) -> None:
         raise CheckpointError(f"exporting the student to {out_dir} failed ({error or 'on rank 0'})")
 
 
-def export_from_checkpoint(ckpt_dir: str, student_path: str, out_dir: str, tag: str | None = None) -> str:
+def export_from_checkpoint(
+    ckpt_dir: str,
+    student_path: str,
+    out_dir: str,
+    tag: str | None = None,
+    lora_settings: dict | None = None,
+    adapter_only: bool = False,
+) -> str:
     """Consolidate a ZeRO checkpoint (any number of ranks) on the CPU, without engines, and save it
-    with the student's config and tokenizer as a Hugging Face folder."""
+    with the student's config and tokenizer as a Hugging Face folder; a LoRA student's (`lora_settings`)
+    merged, or its adapter alone (`adapter_only`)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -457,6 +473,27 @@ def export_from_checkpoint(ckpt_dir: str, student_path: str, out_dir: str, tag: 
         )
     state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     state = {k.removeprefix("lm."): v for k, v in state.items()}
+    has_adapters = any(".lora_A." in k for k in state)
+    if has_adapters != bool(lora_settings):
+        raise ConfigError(
+            f"checkpoint {tag} {'holds' if has_adapters else 'has no'} LoRA adapters but the config's student.lora is "
+            f"{lora_settings or '{}'}: export with the config of the run that wrote it"
+        )
+    if adapter_only:
+        if not has_adapters:
+            raise ConfigError(
+                "--adapter-only: the run trained every parameter (student.lora is empty); it has no adapter"
+            )
+        from . import lora
+
+        mark_export(out_dir, str(Path(ckpt_dir) / tag), complete=False)
+        lora.save_adapter(state, lora_settings, student_path, out_dir)
+        mark_export(out_dir, str(Path(ckpt_dir) / tag))
+        return str(Path(ckpt_dir) / tag)
+    if has_adapters:
+        from . import lora
+
+        state = lora.merged_state(state, lora_settings)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if "rotary" not in m]:

@@ -181,6 +181,11 @@ def _export(argv) -> int:
     ap.add_argument(
         "--force", action="store_true", help="replace the files of a non-empty folder that is not an export"
     )
+    ap.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="a LoRA run: write the adapter alone (PEFT's adapter_config.json + adapter_model.safetensors)",
+    )
     args = ap.parse_args(argv)
     from .checkpoint import check_export_target, export_from_checkpoint
     from .config import ConfigError, check_outside_models, load_config
@@ -191,7 +196,9 @@ def _export(argv) -> int:
         cfg = load_config(args.config, args.overrides)
         check_outside_models(cfg, "--out", args.out)
         check_export_target(args.out, args.force)
-        path = export_from_checkpoint(cfg.checkpoint.dir, cfg.student.path, args.out, args.tag)
+        path = export_from_checkpoint(
+            cfg.checkpoint.dir, cfg.student.path, args.out, args.tag, cfg.student.lora, args.adapter_only
+        )
     except ConfigError as exc:
         print(f"tropd-ds export: {exc}", file=sys.stderr)
         return 2

@@ -34,6 +34,9 @@ class ModelConfig:
     # teacher only: score with the whole teacher gathered once per step and ZeRO-3's per-module hooks off
     # (fast; the teacher must fit on one device). False: ZeRO-3 gathers (or fetches from offload) layer by layer.
     gather_params: bool = False
+    # student only: LoRA adapters {r, alpha (default 2 r), dropout, target_modules (default all-linear)}; the
+    # base stays frozen (the `peft` extra). {} = train every parameter.
+    lora: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -383,6 +386,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             "student.gather_params=True: gathering applies to the teacher's scoring; the student's generation is set "
             "by rollout.gather_params"
         )
+    if cfg.teacher.lora:
+        raise ConfigError(f"teacher.lora={cfg.teacher.lora!r}: the teacher is frozen; LoRA applies to the student only")
+    if cfg.student.lora:
+        from .lora import settings
+
+        settings(cfg.student.lora)
     if cfg.teacher.gradient_checkpointing:
         raise ConfigError(
             "teacher.gradient_checkpointing=True: the teacher is frozen and has no backward; it applies to the "

@@ -393,14 +393,13 @@ def initialize(model: nn.Module, ds_config: dict, optim: OptimConfig | None = No
         engine.eval()
         return engine
     optimizer = None  # DeepSpeed's own (fused / CPU-offload) optimiser from the config
+    trainable = [p for p in model.parameters() if p.requires_grad]  # a LoRA student's adapters only
     if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
-        )
+        optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        model_parameters=model.parameters(),
+        model_parameters=trainable,
         config=ds_config,
         lr_scheduler=lambda opt: lr_schedule(opt, optim),
     )

@@ -46,6 +46,10 @@ def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: b
         tokenizer, n_tokens = None, vocab_from_configs(cfg.student, cfg.teacher)
     else:
         tokenizer, n_tokens = load_tokenizers_and_check(cfg.student, cfg.teacher, weights=not dry_run)
+    if cfg.student.lora:
+        from .lora import check as check_lora
+
+        check_lora(cfg.student.path, cfg.student.lora)
     check_logit_transforms(cfg.student.path, "student")
     check_logit_transforms(cfg.teacher.path, "teacher")
     columns = Columns.of(cfg.data)

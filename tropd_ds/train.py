@@ -220,7 +220,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
         held_out.evaluate(total)
     stop.phase = "the export"
     try:
-        checkpoint.export(t.student, prepared.tokenizer, cfg.checkpoint.export_dir)
+        checkpoint.export(t.student, prepared.tokenizer, cfg.checkpoint.export_dir, cfg.student.path)
     except checkpoint.CheckpointError as exc:
         log(
             f"error: {exc}; the final checkpoint {final} is intact: export it with `tropd-ds export --config "

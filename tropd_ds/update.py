@@ -41,10 +41,16 @@ def student_engine(
     Monitors with a relative output_path write under `logging_dir`."""
     ds_config = student_ds_config(cfg, optim, micro_batch, grad_accum, logging_dir)
     lm, keep = load_causal_lm(cfg, ds_config)
+    if cfg.lora:  # adapters injected into lm's own modules; the base frozen (and partitioned like the rest)
+        from . import lora
+
+        lm = lora.apply(lm, cfg.lora)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = True
-    return initialize(StudentTerms(lm, n_tokens), ds_config, optim), keep
+    model = StudentTerms(lm, n_tokens)
+    model.lora = dict(cfg.lora)  # read by checkpoint.export: {} for a fully trained student
+    return initialize(model, ds_config, optim), keep
 
 
 def per_micro_batch(global_value: float, micro_batches: int) -> float:
