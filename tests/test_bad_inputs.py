@@ -46,6 +46,18 @@ def identity_of(config: Path, *overrides: str, world: int = 1) -> dict:
     return checkpoint.run_identity(load_config(config, list(overrides)), world)
 
 
+def _monitor_without_package(ws, tmp, config):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here: the missing-extra message cannot show")
+    ds = json.loads((ROOT / "ds_configs/cpu_student_zero3.json").read_text())
+    ds["wandb"] = {"enabled": True, "project": "tropd"}
+    path = tmp / "ds_wandb.json"
+    path.write_text(json.dumps(ds))
+    return config, [f"student.ds_config={path}"], ['"wandb": {"enabled": true}', "pip install 'tropd-ds[wandb]'"]
+
+
 # Each case: name -> function(workspace, tmp, config) returning (config path, overrides, words of the error).
 def _yaml_syntax(ws, tmp, config):
     bad = tmp / "run.yaml"
@@ -194,6 +206,33 @@ CASES = {
     "resume with another objective": _resume_with_another_objective,
     "resume on another number of ranks": _resume_on_other_ranks,
     "output under a file": _output_under_a_file,
+    # what users plug in
+    "lora target matching nothing": _set(
+        "student.lora={r: 4, target_modules: [qkv_proj]}",
+        ["target_modules=['qkv_proj'] matches no module", "q_proj", "v_proj"],
+    ),
+    "lora on the output head": _set("student.lora={target_modules: [lm_head]}", ["the output head 'lm_head'"]),
+    "lora unknown key": _set("student.lora={rank: 4}", ["student.lora has unknown keys ['rank']", "r, alpha"]),
+    "lora rank zero": _set("student.lora={r: 0}", ["student.lora.r=0: expected an integer >= 1"]),
+    "lora on the teacher": _set("teacher.lora={r: 4}", ["teacher.lora=", "the student only"]),
+    "missing prompt column": _set("data.prompt_column=question", ["has columns", "'question' (data.prompt_column)"]),
+    "missing answer column": _set(
+        "data.answer_column=solution", ["data.eval_path=", "answer column 'solution' (data.answer_column)"]
+    ),
+    "template keyword tropd-ds sets": _set(
+        "data.chat_template_kwargs={add_generation_prompt: false}", ["sets 'add_generation_prompt'"]
+    ),
+    "unknown schedule": _set(
+        "optim.schedule=cosine_annealing", ["optim.schedule='cosine_annealing'", "cosine_with_min_lr"]
+    ),
+    "schedule argument it lacks": _set(
+        "optim.schedule=linear", "optim.schedule_kwargs={power: 2}", ["optim.schedule='linear'", "power"]
+    ),
+    "min_lr_ratio on another schedule": _set(
+        "optim.schedule=linear", "optim.min_lr_ratio=0.1", ["optim.min_lr_ratio=0.1", "cosine_with_min_lr"]
+    ),
+    "avg@n with greedy decoding": _set("eval.samples=4", ["eval.samples=4 with eval.temperature=0"]),
+    "wandb monitor without wandb": _monitor_without_package,
 }
 
 
