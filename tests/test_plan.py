@@ -113,3 +113,17 @@ def test_a_gathered_teacher_is_planned_whole_on_each_gpu_while_scoring():
     added = gathered["gpu_gib"]["phases"]["teacher scoring"]["gathered teacher (bf16)"]
     assert added == pytest.approx(2 * teacher.params() / 2**30, abs=0.01)  # the whole bf16 teacher
     assert not gathered["fits"]  # 131 GiB of teacher on an 80 GiB GPU: the 70B presets stream it
+
+
+def test_a_lora_student_is_planned_with_its_adapters_trained_and_its_base_frozen():
+    lora = "student.lora={r: 16, target_modules: [q_proj, v_proj]}"
+    preset = str(ROOT / "configs/presets/llama70b_to_llama8b_1x8.yaml")
+    full, adapted = (json.loads(run_plan("--config", preset, *extra, "--json").stdout)
+                     for extra in ([], ["--set", lora]))  # fmt: skip
+    # Llama-3.1-8B: q_proj 4096 -> 4096 and v_proj 4096 -> 1024 in 32 layers, r (in + out) each
+    trainable = 32 * 16 * ((4096 + 4096) + (4096 + 1024))
+    assert adapted["workload"]["trainable_params"] == trainable and full["workload"]["trainable_params"] == 0
+    p, gib = P.load_arch("llama-3.1-8b").params(), 2**30
+    saved = (18 * p - (18 * trainable + 2 * (p - trainable))) / 8 / gib  # per GPU, 8 GPUs, no offload
+    got = full["gpu_gib"]["resident"]["student model states"] - adapted["gpu_gib"]["resident"]["student model states"]
+    assert got == pytest.approx(saved, abs=0.02)

@@ -153,6 +153,7 @@ class Workload:
     teacher_prefetch_params: float = 5e7  # stage3_prefetch_bucket_size
     nvme_buffer_count: int = 5  # offload_param.buffer_count (NVMe)
     nvme_buffer_size: float = 1e9  # offload_param.buffer_size, parameters per buffer
+    trainable_params: float = 0  # a LoRA student's adapter parameters; 0 = every parameter trains
 
     def rollouts_per_gpu(self, gpus: int) -> int:
         return math.ceil(self.prompts_per_step * self.samples_per_prompt / gpus)
@@ -162,16 +163,20 @@ STUDENT_OFFLOADS = ("none", "optimizer", "optimizer+params")
 TEACHER_OFFLOADS = ("none", "cpu", "nvme")
 
 
-def student_model_states(arch: Arch, hw: Hardware, offload: str) -> tuple[float, float]:
-    """(bytes per GPU, bytes per host) of ZeRO-3 training states, DeepSpeed's accounting."""
+def student_model_states(arch: Arch, hw: Hardware, offload: str, trainable: float = 0) -> tuple[float, float]:
+    """(bytes per GPU, bytes per host) of ZeRO-3 training states, DeepSpeed's accounting: 18 bytes per
+    trained parameter; a LoRA student's frozen base keeps only its bf16 copy (2 bytes), and its `trainable`
+    adapter parameters the 18."""
     p, largest = arch.params(), arch.largest_layer_params()
+    t = trainable or p
+    frozen = p - t if trainable else 0
     gathered = 4 * largest  # the largest layer's bf16 parameter and gradient in full
     if offload == "none":
-        return gathered + 18 * p / hw.gpus, 4 * largest * hw.gpus_per_node * CPU_BUFFER_FACTOR
+        return gathered + (18 * t + 2 * frozen) / hw.gpus, 4 * largest * hw.gpus_per_node * CPU_BUFFER_FACTOR
     if offload == "optimizer":  # fp32 master, Adam moments and fp32 gradients on the host
-        return gathered + 2 * p / hw.gpus, 16 * p / hw.nodes * CPU_BUFFER_FACTOR
+        return gathered + 2 * (t + frozen) / hw.gpus, 16 * t / hw.nodes * CPU_BUFFER_FACTOR
     if offload == "optimizer+params":
-        return gathered, 18 * p / hw.nodes * CPU_BUFFER_FACTOR
+        return gathered, (18 * t + 2 * frozen) / hw.nodes * CPU_BUFFER_FACTOR
     raise ValueError(f"student offload {offload!r}: expected one of {', '.join(STUDENT_OFFLOADS)}")
 
 
@@ -208,7 +213,9 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     gpu: dict[str, float] = {}
     host: dict[str, float] = {}
     disk = 0.0
-    gpu["student model states"], host["student model states"] = student_model_states(student, hw, wl.student_offload)
+    gpu["student model states"], host["student model states"] = student_model_states(
+        student, hw, wl.student_offload, wl.trainable_params
+    )
     t_layer = max(teacher.layer_params(), teacher.largest_layer_params())
     streaming = 2 * (t_layer + wl.teacher_prefetch_params)  # one gathered layer (or lm_head) + the prefetch bucket
     if wl.teacher_offload == "none":
@@ -363,6 +370,10 @@ def workload_from_run_config(cfg) -> tuple[str, str, Workload]:
         nvme_buffer_count=int(t_off.get("buffer_count", 5)),
         nvme_buffer_size=float(t_off.get("buffer_size", 1e9)),
     )
+    if cfg.student.lora:  # the adapters built on the student's architecture, on the meta device
+        from .lora import check as lora_parameters
+
+        wl.trainable_params = float(lora_parameters(cfg.student.path, cfg.student.lora))
     return cfg.student.path, cfg.teacher.path, wl
 
 
@@ -437,8 +448,9 @@ def format_plan(r: dict) -> str:
     return "\n".join(lines)
 
 
-# Figures that may be 0 (everything else must be > 0): 0 rollout micro-batch means "all of a GPU's share".
-MAY_BE_ZERO = {"rollout_micro_batch", "teacher_prefetch_params"}
+# Figures that may be 0 (everything else must be > 0): 0 rollout micro-batch means "all of a GPU's share",
+# 0 trainable parameters "every parameter trains".
+MAY_BE_ZERO = {"rollout_micro_batch", "teacher_prefetch_params", "trainable_params"}
 FRACTIONS = {"mfu", "hbm_efficiency"}  # in (0, 1]
 
 
