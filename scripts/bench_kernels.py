@@ -80,7 +80,7 @@ def implementations(op: str, device: str) -> list[str]:
 
                 impls.append("liger_fused_linear_jsd")
             except ImportError:
-                pass
+                print("Liger comparison skipped: liger-kernel is not installed (pip install 'tropd-ds[liger]')")
     return impls
 
 

@@ -366,6 +366,7 @@ def main(argv=None) -> int:
         have_trl = not args.skip_trl
     except ImportError:
         have_trl = False
+        print("TRL comparison skipped: trl is not installed (pip install 'tropd-ds[bench]')", flush=True)
     if have_trl:
         print("TRL ...", flush=True)
         short, long = run_trl(work, args, args.short), run_trl(work, args, args.long)
