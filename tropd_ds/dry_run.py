@@ -90,7 +90,13 @@ def dry_run(cfg: RunConfig, world: int, gpu_mem_gib: float = 80.0, gpus_per_node
             "not tokenized"
         )
     else:
-        lens = [len(tokenizer(train_rows[i]["prompt"])["input_ids"]) for i in range(min(len(train_rows), 64))]
+        from .data import prompt_ids
+
+        d = cfg.data
+        lens = [
+            len(prompt_ids(tokenizer, train_rows[i]["prompt"], d.chat_template, d.chat_template_kwargs))
+            for i in range(min(len(train_rows), 64))
+        ]
         longer = sum(n > cfg.data.max_prompt_tokens for n in lens)
         out.append(
             f"ok  tokenizer shared by both models ({n_tokens} tokens); first {len(lens)} prompts: up to {max(lens)} "
