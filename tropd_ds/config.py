@@ -389,15 +389,41 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if cfg.teacher.lora:
         raise ConfigError(f"teacher.lora={cfg.teacher.lora!r}: the teacher is frozen; LoRA applies to the student only")
     if cfg.student.lora:
-        from .lora import settings
-
-        settings(cfg.student.lora)
+        lora_settings(cfg.student.lora)
     if cfg.teacher.gradient_checkpointing:
         raise ConfigError(
             "teacher.gradient_checkpointing=True: the teacher is frozen and has no backward; it applies to the "
             "student only"
         )
     return cfg
+
+
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
+
+
+def lora_settings(lora: dict) -> dict:
+    """`student.lora` checked, with defaults: alpha = 2 r, dropout 0, target_modules all-linear."""
+    unknown = sorted(set(lora) - set(LORA_KEYS))
+    if unknown:
+        raise ConfigError(f"student.lora has unknown keys {unknown}: accepted {', '.join(LORA_KEYS)}")
+    r = lora.get("r", 16)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConfigError(f"student.lora.r={r!r}: expected an integer >= 1")
+    alpha = lora.get("alpha", 2 * r)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ConfigError(f"student.lora.alpha={alpha!r}: expected a number > 0")
+    dropout = lora.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"student.lora.dropout={dropout!r}: expected a number in [0, 1)")
+    targets = lora.get("target_modules", "all-linear")
+    if targets != "all-linear" and not (
+        isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
+    ):
+        raise ConfigError(
+            f"student.lora.target_modules={targets!r}: expected 'all-linear' or a list of module names "
+            "(e.g. [q_proj, v_proj])"
+        )
+    return {"r": r, "alpha": float(alpha), "dropout": float(dropout), "target_modules": targets}
 
 
 def _is_fraction(value) -> bool:

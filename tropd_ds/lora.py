@@ -9,41 +9,15 @@ weights (a plain Hugging Face folder), or writes the adapter alone in PEFT's for
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from .config import ConfigError
+from .config import lora_settings as settings
 
-KEYS = ("r", "alpha", "dropout", "target_modules")
 ADAPTER = "default"  # PEFT's name of the one adapter
 INIT_SEED = 1234  # adapters are initialised from a fixed seed: every rank builds the same ones
-
-
-def settings(lora: dict) -> dict:
-    """`student.lora` checked, with defaults: alpha = 2 r, dropout 0, target_modules all-linear."""
-    unknown = sorted(set(lora) - set(KEYS))
-    if unknown:
-        raise ConfigError(f"student.lora has unknown keys {unknown}: accepted {', '.join(KEYS)}")
-    r = lora.get("r", 16)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ConfigError(f"student.lora.r={r!r}: expected an integer >= 1")
-    alpha = lora.get("alpha", 2 * r)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ConfigError(f"student.lora.alpha={alpha!r}: expected a number > 0")
-    dropout = lora.get("dropout", 0.0)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ConfigError(f"student.lora.dropout={dropout!r}: expected a number in [0, 1)")
-    targets = lora.get("target_modules", "all-linear")
-    if targets != "all-linear" and not (
-        isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
-    ):
-        raise ConfigError(
-            f"student.lora.target_modules={targets!r}: expected 'all-linear' or a list of module names "
-            "(e.g. [q_proj, v_proj])"
-        )
-    return {"r": r, "alpha": float(alpha), "dropout": float(dropout), "target_modules": targets}
 
 
 def peft_config(lora: dict):

@@ -15,7 +15,7 @@ import tropd_kernels as tk
 from . import collectives
 from .config import ConfigError, RunConfig, micro_batches_per_rank, read_ds_config
 from .data import Columns, check_rows, check_template_kwargs, encode_prompt, load_rows
-from .evaluation import resolve_checker
+from .extras import require
 from .models import (
     check_ds_config,
     check_logit_transforms,
@@ -62,8 +62,8 @@ def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: b
                 f"data.eval_path={cfg.data.eval_path!r} has columns {eval_rows.column_names}: evaluation needs an "
                 f"answer column {columns.answer!r} (data.answer_column)"
             )
-    if eval_rows is not None:
-        resolve_checker(cfg.eval.answer_check)  # an explicit math_verify without the `eval` extra fails here
+    if eval_rows is not None and cfg.eval.answer_check == "math_verify":
+        require("math_verify", "eval.answer_check=math_verify (or set eval.answer_check=exact)")
     objective = check_objective(cfg, n_tokens)
     if (
         cfg.rollout.guidance
