@@ -4,6 +4,7 @@ merged export generates what the adapted model generates, and `tropd-ds export` 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,19 +21,23 @@ KEYS = ("loss", "grad_norm", "trust_fraction", "response_len", "lr")
 
 @pytest.fixture(scope="module")
 def lora_runs(workspace):
+    """A 4-step LoRA run with checkpoints at steps 2 and 4; then a second launch that resumes a copy of its
+    step-2 checkpoint and runs steps 3-4 again."""
     common = dict(student={"lora": LORA}, optim={"steps": 4, "lr": 5e-3})
-    full = write_config(workspace, "lora_full", checkpoint={"every": 0}, **common)
-    launch(full)
-    resumed = write_config(workspace, "lora_resumed", checkpoint={"every": 0, "stop_after": 2}, **common)
-    first = launch(resumed)
-    assert "stopping after step 2" in first.stdout
-    launch(resumed)
+    launch(write_config(workspace, "lora_full", checkpoint={"every": 2, "keep_last": 2}, **common))
+    copy = workspace / "lora_resumed/ckpt"
+    copy.mkdir(parents=True)
+    shutil.copytree(workspace / "lora_full/ckpt/step2", copy / "step2")
+    shutil.copy(workspace / "lora_full/ckpt/run.json", copy / "run.json")
+    (copy / "latest").write_text("step2")
+    resumed = launch(write_config(workspace, "lora_resumed", checkpoint={"every": 0}, **common))
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
     return workspace / "lora_full", workspace / "lora_resumed"
 
 
 def test_a_lora_run_trains_only_the_adapters_and_resumes_exactly(workspace, lora_runs):
     full, resumed = ({r["step"]: r for r in records(run) if "loss" in r} for run in lora_runs)
-    assert sorted(full) == sorted(resumed) == [1, 2, 3, 4]
+    assert sorted(full) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
     for step in (3, 4):
         for key in KEYS:
             assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-6, abs=1e-9), (step, key)
@@ -69,7 +74,7 @@ def test_the_merged_export_generates_what_the_adapted_model_generates(workspace,
         assert not torch.allclose(base(ids).logits, merged(ids).logits)  # the adapters did something
 
 
-def test_export_writes_the_merged_model_or_the_adapter_alone(workspace, lora_runs, tmp_path):
+def test_export_writes_the_merged_model_or_the_adapter_alone(workspace, lora_runs, tmp_path, capsys):
     run = lora_runs[0]
     config = str(workspace / "lora_full.yaml")
     for flags, out in (([], tmp_path / "merged"), (["--adapter-only"], tmp_path / "adapter")):
@@ -89,8 +94,8 @@ def test_export_writes_the_merged_model_or_the_adapter_alone(workspace, lora_run
         tmp_path / "adapter/model.safetensors"
     ).exists()
     # the checkpoint holds adapters: a config without student.lora cannot export it
-    proc = subprocess.run([CLI, "export", "--config", config, "--set", "student.lora={}", "--out", str(tmp_path / "x")],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 2 and "holds LoRA adapters but the config's student.lora is {}" in proc.stderr, (
-        proc.stderr
-    )
+    from tropd_ds import cli
+
+    code = cli.main(["export", "--config", config, "--set", "student.lora={}", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds LoRA adapters but the config's student.lora is {}" in err, err

@@ -362,12 +362,24 @@ def test_a_signal_during_set_up_ends_the_run_at_once_with_nothing_written(worksp
     assert "Traceback" not in out.split("SIGTERM during")[0][-2000:]
 
 
-def test_a_run_owns_its_checkpoint_folder_and_always_ends_with_a_verified_checkpoint(workspace, full_run):
+def refused(config: Path, overrides: list[str], capsys) -> str:
+    """What the launch of `config` would say before its engines (the checks every rank runs first), run in
+    this process as rank 0 of 2: the refusals below need no launcher of their own."""
+    from tropd_ds import command
+
+    argv = ["--config", str(config)] + [x for o in overrides for x in ("--set", o)]
+    assert command.prepare(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_a_run_owns_its_checkpoint_folder_and_always_ends_with_a_verified_checkpoint(workspace, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
     config = write_config(workspace, "owned", checkpoint={"every": 0})
     first = start(config, overrides=["optim.steps=400"])  # long enough to be running while the others start
     wait_for_step(workspace / "owned", first, 1)
-    code, out = finish(start(config))  # a second run on the same folder, while the first one is running
-    assert code != 0 and "is in use by another run" in out, out[-3000:]
+    err = refused(config, [], capsys)  # a second run on the same folder, while the first one is running
+    assert "is in use by another run" in err, err[-3000:]
     assert first.poll() is None
     os.kill(rank_pid(first, 0), signal.SIGTERM)
     code, out = finish(first)
@@ -379,8 +391,8 @@ def test_a_run_owns_its_checkpoint_folder_and_always_ends_with_a_verified_checkp
         (["checkpoint.resume=false"], "holds another run's checkpoints"),
         (["objective.name=opd", "objective.options={}"], "objective.name: 'tropd' -> 'opd'"),
     ):
-        code, out = finish(start(config, overrides=overrides))
-        assert code != 0 and words in out and "Traceback" not in out, out[-3000:]
+        err = refused(config, overrides, capsys)
+        assert words in err and "Traceback" not in err, err[-3000:]
         assert sorted(p.name for p in (workspace / "owned/ckpt").glob("step*")) == saved  # nothing deleted
     # the same config (more steps is not a change that matters) resumes; with checkpoint.every 0 the end
     # still leaves a verified checkpoint of the last step before the export
