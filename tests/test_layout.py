@@ -109,3 +109,41 @@ def test_no_line_is_longer_than_120_columns():
         if len(line) > 120
     ]
     assert not long, long[:5]
+
+
+def third_party_imports(folder: Path) -> set[str]:
+    """Top-level names of the absolute imports outside the standard library, anywhere in `folder`."""
+    import sys
+
+    names = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n not in ("tropd_ds", "tropd_kernels")}
+
+
+def test_every_import_of_the_package_is_declared_in_setup_py():
+    """Each third-party module the package imports comes from a distribution that setup.py requires, or from
+    one of its extras (the missing-extra message names those: tropd_ds/extras.py)."""
+    import re
+    from importlib.metadata import packages_distributions
+
+    from tropd_ds.extras import EXTRAS
+
+    setup = (ROOT / "setup.py").read_text()
+    declared = {
+        re.split(r"[<>=;\[ ]", d)[0].lower().replace("_", "-") for d in re.findall(r'"([A-Za-z][\w.-]*[^"]*)"', setup)
+    }
+    dists = packages_distributions()
+    missing = []
+    for name in sorted(third_party_imports(PACKAGE) | third_party_imports(KERNELS)):
+        owners = {d.lower().replace("_", "-") for d in dists.get(name, [name])}
+        if not owners & declared:
+            missing.append(f"{name} (from {sorted(owners)})")
+    assert not missing, f"imported but not declared in setup.py: {missing}"
+    extras = re.search(r"extras_require=\{(.*?)\n    \}", setup, re.S).group(1)
+    for module, (extra, _) in EXTRAS.items():
+        assert f'"{extra}":' in extras, f"{module}: extra {extra!r} is not in setup.py's extras_require"
