@@ -228,6 +228,7 @@ def test_eval_loads_the_model_in_its_saved_dtype_and_refuses_bad_arguments(works
     AutoModelForCausalLM.from_pretrained(workspace / "student").to(torch.bfloat16).save_pretrained(folder)
     AutoTokenizer.from_pretrained(workspace / "student").save_pretrained(folder)
     data = str(workspace / "data/eval.jsonl")
+    chats = write_rows(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "1+2"}], "answer": "3"}])
     base = [CLI, "eval", str(folder), "--data", data, "--max-prompts", "4", "--max-new-tokens", "6"]
     for extra, dtype in (([], "bfloat16"), (["--dtype", "float32"], "float32")):
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
@@ -239,6 +240,7 @@ def test_eval_loads_the_model_in_its_saved_dtype_and_refuses_bad_arguments(works
         (["--chat-template-kwargs", "[1]"], "expected a JSON object"),
         (["--device", "tpu"], "--device='tpu': expected auto, cpu, cuda or cuda:N"),
         (["--answer-column", "solution"], "an answer column 'solution' (--answer-column) is required"),
+        (["--data", str(chats)], "prompt is a list of chat messages but the tokenizer has no chat template"),
     ):
         code = cli.main(base[1:] + extra)
         err = capsys.readouterr().err

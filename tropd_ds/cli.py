@@ -88,7 +88,7 @@ def _eval(argv) -> int:
     import torch
 
     from .config import ConfigError
-    from .data import Columns, check_template_kwargs, load_rows, prompt_ids
+    from .data import Columns, check_rows, check_template_kwargs, load_rows, prompt_ids
     from .evaluation import avg_at_n, is_correct, resolve_checker, write_records
 
     try:
@@ -114,11 +114,18 @@ def _eval(argv) -> int:
 
     tok = AutoTokenizer.from_pretrained(args.model)
     tok.padding_side = "left"
-    for line in check_template_kwargs(tok, template_kwargs, "--chat-template-kwargs"):
+    n = min(len(rows), args.max_prompts)
+    try:  # types, nulls, chat messages without a template, answers: named by row before any generation
+        warnings = check_template_kwargs(tok, template_kwargs, "--chat-template-kwargs")
+        warnings += check_rows(rows.select(range(n)), tok, "--data", 10**9, "truncate", args.chat_template, True,
+                               template_kwargs, columns)  # fmt: skip
+    except ConfigError as exc:
+        print(f"tropd-ds eval: {exc}", file=sys.stderr)
+        return 2
+    for line in warnings:
         print(f"tropd-ds eval: {line}", file=sys.stderr)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)  # auto: as saved (config.json dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map={"": device}).eval()
-    n = min(len(rows), args.max_prompts)
     records = []
     for start in range(0, n, args.batch_size):
         chunk = [rows[i] for i in range(start, min(n, start + args.batch_size))]
