@@ -4,6 +4,7 @@ merged export generates what the adapted model generates, and `tropd-ds export` 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -99,3 +100,15 @@ def test_export_writes_the_merged_model_or_the_adapter_alone(workspace, lora_run
     code = cli.main(["export", "--config", config, "--set", "student.lora={}", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "holds LoRA adapters but the config's student.lora is {}" in err, err
+
+
+def test_eval_of_the_adapter_folder_equals_eval_of_the_merged_export(workspace, lora_runs, tmp_path):
+    export, data = lora_runs[0] / "export", str(workspace / "data/eval.jsonl")
+    results = []
+    for folder in (export, export / "adapter"):
+        out = tmp_path / f"{folder.name}.jsonl"
+        proc = subprocess.run([CLI, "eval", str(folder), "--data", data, "--max-prompts", "8", "--max-new-tokens", "12",
+                               "--records", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append([json.loads(x)["completions"] for x in out.read_text().splitlines()])
+    assert results[0] == results[1] and len(results[0]) == 8

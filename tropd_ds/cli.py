@@ -24,7 +24,7 @@ def _eval(argv) -> int:
         prog="tropd-ds eval",
         description="Held-out accuracy (avg@n with its standard error) of a model folder, with per-prompt records.",
     )
-    ap.add_argument("model", help="a Hugging Face model folder (e.g. a run's export)")
+    ap.add_argument("model", help="a Hugging Face model folder (e.g. a run's export) or a PEFT adapter folder")
     ap.add_argument(
         "--data", required=True, help="prompts with an answer column (JSON/JSONL/Parquet/Arrow or a saved folder)"
     )
@@ -92,8 +92,11 @@ def _eval(argv) -> int:
     from .evaluation import avg_at_n, is_correct, resolve_checker, write_records
 
     try:
-        if not (Path(args.model) / "config.json").is_file():
-            raise ConfigError(f"{args.model!r} is not a model folder (no config.json)")
+        base = adapter_base(args.model)  # a PEFT adapter folder (`tropd-ds export --adapter-only`): its base model
+        if base is None and not (Path(args.model) / "config.json").is_file():
+            raise ConfigError(
+                f"{args.model!r} is not a model folder (no config.json) nor a PEFT adapter (no adapter_config.json)"
+            )
         columns = Columns(prompt=args.prompt_column, answer=args.answer_column, messages=args.messages_column)
         rows = load_rows(args.data, what="--data", columns=columns)
         if "answer" not in rows.column_names:
@@ -112,7 +115,7 @@ def _eval(argv) -> int:
         return 2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.model)
+    tok = AutoTokenizer.from_pretrained(base or args.model)
     tok.padding_side = "left"
     n = min(len(rows), args.max_prompts)
     try:  # types, nulls, chat messages without a template, answers: named by row before any generation
@@ -125,7 +128,12 @@ def _eval(argv) -> int:
     for line in warnings:
         print(f"tropd-ds eval: {line}", file=sys.stderr)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)  # auto: as saved (config.json dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map={"": device}).eval()
+    model = AutoModelForCausalLM.from_pretrained(base or args.model, dtype=dtype, device_map={"": device})
+    if base is not None:  # the adapter on its base, merged for generation
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.model).merge_and_unload()
+    model.eval()
     records = []
     for start in range(0, n, args.batch_size):
         chunk = [rows[i] for i in range(start, min(n, start + args.batch_size))]
@@ -174,6 +182,25 @@ def _eval(argv) -> int:
     if args.records:
         write_records(Path(args.records), records)
     return 0
+
+
+def adapter_base(folder: str) -> str | None:
+    """The base model of a PEFT adapter folder (its adapter_config.json), or None for another folder."""
+    from .config import ConfigError
+
+    config = Path(folder) / "adapter_config.json"
+    if not config.is_file() or (Path(folder) / "config.json").is_file():
+        return None
+    from .extras import require
+
+    require("peft", f"evaluating the adapter {folder!r}")
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise ConfigError(
+            f"{folder!r} is a PEFT adapter whose base model {base!r} is not a model folder here: evaluate the merged "
+            "export instead, or fix base_model_name_or_path in its adapter_config.json"
+        )
+    return base
 
 
 def _export(argv) -> int:
