@@ -85,12 +85,18 @@ def run_dir_of(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in label)
 
 
+def finished(run_dir: Path, steps: int) -> bool:
+    """A run whose metrics hold the final evaluation (at `steps`)."""
+    metrics = run_dir / "logs/metrics.jsonl"
+    return metrics.is_file() and any(
+        json.loads(x).get("step") == steps and "eval_accuracy" in x for x in metrics.read_text().splitlines()
+    )
+
+
 def run_one(label: str, name: str, options: dict, seed: int, steps: int, out: Path, ranks: int, extra: dict) -> Path:
     run_dir = out / run_dir_of(label) / f"seed{seed}"
     metrics = run_dir / "logs/metrics.jsonl"
-    if metrics.is_file() and any(
-        json.loads(x).get("step") == steps and "eval_accuracy" in x for x in metrics.read_text().splitlines()
-    ):
+    if finished(run_dir, steps):
         return metrics
     guidance = label in GUIDED
     sets = {
@@ -183,6 +189,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=1, help="CPU ranks per run (the global batch does not change)")
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side")
     ap.add_argument("--skip-ablation", action="store_true")
+    ap.add_argument("--status", action="store_true", help="list the finished runs (and their accuracy) and exit")
     args = ap.parse_args()
     title, extra, out, doc = SETTINGS[args.setting]
     args.out = args.out or ROOT / out
@@ -192,6 +199,16 @@ def main() -> None:
     groups = [("Objectives", main_runs, args.seeds)]
     if not args.skip_ablation and args.setting == "demo":
         groups.append(("Ablation: k and coverage (TrOPD with guidance)", ABLATION, ablation_seeds))
+    if args.status:  # which runs are finished, without starting any
+        for _, runs, seeds in groups:
+            for label in runs:
+                done = [s for s in seeds if finished(args.out / run_dir_of(label) / f"seed{s}", args.steps)]
+                final = [summarise(args.out / run_dir_of(label) / f"seed{s}/logs/metrics.jsonl")["after"] for s in done]
+                print(
+                    f"{label:40s} {len(done)}/{len(seeds)} seeds done"
+                    + (f"; after: {fmt(final, True)}%" if final else "")
+                )
+        return
     jobs = {}
     with ThreadPoolExecutor(args.jobs) as pool:
         # Seed-major order: a stopped comparison has every row at its first seeds rather than some rows at all.
