@@ -45,8 +45,10 @@ def apply(lm, lora: dict):
     from transformers.pytorch_utils import Conv1D
 
     head = lm.get_output_embeddings()
+    # manual_seed seeds every device: PEFT may initialise on the base layer's GPU, so its RNG is forked too
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(INIT_SEED)
             adapted = get_peft_model(lm, peft_config(lora)).get_base_model()
     except ValueError as exc:  # PEFT: "Target modules {...} not found in the base model"
