@@ -31,9 +31,6 @@ def extract_answer(text: str) -> str | None:
     return None
 
 
-CHECKERS = ("auto", "exact", "math_verify")
-
-
 def resolve_checker(name: str, what: str = "eval.answer_check") -> str:
     """'exact' or 'math_verify': auto is math_verify when the `eval` extra is installed."""
     from .extras import installed, require

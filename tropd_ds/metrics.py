@@ -98,7 +98,9 @@ def code_version() -> dict:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
+    # only a tropd-ds checkout (an editable install) has a commit of its own: an installed copy lives in
+    # site-packages, where git would answer for whatever repository holds the environment
+    commit = git("rev-parse", "HEAD") if (root / "setup.py").is_file() else None
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {
         "git_commit": commit,
