@@ -151,6 +151,10 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
         engine.save_checkpoint(ckpt_dir, tag=tmp.name, client_state={**client_state, "step": step}, save_latest=False)
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{rank}.pt")
         faults.in_save(step, rank)
+        # inside the try: when another rank's write fails it removes the folder and exits, and this rank may
+        # have been writing its own file at that moment (rmtree then leaves that file behind); the barrier
+        # then fails here with the peer gone, and this rank removes what is left
+        collectives.barrier()  # every rank's files are written
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError from its zip writer
         shutil.rmtree(tmp, ignore_errors=True)
         what = f"{type(exc).__name__}: {str(exc).strip()}"
@@ -162,7 +166,6 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
             f"removed and {intact}",
             local=True,
         ) from exc
-    collectives.barrier()  # every rank's files are written
     files = _files(tmp)
     mine = {
         str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
