@@ -119,8 +119,10 @@ def test_a_signal_on_one_rank_saves_a_checkpoint_and_exits_cleanly(workspace, fu
 
 
 def test_a_crash_while_saving_leaves_no_checkpoint_that_resume_would_pick(workspace, full_run):
+    """Every rank dies while saving (a power cut, a node lost): the partial folder stays and resume skips it.
+    (When one rank dies, the others see the gloo peer go in the closing barrier and remove the folder.)"""
     config = write_config(workspace, "crashed")
-    proc = start(config, {"TROPD_DS_FAULT": "crash_in_save@6:r1"})
+    proc = start(config, {"TROPD_DS_FAULT": "crash_in_save@6"})
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0, out[-3000:]
     ckpt = workspace / "crashed/ckpt"
@@ -130,6 +132,22 @@ def test_a_crash_while_saving_leaves_no_checkpoint_that_resume_would_pick(worksp
     assert "ignoring .incomplete-step6" in relaunch.stdout and "at step 3" in relaunch.stdout
     assert_same_steps(workspace / "crashed", full_run[0], (4, 5, 6))
     assert not (ckpt / ".incomplete-step6").exists() and (ckpt / "step6/manifest.json").is_file()
+
+
+def test_when_one_rank_dies_while_saving_the_others_remove_the_partial_folder(workspace):
+    """Rank 1 dies after writing its files; rank 0, whose own file may have landed while rank 1 was
+    mid-save, sees the peer go in the closing barrier and removes the folder (CI once found an
+    `.incomplete-step6` left behind when that barrier was outside the clean-up)."""
+    name = "one_rank_died"
+    config = write_config(workspace, name, checkpoint={"every": 3, "keep_last": 2})
+    proc = start(config, {"TROPD_DS_FAULT": "crash_in_save@6:r1"})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-3000:]
+    assert (
+        f"saving checkpoint step6 in {workspace / name / 'ckpt'} failed on rank 0 (another rank stopped while saving"
+        in out
+    ), out[-3000:]
+    assert_only_step3(workspace / name / "ckpt")
 
 
 @pytest.fixture

@@ -158,7 +158,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError from its zip writer
         shutil.rmtree(tmp, ignore_errors=True)
         what = f"{type(exc).__name__}: {str(exc).strip()}"
-        if "Connection closed by peer" in what:  # gloo: a rank whose own write failed has exited
+        if "Connection closed by peer" in what or "Connection reset by peer" in what:  # gloo: a peer has exited
             what = "another rank stopped while saving; its error is above"
         where = f" on rank {rank}" if world > 1 else ""
         raise CheckpointError(
