@@ -23,6 +23,8 @@ from . import collectives, faults
 from .config import ConfigError, RunConfig
 
 INCOMPLETE = ".incomplete-"
+# how gloo reports a peer that has exited, in whichever way the socket saw it go
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 MANIFEST = "manifest.json"
 IDENTITY = "run.json"  # what the checkpoints in a folder were trained with
 LOCK = "run.lock"  # the run that owns the folder now
@@ -158,7 +160,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError from its zip writer
         shutil.rmtree(tmp, ignore_errors=True)
         what = f"{type(exc).__name__}: {str(exc).strip()}"
-        if "Connection closed by peer" in what or "Connection reset by peer" in what:  # gloo: a peer has exited
+        if any(x in what for x in PEER_GONE):  # gloo: a peer has exited
             what = "another rank stopped while saving; its error is above"
         where = f" on rank {rank}" if world > 1 else ""
         raise CheckpointError(
