@@ -172,6 +172,42 @@ def fmt(values: list[float], pct: bool = False) -> str:
     return f"{mean:.1f} ± {sd:.1f}" if pct else f"{mean:.3f} ± {sd:.3f}"
 
 
+# two-sided 95% quantiles of Student's t for 1-10 degrees of freedom (no scipy needed)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_difference(row: list[float], reference: list[float]) -> tuple[float, float | None]:
+    """Mean of the per-seed differences (row - reference, in points) and the half-width of its 95%
+    t-interval (None with one seed). Same seed, same data order and sampling stream: pairing removes the
+    spread the seeds share."""
+    diffs = [100 * (a - b) for a, b in zip(row, reference)]
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return mean, None
+    return mean, T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
+def difference_table(results: dict, runs, reference: str) -> list[str]:
+    """Each row's final accuracy against the reference row's, seed by seed."""
+    ref = [r["after"] for r in results[reference]]
+    lines = [
+        f"| run | final accuracy per seed (%) | minus {reference}, points (mean ± 95% interval) | verdict |",
+        "|---|---|---|---|",
+    ]
+    for label in runs:
+        if label == reference or run_dir_of(label) == run_dir_of(reference):
+            continue
+        mine = [r["after"] for r in results[label]]
+        mean, half = paired_difference(mine, ref)
+        if half is None:
+            span, verdict = f"{mean:+.1f}", "one seed: no verdict"
+        else:
+            span = f"{mean:+.1f} ± {half:.1f}"
+            verdict = "higher" if mean - half > 0 else "lower" if mean + half < 0 else "not distinguishable"
+        lines.append(f"| {label} | {', '.join(f'{100 * v:.1f}' for v in mine)} | {span} | {verdict} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="demo", help="which student starts (default demo)")
@@ -204,10 +240,23 @@ def main() -> None:
             for label in runs:
                 done = [s for s in seeds if finished(args.out / run_dir_of(label) / f"seed{s}", args.steps)]
                 final = [summarise(args.out / run_dir_of(label) / f"seed{s}/logs/metrics.jsonl")["after"] for s in done]
-                print(
-                    f"{label:40s} {len(done)}/{len(seeds)} seeds done"
-                    + (f"; after: {fmt(final, True)}%" if final else "")
+                line = f"{label:40s} {len(done)}/{len(seeds)} seeds done" + (
+                    f"; after: {fmt(final, True)}%" if final else ""
                 )
+                ref_dir = args.out / run_dir_of("tropd")
+                shared = [s for s in done if finished(ref_dir / f"seed{s}", args.steps)]
+                if shared and run_dir_of(label) != run_dir_of("tropd"):
+                    mine = [
+                        summarise(args.out / run_dir_of(label) / f"seed{s}/logs/metrics.jsonl")["after"] for s in shared
+                    ]
+                    ref = [summarise(ref_dir / f"seed{s}/logs/metrics.jsonl")["after"] for s in shared]
+                    mean, half = paired_difference(mine, ref)
+                    line += (
+                        f"; minus tropd on seeds {shared}: {mean:+.1f}"
+                        + (f" ± {half:.1f}" if half is not None else "")
+                        + " points"
+                    )
+                print(line)
         return
     jobs = {}
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -254,6 +303,20 @@ def main() -> None:
                 f"{fmt([r['entropy'] for r in rs])} | {fmt([r['eval_tokens'] for r in rs])} |"
             )
         lines.append("")
+    reference = {"Objectives": "tropd", "Ablation: k and coverage (TrOPD with guidance)": "tropd k=18"}
+    for heading, runs, seeds in groups:
+        ref = reference.get(heading)
+        if ref not in runs:
+            continue
+        lines += [
+            f"## {heading}: each row against {ref}",
+            "",
+            f"Seeds {', '.join(map(str, seeds))}; a row is higher or lower only when the 95% t-interval of its "
+            "per-seed differences excludes zero.",
+            "",
+            *difference_table(results, runs, ref),
+            "",
+        ]
     lines += ["## Held-out answers at the end (first seed, first three prompts)", ""]
     for label in main_runs:
         for e in results[label][0]["examples"]:

@@ -1,0 +1,46 @@
+"""The comparison report's verdicts: paired per-seed differences with a 95% t-interval."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts/compare_objectives.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("compare_objectives", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_difference_is_the_mean_and_t_interval_of_the_per_seed_differences(report):
+    # differences 5, 10, 5 points: mean 6.667, sd 2.887, t(2) = 4.303 -> half-width 4.303 * 2.887 / sqrt(3)
+    mean, half = report.paired_difference([0.80, 0.70, 0.90], [0.75, 0.60, 0.85])
+    assert mean == pytest.approx(20 / 3)
+    assert half == pytest.approx(4.303 * (25 / 3) ** 0.5 / 3**0.5)
+    assert report.paired_difference([0.5], [0.25]) == (pytest.approx(25.0), None)
+
+
+def test_a_row_wins_or_loses_only_when_its_interval_excludes_zero(report):
+    def results(*afters):
+        return [{"after": a} for a in afters]
+
+    table = report.difference_table(
+        {
+            "tropd": results(0.75, 0.60, 0.85),
+            "close": results(0.80, 0.70, 0.90),  # +6.7 +- 7.2: not distinguishable
+            "better": results(0.90, 0.80, 1.00),  # +16.7 +- 7.2
+            "worse": results(0.05, 0.10, 0.02),
+            "tropd k=18": results(0.75, 0.60, 0.85),  # the reference run itself, under its ablation name
+        },
+        ["tropd", "close", "better", "worse", "tropd k=18"],
+        "tropd",
+    )
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
+    assert set(rows) == {"close", "better", "worse"}
+    assert rows["close"].endswith("| +6.7 ± 7.2 | not distinguishable |")
+    assert rows["better"].endswith("| higher |") and rows["worse"].endswith("| lower |")
+    assert "| 90.0, 80.0, 100.0 |" in rows["better"]
