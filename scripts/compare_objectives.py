@@ -172,6 +172,15 @@ def fmt(values: list[float], pct: bool = False) -> str:
     return f"{mean:.1f} ± {sd:.1f}" if pct else f"{mean:.3f} ± {sd:.3f}"
 
 
+def finals(row_dir: Path, seeds: list[int], steps: int) -> dict[int, float]:
+    """Final held-out accuracy of each finished seed of one row."""
+    return {
+        s: summarise(row_dir / f"seed{s}/logs/metrics.jsonl")["after"]
+        for s in seeds
+        if finished(row_dir / f"seed{s}", steps)
+    }
+
+
 # two-sided 95% quantiles of Student's t for 1-10 degrees of freedom (no scipy needed)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -238,19 +247,14 @@ def main() -> None:
     if args.status:  # which runs are finished, without starting any
         for _, runs, seeds in groups:
             for label in runs:
-                done = [s for s in seeds if finished(args.out / run_dir_of(label) / f"seed{s}", args.steps)]
-                final = [summarise(args.out / run_dir_of(label) / f"seed{s}/logs/metrics.jsonl")["after"] for s in done]
-                line = f"{label:40s} {len(done)}/{len(seeds)} seeds done" + (
-                    f"; after: {fmt(final, True)}%" if final else ""
+                final = finals(args.out / run_dir_of(label), seeds, args.steps)
+                line = f"{label:40s} {len(final)}/{len(seeds)} seeds done" + (
+                    f"; after: {fmt(list(final.values()), True)}%" if final else ""
                 )
-                ref_dir = args.out / run_dir_of("tropd")
-                shared = [s for s in done if finished(ref_dir / f"seed{s}", args.steps)]
-                if shared and run_dir_of(label) != run_dir_of("tropd"):
-                    mine = [
-                        summarise(args.out / run_dir_of(label) / f"seed{s}/logs/metrics.jsonl")["after"] for s in shared
-                    ]
-                    ref = [summarise(ref_dir / f"seed{s}/logs/metrics.jsonl")["after"] for s in shared]
-                    mean, half = paired_difference(mine, ref)
+                ref = finals(args.out / run_dir_of("tropd"), list(final), args.steps)
+                if ref and run_dir_of(label) != run_dir_of("tropd"):
+                    shared = list(ref)
+                    mean, half = paired_difference([final[s] for s in shared], [ref[s] for s in shared])
                     line += (
                         f"; minus tropd on seeds {shared}: {mean:+.1f}"
                         + (f" ± {half:.1f}" if half is not None else "")
