@@ -102,6 +102,37 @@ def test_outlier_fkl_gradient_equals_autograd_on_the_formula():
     torch.testing.assert_close(z.grad, z2.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["opd", "tropd"])
+def test_opd_gradient_averaged_over_the_students_own_samples_is_the_reverse_kl_gradient(name):
+    """The one-sample K1 estimator through the kernels, averaged exactly over every token the student could
+    sample (weights p_S), is the gradient of the full reverse KL(p_S || p_T): the policy-gradient rows of
+    docs/RESULTS.md optimise the right thing, only noisily. TrOPD with every token trusted is the same."""
+    g = torch.Generator().manual_seed(12)
+    n, vocab = 5, 37
+    student = torch.randn(n, vocab, generator=g) * 2
+    teacher_logits = torch.randn(n, vocab, generator=g) * 2
+    if name == "tropd":  # a teacher above the student on every token: every token trusted
+        teacher_logits = torch.log_softmax(student, 1) + torch.rand(n, vocab, generator=g) * 0.01
+    sampled, prefix = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    obj = loss_fn(name, k=4) if name == "tropd" else loss_fn(name)
+    p_s = torch.softmax(student, 1)
+    expected = torch.zeros(n, vocab)
+    for v in range(vocab):  # every position samples token v; weight each position's gradient by p_S(v)
+        targets = torch.full((n,), v)
+        teacher = tk.teacher_topk(teacher_logits, targets, 4)
+        z = student.clone().requires_grad_()
+        terms = tk.token_terms(z, targets, teacher, options=obj.step_options().kernel)
+        out = obj(terms, teacher, sampled, prefix, 0, 1, torch.Generator().manual_seed(0))
+        if name == "tropd":
+            assert out.metrics["trust_fraction"] == 1.0
+        (grad,) = torch.autograd.grad(out.loss, z)
+        expected += p_s[:, v : v + 1] * grad
+    z = student.clone().requires_grad_()
+    lp_s, lp_t = torch.log_softmax(z, 1), torch.log_softmax(teacher_logits, 1)
+    (lp_s.exp() * (lp_s - lp_t)).sum(1).mean().backward()  # reverse KL, token mean
+    torch.testing.assert_close(expected, z.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_clip_outlier_equals_single_stage_reopold_with_the_same_floor():
     terms, teacher, sampled, prefix = hand_case(seed=6)
     lam = 0.3
