@@ -217,6 +217,17 @@ def difference_table(results: dict, runs, reference: str) -> list[str]:
     return lines
 
 
+def curve_table(results: dict, runs) -> list[str]:
+    """Held-out accuracy at each evaluation step, mean over a row's seeds (the steps of its first seed)."""
+    steps = [s for s, _ in results[next(iter(runs))][0]["curve"]]
+    lines = ["| run | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for label in runs:
+        curves = [dict(r["curve"]) for r in results[label]]
+        cells = [fmt([c[s] for c in curves], True) if all(s in c for c in curves) else "n/a" for s in steps]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="demo", help="which student starts (default demo)")
@@ -307,6 +318,8 @@ def main() -> None:
                 f"{fmt([r['entropy'] for r in rs])} | {fmt([r['eval_tokens'] for r in rs])} |"
             )
         lines.append("")
+    for heading, runs, _ in groups:
+        lines += [f"## {heading}: held-out accuracy along the run (%)", "", *curve_table(results, runs), ""]
     reference = {"Objectives": "tropd", "Ablation: k and coverage (TrOPD with guidance)": "tropd k=18"}
     for heading, runs, seeds in groups:
         ref = reference.get(heading)

@@ -44,3 +44,16 @@ def test_a_row_wins_or_loses_only_when_its_interval_excludes_zero(report):
     assert rows["close"].endswith("| +6.7 ± 7.2 | not distinguishable |")
     assert rows["better"].endswith("| higher |") and rows["worse"].endswith("| lower |")
     assert "| 90.0, 80.0, 100.0 |" in rows["better"]
+
+
+def test_the_curve_table_gives_each_rows_mean_and_spread_at_every_evaluation_step(report):
+    table = report.curve_table(
+        {
+            "tropd": [{"curve": [(0, 0.1), (40, 0.2), (80, 0.6)]}, {"curve": [(0, 0.1), (40, 0.4), (80, 0.8)]}],
+            "opd": [{"curve": [(0, 0.1), (40, 0.05), (80, 0.0)]}, {"curve": [(0, 0.1), (40, 0.05)]}],
+        },
+        ["tropd", "opd"],
+    )
+    assert table[0] == "| run | step 0 | step 40 | step 80 |"
+    assert table[2] == "| tropd | 10.0 ± 0.0 | 30.0 ± 14.1 | 70.0 ± 14.1 |"
+    assert table[3] == "| opd | 10.0 ± 0.0 | 5.0 ± 0.0 | n/a |"  # a seed without step 80: no mean to give
