@@ -91,6 +91,32 @@ def test_jsd_is_zero_on_the_teacher_and_symmetric_at_half():
     torch.testing.assert_close(one_way.fkl, other.fkl, rtol=1e-5, atol=1e-6)
 
 
+def test_jsd_gradient_vanishes_where_the_student_is_confidently_wrong():
+    """A (near) one-hot teacher on token a and a student giving a probability p: JSD_0.5 depends on p alone,
+    J(p) = 0.5 log(2 / (1 + p)) + 0.5 (p log(2p / (1 + p)) + (1 - p) log 2), so its gradient on a's logit is
+    0.5 p (1 - p) log(p / (1 + p)), which goes to 0 with p; the forward KL's is -(1 - p). This is why the
+    `jsd` row of docs/RESULTS.md learns slowly from a student far from its teacher."""
+    vocab, a = 18, 3
+    teacher_logits = torch.full((5, vocab), -40.0, device=DEVICE)
+    teacher_logits[:, a] = 0.0
+    student_logits = torch.zeros(5, vocab, device=DEVICE)
+    student_logits[:, a] = torch.tensor([-7.0, -3.0, 0.0, 2.0, 5.0], device=DEVICE)
+    targets = torch.full((5,), a, device=DEVICE)
+    teacher = tk.teacher_topk(teacher_logits, targets, vocab)
+    grads = {}
+    for divergence in ("fkl", "jsd"):
+        z = student_logits.clone().requires_grad_()
+        options = tk.KernelOptions(divergence=divergence, jsd_beta=0.5)
+        terms = tk.token_terms(z, targets, teacher, options=options)
+        terms.fkl.sum().backward()
+        grads[divergence] = z.grad[:, a]
+    p = torch.softmax(student_logits.double(), 1)[:, a]
+    want = (0.5 * p * (1 - p) * torch.log(p / (1 + p))).float()
+    torch.testing.assert_close(grads["jsd"], want, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(grads["fkl"], (p - 1).float(), rtol=1e-4, atol=1e-6)
+    assert abs(float(grads["jsd"][0])) < 1e-3 * abs(float(grads["fkl"][0]))  # p = 6e-5: 1000x smaller
+
+
 def test_jsd_options_are_checked():
     with pytest.raises(ValueError, match=r"divergence='js'.*fkl, jsd"):
         tk.KernelOptions(divergence="js")
