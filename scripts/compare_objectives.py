@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -140,6 +141,24 @@ def run_one(label: str, name: str, options: dict, seed: int, steps: int, out: Pa
     return metrics
 
 
+_FINAL_ANSWER = re.compile(r"#\s*(-?[0-9]+)")
+
+
+def marked_accuracy(eval_dir: Path, step: int) -> float:
+    """Held-out accuracy at `step` counting only answers the demo task's way, '#N' with N right. The
+    trainer's check falls back to a completion's last number when it has no '#', so a degenerate
+    completion (`3+3+3+...+3+`) can score; this column shows how much of a row's accuracy that is."""
+    right = total = 0
+    for path in sorted(eval_dir.glob(f"step{step}-rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            for completion in record["completions"]:
+                found = _FINAL_ANSWER.findall(completion)
+                right += bool(found) and found[-1] == str(record["answer"]).strip()
+                total += 1
+    return right / total if total else float("nan")
+
+
 def summarise(metrics: Path) -> dict:
     records = [json.loads(x) for x in metrics.read_text().splitlines()]
     evals = [r for r in records if "eval_accuracy" in r]
@@ -148,6 +167,7 @@ def summarise(metrics: Path) -> dict:
     return {
         "before": evals[0]["eval_accuracy"],
         "after": evals[-1]["eval_accuracy"],
+        "after_marked": marked_accuracy(metrics.parent / "eval", evals[-1]["step"]),
         "curve": [(r["step"], r["eval_accuracy"]) for r in evals],
         "lengths": [r["response_len"] for r in steps],
         "grad_norm": statistics.mean(r["grad_norm"] for r in steps),
@@ -303,15 +323,16 @@ def main() -> None:
         lines += [
             f"## {heading}",
             "",
-            "| run | held-out accuracy before (%) | after (%) | grad norm, mean | grad norm, max | trust fraction, "
-            "mean | r p1, mean "
+            "| run | held-out accuracy before (%) | after (%) | after, '#N' answers only (%) | grad norm, mean "
+            "| grad norm, max | trust fraction, mean | r p1, mean "
             "| response length, last 20 steps | student entropy, last 20 steps | held-out tokens per answer, end |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for label in runs:
             rs = results[label]
             lines.append(
                 f"| {label} | {fmt([r['before'] for r in rs], True)} | {fmt([r['after'] for r in rs], True)} | "
+                f"{fmt([r['after_marked'] for r in rs], True)} | "
                 f"{fmt([r['grad_norm'] for r in rs])} | {fmt([r['grad_norm_max'] for r in rs])} | "
                 f"{fmt([r['trust'] for r in rs])} | "
                 f"{fmt([r['r_p1'] for r in rs])} | {fmt([r['response_len'] for r in rs])} | "

@@ -57,3 +57,20 @@ def test_the_curve_table_gives_each_rows_mean_and_spread_at_every_evaluation_ste
     assert table[0] == "| run | step 0 | step 40 | step 80 |"
     assert table[2] == "| tropd | 10.0 ± 0.0 | 30.0 ± 14.1 | 70.0 ± 14.1 |"
     assert table[3] == "| opd | 10.0 ± 0.0 | 5.0 ± 0.0 | n/a |"  # a seed without step 80: no mean to give
+
+
+def test_marked_accuracy_counts_only_final_answers_written_as_hash_n(report, tmp_path):
+    """The trainer's answer check falls back to the last number; the report's '#N' column does not."""
+    import json
+
+    rows = [
+        {"answer": "3", "completions": ["9-1=8;8-4=4;4-1=3;#3"]},  # right
+        {"answer": "3", "completions": ["3+3+3+3+3+"]},  # no '#': the last-number fallback would call it right
+        {"answer": "15", "completions": ["9+1=10;#15;#1"]},  # the last '#N' is the answer: wrong
+    ]
+    (tmp_path / "step200-rank0.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
+    (tmp_path / "step200-rank1.jsonl").write_text(json.dumps(rows[2]) + "\n")
+    (tmp_path / "step40-rank0.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert report.marked_accuracy(tmp_path, 200) == pytest.approx(1 / 3)
+    assert report.marked_accuracy(tmp_path, 40) == 1.0
+    assert report.marked_accuracy(tmp_path, 80) != report.marked_accuracy(tmp_path, 80)  # nothing there: NaN
