@@ -374,17 +374,23 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label in main_runs:
+    for row, label in enumerate(main_runs):
         curves = [r["curve"] for r in results[label]]
         steps = [s for s, _ in curves[0]]
+        # ten colours, then the same colours dashed with other markers: every row stays distinguishable
+        style = {"linestyle": "-", "marker": "o"} if row < 10 else {"linestyle": "--", "marker": "s"}
         line = ax.plot(
-            steps, [100 * statistics.mean(c[i][1] for c in curves) for i in range(len(steps))], marker="o", label=label
+            steps,
+            [100 * statistics.mean(c[i][1] for c in curves) for i in range(len(steps))],
+            color=f"C{row % 10}",
+            label=label,
+            **style,
         )
         lengths = [r["lengths"] for r in results[label]]
         n = min(len(x) for x in lengths)
         mean_len = [statistics.mean(x[i] for x in lengths) for i in range(n)]
         smooth = [statistics.mean(mean_len[max(0, i - 4) : i + 1]) for i in range(n)]
-        ax2.plot(range(1, n + 1), smooth, color=line[0].get_color(), label=label)
+        ax2.plot(range(1, n + 1), smooth, color=line[0].get_color(), linestyle=style["linestyle"], label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out accuracy, % (mean over seeds)")
     ax.grid(alpha=0.3)
