@@ -232,6 +232,10 @@ CASES = {
         "optim.schedule=linear", "optim.min_lr_ratio=0.1", ["optim.min_lr_ratio=0.1", "cosine_with_min_lr"]
     ),
     "avg@n with greedy decoding": _set("eval.samples=4", ["eval.samples=4 with eval.temperature=0"]),
+    "answer pattern that is no regex": _set("eval.answer_pattern=#([0-9]+", ["eval.answer_pattern='#([0-9]+'"]),
+    "answer pattern with two groups": _set(
+        "eval.answer_pattern=(#)([0-9]+)", ["eval.answer_pattern='(#)([0-9]+)' has 2 groups"]
+    ),
     "wandb monitor without wandb": _monitor_without_package,
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,11 @@ def test_shortened_demo_runs_end_to_end_and_plots(tmp_path):
         args += ["--set", f"{k}={v}"]
     proc = cpu_ranks(args, cwd=tmp_path)
     assert "held-out accuracy:" in proc.stdout and (tmp_path / "export/model.safetensors").is_file()
+    assert "answer check on the last match of '#\\\\s*(-?[0-9]+)'" in proc.stdout  # the demo's answers are '#N'
+    for path in (tmp_path / "logs/eval").glob("step*-rank*.jsonl"):  # no credit without a final '#N'
+        for record in map(json.loads, path.read_text().splitlines()):
+            for text, ok in zip(record["completions"], record["correct"]):
+                assert not ok or re.findall(r"#\s*(-?[0-9]+)", text)[-1:] == [record["answer"]], (text, record)
     records = [json.loads(x) for x in (tmp_path / "logs/metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2] and [r["step"] for r in records if "eval_accuracy" in r] == [0, 2]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from launch import ROOT, launch, records, write_config
 
-from tropd_ds.config import ConfigError
+from tropd_ds.config import ConfigError, load_config
 from tropd_ds.data import Columns, check_rows, check_template_kwargs, load_rows, render_prompt
 from tropd_ds.evaluation import avg_at_n, is_correct, resolve_checker
 
@@ -132,6 +132,29 @@ def test_answers_are_checked_exactly_then_by_math_verify():
     assert not is_correct("4+4=8;#8", "9", "math_verify") and not is_correct("no answer", "9", "math_verify")
 
 
+def test_an_answer_pattern_scores_only_marked_answers():
+    """Without a pattern a completion with no marker is scored by its last number (`3+3+3+` reads as 3); with
+    `eval.answer_pattern` it is wrong, and math-verify sees the marked answer alone."""
+    from tropd_ds.config import answer_pattern
+
+    hash_n = answer_pattern(r"#\s*(-?[0-9]+)")
+    assert is_correct("3+3+3+", "3", "math_verify") and not is_correct("3+3+3+", "3", "math_verify", hash_n)
+    assert is_correct("8-5=3;#3", "3", "exact", hash_n) and is_correct("9-9=-1;#-1", "-1", "exact", hash_n)
+    assert not is_correct("8-5=3;#5", "3", "math_verify", hash_n)  # the last '#N' is the answer, not a 3 before it
+    final = answer_pattern(r"Final answer: (\S+)")
+    assert is_correct("so x = 1/2. Final answer: 1/2", "0.5", "math_verify", final)
+    assert not is_correct("so x = 1/2", "0.5", "math_verify", final)
+    assert is_correct("the total: 42", "42", "exact", answer_pattern("[0-9]+"))  # no group: the whole match
+    assert answer_pattern("") is None
+    # on the command line a value that starts with '#' is the value, not a YAML comment
+    cfg = load_config(ROOT / "configs/demo.yaml", [r"eval.answer_pattern=#\s*([0-9]+)", "data.eval_path="])
+    assert cfg.eval.answer_pattern == r"#\s*([0-9]+)" and cfg.data.eval_path == ""
+    with pytest.raises(ConfigError, match=r"eval.answer_pattern='\(' is not a regular expression"):
+        answer_pattern("(")
+    with pytest.raises(ConfigError, match=r"has 2 groups: expected at most one"):
+        answer_pattern("(a)(b)")
+
+
 def test_a_missing_eval_extra_names_the_extra(monkeypatch):
     import importlib.util
 
@@ -241,6 +264,7 @@ def test_eval_loads_the_model_in_its_saved_dtype_and_refuses_bad_arguments(works
         (["--device", "tpu"], "--device='tpu': expected auto, cpu, cuda or cuda:N"),
         (["--answer-column", "solution"], "an answer column 'solution' (--answer-column) is required"),
         (["--data", str(chats)], "prompt is a list of chat messages but the tokenizer has no chat template"),
+        (["--answer-pattern", "#(("], "--answer-pattern='#((' is not a regular expression"),
     ):
         code = cli.main(base[1:] + extra)
         err = capsys.readouterr().err

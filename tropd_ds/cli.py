@@ -46,6 +46,13 @@ def _eval(argv) -> int:
         choices=("auto", "exact", "math_verify"),
         help="auto: math_verify when the eval extra is installed, else exact match",
     )
+    ap.add_argument(
+        "--answer-pattern",
+        default="",
+        help="a regular expression for the final answer (its group, else the whole match; the last match counts); "
+        "a completion without a match is wrong. Default: the last \\boxed{...}, else the number after '#', else the "
+        "last number",
+    )
     ap.add_argument("--chat-template", action="store_true", help="render string prompts with the chat template")
     ap.add_argument("--chat-template-kwargs", default="{}", help="JSON, e.g. '{\"enable_thinking\": false}'")
     ap.add_argument("--prompt-column", default="prompt")
@@ -87,7 +94,7 @@ def _eval(argv) -> int:
 
     import torch
 
-    from .config import ConfigError
+    from .config import ConfigError, answer_pattern
     from .data import Columns, check_rows, check_template_kwargs, load_rows, prompt_ids
     from .evaluation import avg_at_n, is_correct, resolve_checker, write_records
 
@@ -105,6 +112,7 @@ def _eval(argv) -> int:
                 "(--answer-column) is required"
             )
         checker = resolve_checker(args.answer_check, "--answer-check")
+        pattern = answer_pattern(args.answer_pattern, "--answer-pattern")
         device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         )
@@ -155,7 +163,7 @@ def _eval(argv) -> int:
         texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
         for i, row in enumerate(chunk):
             completions = texts[i * args.samples : (i + 1) * args.samples]
-            verdicts = [is_correct(t, row["answer"], checker) for t in completions]
+            verdicts = [is_correct(t, row["answer"], checker, pattern) for t in completions]
             prompt = row["prompt"]
             records.append(
                 {"index": start + i, "prompt": prompt, "answer": str(row["answer"]), "completions": completions,
@@ -172,6 +180,7 @@ def _eval(argv) -> int:
         "samples": args.samples,
         "temperature": args.temperature,
         "answer_check": checker,
+        "answer_pattern": args.answer_pattern or None,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(device),
     }

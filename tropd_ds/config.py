@@ -117,6 +117,9 @@ class EvalConfig:
     max_new_tokens: int = 64  # tokens generated per held-out answer
     temperature: float = 0.0  # 0 = greedy
     answer_check: str = "auto"  # exact | math_verify (the `eval` extra) | auto: math_verify when installed
+    # a regular expression for the final answer (its one group, else the whole match; the last match counts); a
+    # completion without a match is wrong. Empty: the last \boxed{...}, else the number after '#', else the last number
+    answer_pattern: str = ""
 
 
 @dataclass
@@ -296,6 +299,8 @@ def _parse_override(text: str) -> tuple[list[str], object]:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
+    if value is None and raw.strip() not in ("", "~", "null", "Null", "NULL"):
+        value = raw  # YAML reads '#...' as a comment: a value that starts with '#' (a pattern) is kept as written
     return key.strip().split("."), value
 
 
@@ -379,6 +384,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             f"eval.samples={cfg.eval.samples} with eval.temperature=0: greedy decoding gives {cfg.eval.samples} "
             "identical completions; set eval.temperature > 0 for avg@n, or eval.samples=1"
         )
+    answer_pattern(cfg.eval.answer_pattern)
     check_sampling(cfg)
     check_outputs(cfg)
     if cfg.student.gather_params:
@@ -399,6 +405,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
+
+
+def answer_pattern(value: str, what: str = "eval.answer_pattern") -> re.Pattern | None:
+    """The compiled final-answer pattern (None when empty); a bad one is a ConfigError that names it."""
+    if not value:
+        return None
+    try:
+        pattern = re.compile(value)
+    except re.error as exc:
+        raise ConfigError(f"{what}={value!r} is not a regular expression: {exc}") from None
+    if pattern.groups > 1:
+        raise ConfigError(
+            f"{what}={value!r} has {pattern.groups} groups: expected at most one, the answer (write others as (?:...))"
+        )
+    return pattern
 
 
 def lora_settings(lora: dict) -> dict:

@@ -1,6 +1,7 @@
 """Evaluation: generate on held-out prompts and check the final answer (avg@n with its standard error).
 
-Answer checking lives here: exact match of the extracted answer (the last \\boxed{...}, else the number
+Answer checking lives here: exact match of the extracted answer (the last match of `eval.answer_pattern`
+when one is set, a completion without a match being wrong; else the last \\boxed{...}, else the number
 after '#', else the last number), then, with the `eval` extra installed, `math-verify` for what exact match
 misses (fractions, expressions, units, LaTeX)."""
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import collectives
+from .config import answer_pattern
 from .data import encode_prompt
 from .rollout import left_pad
 
@@ -22,10 +24,14 @@ _HASH = re.compile(r"#\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)")
 _NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer of a completion: the last \\boxed{...}, else the number after '#', else the last number."""
-    for pattern in (_BOXED, _HASH, _NUMBER):
-        found = pattern.findall(text)
+def extract_answer(text: str, pattern: re.Pattern | None = None) -> str | None:
+    """The final answer of a completion: the last match of `pattern` (its group, else the whole match) when
+    given, else the last \\boxed{...}, else the number after '#', else the last number."""
+    if pattern is not None:
+        found = pattern.findall(text)  # with at most one group, findall gives that group or the whole match
+        return found[-1].strip().replace(",", "") if found else None
+    for rule in (_BOXED, _HASH, _NUMBER):
+        found = rule.findall(text)
         if found:
             return found[-1].strip().replace(",", "")
     return None
@@ -55,12 +61,17 @@ def equivalent(answer: str, completion: str) -> bool:
         return False
 
 
-def is_correct(completion: str, answer: str, checker: str = "exact") -> bool:
-    """Exact match of the extracted answer; with checker 'math_verify', math-verify for what it misses."""
-    got = extract_answer(completion)
+def is_correct(completion: str, answer: str, checker: str = "exact", pattern: re.Pattern | None = None) -> bool:
+    """Exact match of the extracted answer; with checker 'math_verify', math-verify for what it misses (on the
+    whole completion, or on the pattern's answer alone when a pattern is given: no match, no credit)."""
+    got = extract_answer(completion, pattern)
     if got is not None and got == str(answer).strip().replace(",", ""):
         return True
-    return checker == "math_verify" and equivalent(answer, completion)
+    if checker != "math_verify":
+        return False
+    if pattern is not None:
+        return got is not None and equivalent(answer, got)
+    return equivalent(answer, completion)
 
 
 def avg_at_n(per_prompt: list[float]) -> tuple[float, float]:
@@ -95,6 +106,7 @@ def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64,
     are the response positions of the rollout's mask (up to and including the first end token)."""
     from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 
+    pattern = answer_pattern(cfg.answer_pattern)
     rank, world = collectives.rank_world()
     share = math.ceil(len(rows) / world)
     mine = rows[rank * share : (rank + 1) * share]
@@ -122,7 +134,7 @@ def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64,
             if pos >= counted:
                 continue
             text = tokenizer.decode(completion, skip_special_tokens=True)
-            ok = is_correct(text, mine[pos]["answer"], checker)
+            ok = is_correct(text, mine[pos]["answer"], checker, pattern)
             correct[:3] += torch.tensor([float(ok), 1.0, float(completion.numel())], dtype=torch.float64)
             records[pos]["completions"].append(text)
             records[pos]["correct"].append(ok)
@@ -187,7 +199,8 @@ class Schedule:
         self.accuracies.append((step, result["eval_accuracy"]))
         self.log(
             f"step {step}: held-out accuracy {result['eval_accuracy']:.3f} ± {result['eval_accuracy_stderr']:.3f} "
-            f"({result['eval_completions']} completions, {self.checker} answer check)"
+            f"({result['eval_completions']} completions, {self.checker} answer check"
+            + (f" on the last match of {self.cfg.eval.answer_pattern!r})" if self.cfg.eval.answer_pattern else ")")
         )
 
     def summary(self) -> None:
