@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import statistics
 import subprocess
@@ -141,22 +140,22 @@ def run_one(label: str, name: str, options: dict, seed: int, steps: int, out: Pa
     return metrics
 
 
-_FINAL_ANSWER = re.compile(r"#\s*(-?[0-9]+)")
-
-
 def marked_accuracy(eval_dir: Path, step: int) -> float:
-    """Held-out accuracy at `step` counting only answers the demo task's way, '#N' with N right. The
-    trainer's check falls back to a completion's last number when it has no '#', so a degenerate
-    completion (`3+3+3+...+3+`) can score; this column shows how much of a row's accuracy that is."""
-    right = total = 0
-    for path in sorted(eval_dir.glob(f"step{step}-rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            for completion in record["completions"]:
-                found = _FINAL_ANSWER.findall(completion)
-                right += bool(found) and found[-1] == str(record["answer"]).strip()
-                total += 1
-    return right / total if total else float("nan")
+    """Held-out accuracy at `step` re-scored from the saved completions with the demo's own final-answer
+    pattern (configs/demo.yaml `eval.answer_pattern`, '#N'), exact match. Runs evaluated before the demo set
+    that pattern fell back to a completion's last number when it had no '#', so a degenerate completion
+    (`3+3+3+...+3+`) could score; this column shows how much of a row's accuracy that was."""
+    from tropd_ds.config import answer_pattern, parse_file
+    from tropd_ds.evaluation import is_correct
+
+    pattern = answer_pattern(parse_file(ROOT / "configs/demo.yaml")["eval"]["answer_pattern"])
+    verdicts = [
+        is_correct(completion, record["answer"], "exact", pattern)
+        for path in sorted(eval_dir.glob(f"step{step}-rank*.jsonl"))
+        for record in map(json.loads, path.read_text().splitlines())
+        for completion in record["completions"]
+    ]
+    return sum(verdicts) / len(verdicts) if verdicts else float("nan")
 
 
 def summarise(metrics: Path) -> dict:
