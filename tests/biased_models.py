@@ -33,3 +33,22 @@ def build_biased_llama(
         lm.generation_config = GenerationConfig(**{"eos_token_id": eos_ids, **(generation or {})})
     lm.save_pretrained(out_dir, safe_serialization=True)
     return lm
+
+
+def pad_vocabulary(folder: Path, rows: int, like: int, scale: float = 1.0):
+    """The model saved in `folder` with its embedding and lm_head grown to `rows` rows (more than the tokenizer
+    has tokens, as Qwen2.5's 152,064 rows for 151,665 tokens), each padding row of the lm_head a copy of
+    token `like`'s row times `scale`: at scale 1 a padding id is as likely as that token, above 1 likelier.
+    The config's vocab_size becomes `rows`; the tokenizer is unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(folder)
+    n = lm.get_input_embeddings().weight.shape[0]
+    lm.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        head = lm.get_output_embeddings().weight
+        head[n:] = head[like] * scale
+        lm.get_input_embeddings().weight[n:] = lm.get_input_embeddings().weight[like]
+    assert lm.config.vocab_size == rows
+    lm.save_pretrained(folder, safe_serialization=True)
+    return lm

@@ -222,3 +222,48 @@ def test_sampling_loop_draws_what_generate_draws(tmp_path, arch, temperature, to
     keep = rollout.response_keep(theirs[:, width:], engine.end_ids)
     assert torch.equal(ours.attention_mask[:, width:], keep.long()[:, : ours.input_ids.shape[1] - width])
     assert torch.equal(ours.input_ids[:, width:][ours.attention_mask[:, width:].bool()], theirs[:, width:][keep])
+
+
+PADDED_ROWS = 32  # the demo tokenizer has 18 tokens: rows 18 .. 31 are padding, as Qwen2.5's last 399 rows
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0], ids=["sampled", "greedy"])
+def test_padding_rows_of_the_lm_head_are_never_drawn(tmp_path, temperature):
+    from biased_models import pad_vocabulary
+
+    # the padding rows are far likelier than any token: a sampler over every row returns them nearly always
+    build_biased_llama(tmp_path / "m", TOK, {SEMI: 3.0, EOS: -1.0})
+    lm = pad_vocabulary(tmp_path / "m", PADDED_ROWS, like=SEMI, scale=3.0).eval()
+    sampling = SamplingConfig(max_new_tokens=16, temperature=temperature)
+    torch.manual_seed(0)
+    unmasked = rollout.sample(engine_for(lm, vocab=PADDED_ROWS), prompts(), [[]] * len(TEXTS), sampling, "cpu")
+    assert int((unmasked.input_ids >= len(TOK)).sum()) > 50, "the padding rows dominate an unmasked sampler"
+    torch.manual_seed(0)
+    engine = engine_for(lm, vocab=len(TOK))
+    tokens = rollout.sample(engine, prompts(), [[]] * len(TEXTS), sampling, "cpu")
+    assert int(tokens.input_ids.max()) < len(TOK)
+    assert int(tokens.sampled.sum()) >= 16 * len(TEXTS) // 2  # and it did sample (';' then)
+    # the default is the wrapped model's own count of real tokens (tropd-ds's VocabHeadModel)
+    from tropd_ds.models import VocabHeadModel
+
+    assert rollout.GenerateRollout(VocabHeadModel(lm, len(TOK)), PAD, (EOS,), gather=False).vocab == len(TOK)
+
+
+def test_tropd_ds_eval_never_returns_a_padding_row(tmp_path):
+    import json
+
+    from biased_models import pad_vocabulary
+
+    from tropd_ds import cli
+
+    # greedy: a padding row is the argmax at every step; ';' is the likeliest real token
+    build_biased_llama(tmp_path / "m", TOK, {SEMI: 3.0, EOS: -1.0})
+    lm = pad_vocabulary(tmp_path / "m", PADDED_ROWS, like=SEMI, scale=3.0).eval()
+    ids = torch.tensor([TOK("3+4=")["input_ids"]])
+    plain = lm.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
+    assert int(plain[0, -1]) >= len(TOK), "unmasked, greedy decoding returns a padding row"
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"prompt": t, "answer": "1"}) + "\n" for t in TEXTS[:3]))
+    args = ["eval", str(tmp_path / "m"), "--data", str(tmp_path / "eval.jsonl"), "--max-new-tokens", "6"]
+    assert cli.main([*args, "--records", str(tmp_path / "records.jsonl"), "--device", "cpu"]) == 0
+    records = [json.loads(x) for x in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert [r["completions"] for r in records] == [[";" * 6]] * 3  # padding ids would decode to nothing

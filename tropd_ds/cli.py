@@ -142,6 +142,7 @@ def _eval(argv) -> int:
 
         model = PeftModel.from_pretrained(model, args.model).merge_and_unload()
     model.eval()
+    real_tokens_only = RealTokensOnly.list_for(len(tok), model)
     records = []
     for start in range(0, n, args.batch_size):
         chunk = [rows[i] for i in range(start, min(n, start + args.batch_size))]
@@ -159,6 +160,7 @@ def _eval(argv) -> int:
                 temperature=args.temperature if args.temperature > 0 else None,
                 num_return_sequences=args.samples,
                 pad_token_id=pad,
+                logits_processor=real_tokens_only,  # an lm_head's padding rows past the tokenizer are no tokens
             )
         texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
         for i, row in enumerate(chunk):
@@ -191,6 +193,28 @@ def _eval(argv) -> int:
     if args.records:
         write_records(Path(args.records), records)
     return 0
+
+
+class RealTokensOnly:
+    """A transformers logits processor: the scores of an lm_head's rows past the tokenizer's `vocab`
+    tokens (padding rows, e.g. Qwen2.5's 152,064 rows for 151,665 tokens) become -inf, so generation,
+    greedy or sampled, never returns an id the tokenizer does not have."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, input_ids, scores):  # noqa: ARG002
+        if scores.shape[-1] > self.vocab:
+            scores = scores.clone()
+            scores[..., self.vocab :] = float("-inf")
+        return scores
+
+    @classmethod
+    def list_for(cls, vocab: int, model):
+        from transformers import LogitsProcessorList
+
+        rows = model.get_output_embeddings().weight.shape[0]
+        return LogitsProcessorList([cls(vocab)] if rows > vocab else [])
 
 
 def adapter_base(folder: str) -> str | None:

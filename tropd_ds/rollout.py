@@ -153,6 +153,12 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
+def real_token_logits(logits: torch.Tensor, vocab: int | None) -> torch.Tensor:
+    """The columns of real tokens: an lm_head's padding rows past the tokenizer's `vocab` tokens are cut
+    off, so neither argmax nor sampling can return them (a view, no copy)."""
+    return logits if vocab is None or logits.shape[-1] <= vocab else logits[..., :vocab]
+
+
 def clean_generation_config(sampling: SamplingConfig, max_new_tokens: int, pad_id: int, end_ids):
     """A transformers GenerationConfig that samples what `GenerateRollout` samples (same seed, same
     draws): softmax(logits / T) and nothing else, every processor at its neutral value. For
@@ -183,15 +189,22 @@ class GenerateRollout(RolloutEngine):
     layer on every forward (any size), and the ranks decode in lock step until all have ended,
     since each forward is then a collective.
     `micro_batch` > 0 generates that many sequences at a time under one gather (the KV cache of a
-    long generation is what limits it on a GPU)."""
+    long generation is what limits it on a GPU).
+    `vocab`: only ids below it are ever drawn, greedy or sampled. An lm_head can have more rows than the
+    tokenizer has tokens (Qwen2.5: 152,064 rows for 151,665 tokens); those rows are not tokens, and
+    scoring and the update cut them off. Default: the wrapped model's `n_tokens` (tropd-ds's
+    `VocabHeadModel`), else every row."""
 
     name = "generate"
 
-    def __init__(self, engine, pad_id: int, end_ids, gather: bool, micro_batch: int = 0):
+    def __init__(self, engine, pad_id: int, end_ids, gather: bool, micro_batch: int = 0, vocab: int | None = None):
         self.engine, self.pad_id, self.end_ids = engine, pad_id, tuple(end_ids)
         self.gather, self.micro_batch = gather, micro_batch
         module = getattr(engine, "module", engine)
         self.lm = getattr(module, "lm", module)  # tropd-ds wraps the causal LM; plain modules work too
+        self.vocab = vocab if vocab is not None else getattr(module, "n_tokens", None)
+        if self.vocab is not None and (isinstance(self.vocab, bool) or int(self.vocab) < 1):
+            raise ValueError(f"vocab={vocab!r}: expected None or the number of real tokens (>= 1)")
         # transformers 5.x renames forward's `past_key_values` to `cache` (the old name warns, then goes)
         self.cache_keyword = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
         zero3 = zero3_offload(engine) is not None
@@ -254,7 +267,7 @@ class GenerateRollout(RolloutEngine):
             if not busy:  # only keeping other ranks company: draw nothing, so the RNG is as unsynced
                 token = torch.full((rows,), self.pad_id, dtype=torch.long, device=ids.device)
             else:
-                logits = out.logits[:, -1, :].float()
+                logits = real_token_logits(out.logits[:, -1, :], self.vocab).float()
                 if sampling.temperature > 0:
                     logits = logits / sampling.temperature
                     if sampling.top_p < 1.0:
@@ -358,9 +371,11 @@ class Rollout:
         """The run's rollout (`cfg`: the RunConfig): the student generates gathered when rollout.gather_params;
         a teacher that may not fit on one device (teacher.gather_params false) generates layer by layer."""
         end_ids = end_token_ids(tokenizer, student_engine.module.lm, teacher_engine.module.lm)
-        pad, r = tokenizer.pad_token_id, cfg.rollout
-        student = GenerateRollout(student_engine, pad, end_ids, r.gather_params, r.micro_batch_size)
-        teacher = GenerateRollout(teacher_engine, pad, end_ids, cfg.teacher.gather_params, cfg.teacher.micro_batch_size)
+        pad, r, vocab = tokenizer.pad_token_id, cfg.rollout, len(tokenizer)
+        student = GenerateRollout(student_engine, pad, end_ids, r.gather_params, r.micro_batch_size, vocab)
+        teacher = GenerateRollout(
+            teacher_engine, pad, end_ids, cfg.teacher.gather_params, cfg.teacher.micro_batch_size, vocab
+        )
         return cls(student, teacher, r, device)
 
     def metrics(self, tokens: RolloutTokens) -> dict[str, float]:
