@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["tropd_ds", "tropd_ds.*"]) + ["tropd_kernels", "tropd_kernels.ops"],
     package_dir={"tropd_kernels": "kernels/tropd_kernels", "tropd_kernels.ops": "kernels/tropd_kernels/ops"},
     install_requires=[
-        "torch>=2.4,<2.15",
+        "torch>=2.8,<2.15",  # torch.mm(..., out_dtype=) on CUDA (tropd_kernels.projection); torch.accelerator
         "triton>=3.2,<4; platform_system == 'Linux'",
         "deepspeed>=0.19.8,<0.20",
         "transformers>=5.0,<6",

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -151,7 +152,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
     try:
         faults.inject_into_deepspeed_save(engine, step, rank)
         engine.save_checkpoint(ckpt_dir, tag=tmp.name, client_state={**client_state, "step": step}, save_latest=False)
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{rank}.pt")
+        torch.save(rng_states(), tmp / f"rng_rank{rank}.pt")
         faults.in_save(step, rank)
         # inside the try: when another rank's write fails it removes the folder and exits, and this rank may
         # have been writing its own file at that moment (rmtree then leaves that file behind); the barrier
@@ -187,6 +188,50 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
             for old in complete_checkpoints(ckpt_dir)[keep_last:]:
                 shutil.rmtree(old, ignore_errors=True)
     collectives.barrier()
+
+
+def _accelerator():
+    """(device module, device index) of this process's accelerator (CUDA, ROCm, XPU, MPS...), or None on CPU."""
+    current = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if current is None:
+        return None
+    return current.type, torch.get_device_module(current.type), torch.accelerator.current_device_index()
+
+
+def rng_states() -> dict:
+    """Every generator a run draws from, for an exact resume: torch's CPU generator, the accelerator's
+    (on GPUs the rollout samples, and dropout draws, from it; no DeepSpeed checkpoint keeps it), Python's
+    and NumPy's."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    accelerator = _accelerator()
+    if accelerator is not None:
+        kind, module, index = accelerator
+        states["accelerator"] = {"type": kind, "state": module.get_rng_state(index)}
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        states["numpy"] = numpy.random.get_state()
+    return states
+
+
+def restore_rng_states(states: dict, log=print) -> None:
+    """Put back what `rng_states` saved. A checkpoint from another kind of device (a GPU run resumed on
+    CPUs, say) restores what both have and says that sampling will not repeat the uninterrupted run's."""
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "numpy" in states:
+        import numpy
+
+        numpy.random.set_state(states["numpy"])
+    accelerator, saved = _accelerator(), states.get("accelerator")
+    if accelerator is not None and saved is not None and saved["type"] == accelerator[0]:
+        accelerator[1].set_rng_state(saved["state"], accelerator[2])
+    elif accelerator is not None or saved is not None:
+        was = saved["type"] if saved else "cpu"
+        now = accelerator[0] if accelerator else "cpu"
+        log(
+            f"note: the checkpoint's random state is from a {was} run and this one runs on {now}: the run "
+            "continues, but its samples will not repeat those of an uninterrupted run"
+        )
 
 
 def verify(folder: Path) -> str | None:
@@ -243,9 +288,7 @@ def resume(engine, ckpt_dir: str, log=print) -> dict | None:
         )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {folder}")
-        rng = torch.load(folder / f"rng_rank{rank}.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
+        restore_rng_states(torch.load(folder / f"rng_rank{rank}.pt", weights_only=False), log)
         return client
     if skipped:
         raise CheckpointError(
