@@ -237,6 +237,17 @@ CASES = {
         "eval.answer_pattern=(#)([0-9]+)", ["eval.answer_pattern='(#)([0-9]+)' has 2 groups"]
     ),
     "wandb monitor without wandb": _monitor_without_package,
+    "collective time-out zero": _set(
+        "collective_timeout_minutes=0", ["collective_timeout_minutes=0.0: expected a number of minutes > 0"]
+    ),
+    "collective time-out negative": _set("collective_timeout_minutes=-5", ["collective_timeout_minutes=-5.0"]),
+    "collective time-out nan": _set("collective_timeout_minutes=.nan", ["collective_timeout_minutes=nan"]),
+    "collective time-out not a number": _set("collective_timeout_minutes=4h", ["collective_timeout_minutes='4h'"]),
+    "teacher prefixes from an offloaded teacher layer by layer": _set(
+        "rollout.prefix_source=teacher", "teacher.gather_params=false",
+        ["rollout.prefix_source='teacher'", "teacher.gather_params=false", "offload_param.device='cpu'",
+         "rollout.prefix_source=data", "teacher.gather_params=true"],
+    ),  # fmt: skip
 }
 
 

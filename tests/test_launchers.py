@@ -58,3 +58,19 @@ def test_a_world_size_the_batch_cannot_divide_is_refused_before_any_engine(works
     # torchrun reports the failed ranks with a traceback of its own; none of ours
     assert not any(line.strip().startswith("File") and "tropd_ds" in line for line in out.splitlines()), out[-3000:]
     assert not (workspace / "by_three/ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "local,visible,index",
+    [(0, 8, 0), (5, 8, 5), (3, 1, 0), (7, 1, 0), (5, 4, 1)],
+    ids=["first", "eight-visible", "one-visible", "one-visible-last", "fewer-visible"],
+)
+def test_the_device_is_the_local_rank_modulo_the_visible_gpus(local, visible, index):
+    """One visible GPU per process (Slurm's per-task binding): every rank uses device 0, and LOCAL_RANK, which
+    DeepSpeed's engine and zero.Init take as the device index, becomes that index."""
+    from tropd_ds.process import assign_device
+
+    env = {"LOCAL_RANK": str(local), "RANK": "9"}
+    assert assign_device(env, visible) == index
+    assert env["LOCAL_RANK"] == str(index)
+    assert env.get("TROPD_DS_LAUNCHER_LOCAL_RANK", str(local)) == str(local)

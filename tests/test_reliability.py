@@ -432,3 +432,18 @@ def test_an_export_that_fails_on_rank_0_ends_every_rank_and_names_the_intact_che
     assert "exporting the student to" in out and "Is a directory" in out, out[-3000:]
     assert "the final checkpoint" in out and "step2 is intact: export it with `tropd-ds export" in out
     assert checkpoint.verify(workspace / "export_fails/ckpt/step2") is None
+
+
+def test_a_rank_held_back_past_the_collective_time_out_ends_the_run_with_the_setting_named(workspace):
+    """Rank 1 sleeps 60 s before step 2 with collective_timeout_minutes=0.25: rank 0 waits 15 s in its next
+    collective, then every rank ends (no hang) with a message that names the setting (no raw traceback)."""
+    config = write_config(workspace, "timeout", checkpoint={"every": 0}, eval={"max_prompts": 2})
+    env = {"TROPD_DS_FAULT": "stall@2:r1", "TROPD_DS_STALL_S": "60"}
+    proc = start(config, env=env, overrides=["collective_timeout_minutes=0.25", "logging.progress=false"])
+    wait_for_step(workspace / "timeout", proc, 1)
+    started = time.time()
+    code, out = finish(proc, timeout=120)
+    assert code != 0 and time.time() - started < 55, out[-3000:]  # well before rank 1 wakes: nobody waited on it
+    assert "error: a collective waited longer than collective_timeout_minutes=0.25" in out, out[-3000:]
+    assert "raise collective_timeout_minutes" in out
+    assert "Traceback" not in out, out[-3000:]

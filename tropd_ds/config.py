@@ -134,6 +134,10 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0  # seed of sampling and initialisation (rank r uses seed + r)
+    # how long a collective waits for the slowest rank before the run is ended (the process group's time-out;
+    # it replaces DeepSpeed's 10-minute default and DEEPSPEED_TIMEOUT). A rank that decodes long answers alone
+    # (gathered generation, evaluation) keeps the others waiting in their next collective for that long
+    collective_timeout_minutes: float = 240.0
 
 
 PATH_FIELDS = {
@@ -203,6 +207,7 @@ RANGES = {
 }
 
 
+MAX_TIMEOUT_MINUTES = 7 * 24 * 60
 MIN_LR_SCHEDULES = ("cosine_with_min_lr", "cosine_warmup_with_min_lr")
 
 
@@ -370,6 +375,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for name, value in (("seed", cfg.seed), ("data.shuffle_seed", cfg.data.shuffle_seed)):
         if not 0 <= value < 2**32:
             raise ConfigError(f"{name}={value}: expected an integer in [0, 2**32)")
+    timeout = cfg.collective_timeout_minutes
+    if not math.isfinite(timeout) or timeout <= 0 or timeout > MAX_TIMEOUT_MINUTES:
+        raise ConfigError(
+            f"collective_timeout_minutes={timeout!r}: expected a number of minutes > 0 and at most "
+            f"{MAX_TIMEOUT_MINUTES} (a week), e.g. 240 for answers of 8k tokens"
+        )
     if cfg.optim.min_lr_ratio != 1.0 and cfg.optim.schedule not in MIN_LR_SCHEDULES:
         raise ConfigError(
             f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} with optim.schedule={cfg.optim.schedule!r}: the ratio "

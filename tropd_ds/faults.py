@@ -7,6 +7,7 @@ TROPD_DS_FAULT is a comma-separated list of KIND@STEP[:rRANK]:
   disk_full_in_deepspeed_save@4:r0
                       rank 0's first file write inside DeepSpeed's save_checkpoint raises ENOSPC
                       (the other ranks go on to DeepSpeed's closing barrier)
+  stall@2:r1          rank 1 sleeps TROPD_DS_STALL_S seconds (default 60) before step 2's rollout
 """
 
 from __future__ import annotations
@@ -45,3 +46,10 @@ def inject_into_deepspeed_save(engine, step: int, rank: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(injected by TROPD_DS_FAULT inside DeepSpeed)")
 
     engine.checkpoint_engine.save = full
+
+
+def stall(step: int, rank: int) -> None:
+    if active("stall", step, rank):
+        import time
+
+        time.sleep(float(os.environ.get("TROPD_DS_STALL_S", "60")))

@@ -17,9 +17,12 @@ import torch
 from . import collectives
 
 
-def start_distributed() -> torch.device:
-    """Join the launcher's process group (or make a one-process group when started without a launcher),
-    and put this rank on its own GPU before anything is placed (the engines set it only later)."""
+def start_distributed(timeout_minutes: float = 240.0) -> torch.device:
+    """Join the launcher's process group (or make a one-process group when started without a launcher)
+    with `timeout_minutes` as every collective's time-out, after putting this rank on its own GPU (before
+    anything is placed; the engines set it only later)."""
+    from datetime import timedelta
+
     import deepspeed
 
     if "RANK" not in os.environ:  # started without a launcher: one process
@@ -27,12 +30,55 @@ def start_distributed() -> torch.device:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(assign_device(os.environ, torch.cuda.device_count()))
     with watch_extension_locks():  # the first CPU launch builds DeepSpeed's shm op under a file lock
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    if cuda:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def assign_device(env, visible: int) -> int:
+    """This rank's GPU: LOCAL_RANK modulo the GPUs this process sees. Where a scheduler shows each process
+    only its own GPU (Slurm's per-task binding), every rank sees one device, index 0, whatever its local
+    rank. DeepSpeed takes LOCAL_RANK itself as the device index (its engine and zero.Init), so LOCAL_RANK
+    becomes that index; the launcher's value stays in TROPD_DS_LAUNCHER_LOCAL_RANK."""
+    local = int(env.get("LOCAL_RANK", "0"))
+    if visible < 1:
+        raise RuntimeError("torch sees CUDA but no device: check CUDA_VISIBLE_DEVICES")
+    index = local % visible
+    if index != local:
+        env.setdefault("TROPD_DS_LAUNCHER_LOCAL_RANK", str(local))
+        env["LOCAL_RANK"] = str(index)
+        if visible > 1:
+            print(
+                f"[tropd-ds rank {env.get('RANK', '?')}] warning: local rank {local} but only {visible} visible GPUs: "
+                f"using GPU {index}, which another process of this node also uses (one process per GPU is expected)",
+                flush=True,
+            )
+    return index
+
+
+TIMED_OUT = ("timed out", "timeout")
+
+
+def collective_failure(exc: BaseException, timeout_minutes: float) -> str | None:
+    """What to tell a user when a collective ended the run: it waited past the time-out, or a peer has gone;
+    None for any other error (which is raised as it is)."""
+    text = f"{type(exc).__name__}: {exc}"
+    first = text.strip().splitlines()[0][:300]
+    if any(word in text.lower() for word in TIMED_OUT):
+        return (
+            f"a collective waited longer than collective_timeout_minutes={timeout_minutes:g} for another rank "
+            f"({first}). A rank that generates long answers alone (gathered generation, evaluation) keeps the others "
+            "waiting in their next collective: raise collective_timeout_minutes (accepted: minutes > 0), or find the "
+            "rank that stopped (its log, py-spy dump)"
+        )
+    if any(x in text for x in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")):
+        return f"another rank has stopped ({first}); its own message is above"
+    return None
 
 
 def seed_everything(seed: int) -> None:

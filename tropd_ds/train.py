@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, collectives, command, evaluation, process, rollout, scoring, update
+from . import checkpoint, collectives, command, evaluation, faults, process, rollout, scoring, update
 from .config import ConfigError, RunConfig, micro_batches_per_rank, to_dict
 from .data import PromptStream
 from .metrics import MetricsWriter, NonFiniteSteps, code_version, step_record
@@ -32,12 +32,21 @@ def main(argv=None) -> int:
     except ConfigError as exc:  # found only once running (e.g. a data set whose every prompt is skipped)
         log(f"configuration error: {exc}")
         code = 2
+    except RuntimeError as exc:  # a collective that timed out, or a peer that has gone: each rank says so
+        message = process.collective_failure(exc, loaded[0].collective_timeout_minutes)
+        if message is None:
+            raise
+        checkpoint.release_lock(loaded[0].checkpoint.dir)
+        process.leave_now(EXIT_COLLECTIVE, message)
     finally:
         process.release_cpu_shm_buffers()
         checkpoint.release_lock(loaded[0].checkpoint.dir)
     if dist.is_initialized():  # every rank returns here together (a rank failing alone leaves via process.leave_now)
         dist.destroy_process_group()
     return code
+
+
+EXIT_COLLECTIVE = 5  # a collective timed out or lost its peer
 
 
 def log(msg: str) -> None:
@@ -86,6 +95,7 @@ def train_step(t: Trainer, step: int) -> dict:
     cfg, total, mb = t.cfg, t.cfg.optim.steps, t.cfg.student.micro_batch_size
     options = t.prepared.objective.step_options(step, total, cfg.objective.temperature)  # k, kernel options
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + collectives.rank_world()[0])
+    faults.stall(step + 1, collectives.rank_world()[0])
     t0 = time.perf_counter()
     # 1. Rollout: the student samples its responses, continuing after a teacher prefix when guided.
     tokens = t.roll_out(t.stream.next_batch(), step, total, generator)
@@ -112,7 +122,7 @@ def train_step(t: Trainer, step: int) -> dict:
 def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = None) -> int:
     # Set-up: processes and engines; then the check that our log-probs are the models' own, and resume.
     stop = stop or process.StopRequest()
-    device = process.start_distributed()
+    device = process.start_distributed(cfg.collective_timeout_minutes)
     rank = collectives.rank_world()[0]
     process.seed_everything(cfg.seed + rank)
     t = set_up(cfg, prepared, device)
