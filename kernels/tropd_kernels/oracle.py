@@ -11,6 +11,11 @@ import torch
 from .contract import IGNORE_INDEX, TeacherTopK, TokenTerms
 
 
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 at least; float64 when given float64 (an fp32 log-sum-exp over 150k+ entries is off by ~2e-5)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def _entropy(logp: torch.Tensor) -> torch.Tensor:
     p = logp.exp()
     return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
@@ -18,7 +23,7 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
 
 def teacher_topk_oracle(logits: torch.Tensor, targets: torch.Tensor, k: int, temperature: float = 1.0) -> TeacherTopK:
     with torch.no_grad():
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        logp = torch.log_softmax(_wide(logits) / temperature, dim=-1)
         valid = targets != IGNORE_INDEX
         top = logp.topk(k, dim=-1)
         tgt = logp.gather(1, targets.clamp(min=0).long().unsqueeze(1)).squeeze(1)
@@ -43,7 +48,7 @@ def token_terms_oracle(
     jsd_beta: float = 0.5,
 ) -> TokenTerms:
     """Differentiable with respect to `logits` through ordinary autograd."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(_wide(logits) / temperature, dim=-1)
     valid = targets != IGNORE_INDEX
     logprob = logp.gather(1, targets.clamp(min=0).long().unsqueeze(1)).squeeze(1)
     lp_k = logp.gather(1, teacher.ids)
