@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench-cpu bench-step gpu-check lint
+.PHONY: setup test rehearse demo bench-cpu bench-step gpu-check lint
 
 setup: $(VENV)/.installed
 
@@ -17,7 +17,12 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m "not rehearsal" $(PYTEST_ARGS) tests
+
+# The rehearsal at real shapes: Llama-3.1, Qwen2.5 (padded rows; tied and untied), Mistral and Gemma-2
+# vocabulary layouts, each 3 steps on 2 CPU ranks, evaluated and exported (about 5 minutes; CI runs it).
+rehearse: setup
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m rehearsal $(PYTEST_ARGS) tests
 
 # The main job: TrOPD with guidance on the embedded demo task, 2 CPU ranks under the deepspeed
 # launcher. Uses the shipped demo_assets/ (rebuilt by scripts/build_demo_models.py if missing).
@@ -35,10 +40,14 @@ bench-step: setup
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) scripts/bench_step.py --out bench_out/step
 
-# On a machine lent a GPU, with its own python3 (torch, triton): kernels on CUDA, GPU benchmarks and a
-# short real run; the wheels it lacks come from scripts/gpu_wheels.sh (see scripts/gpu_check.py).
+# On a machine lent a GPU, with its own python3 (torch, triton): env, kernels on CUDA, GPU benchmarks and a
+# short real run within a 420 s budget, results in $OUT (at most 8 files); the wheels it lacks come from
+# scripts/gpu_wheels.sh (docs/GPU.md has the one-line device command). Without CUDA (here, with the venv's
+# python) it rehearses the same flow on the CPU. No `setup` prerequisite: the device has no venv.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
 gpu-check:
-	python3 scripts/gpu_check.py --out $${OUT:-gpu_out}
+	$(GPU_PY) scripts/gpu_check.py --out $${OUT:-gpu_out} $(GPU_CHECK_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -15,8 +15,14 @@ resident set size (VmHWM), reset before each measurement through /proc/self/clea
     python scripts/bench_kernels.py --preset cpu --out bench_out/cpu
     python scripts/bench_kernels.py --preset gpu --out bench_out/gpu
     python scripts/bench_kernels.py --preset cpu --modes full --only from_hidden --out bench_out/cpu_full
+    python scripts/bench_kernels.py --preset gpu --modes forward,full --budget-s 100 --out bench_out/gpu
 
-writes RESULTS.json and RESULTS.md under --out.
+writes RESULTS.json and RESULTS.md under --out, both rewritten after every measurement (a run that is cut
+off still leaves every row it finished). Inputs are drawn on the device that runs the case (no CPU draws of
+[N, V] logits or [V, d] weights). With --budget-s, no new measurement starts once the next one would end
+past the budget (estimated from the slowest so far); the cases not run are listed under "not_run". The gpu
+preset lists the 70B -> 8B (Llama) and 72B -> 7B (Qwen) lm_head shapes first, so a budget cuts the least
+telling cases.
 """
 
 from __future__ import annotations
@@ -48,21 +54,23 @@ PRESETS = {
         ("teacher_topk", 64, 3001, 8, 0, "float32"),
         ("token_terms_from_hidden", 64, 3001, 8, 32, "float32"),
     ],
+    # Most telling first (a --budget-s cut drops the tail): the lm_head shapes of the Llama 8B student
+    # (d 4096) and 70B teacher (d 8192), V 128256, then Qwen's V 151936, then the logits-input ops.
     "gpu": [
-        (op, n, v, 64, 0, "bfloat16")
-        for op in ("token_terms", "teacher_topk")
-        for n in (4096, 16384)
-        for v in (32000, 128256, 151936)
-    ]
-    + [
         ("token_terms_from_hidden", n, v, 64, d, "bfloat16")
         for n, v, d in (
             (8192, 128256, 4096),
             (16384, 128256, 4096),
-            (16384, 151936, 4096),
             (8192, 128256, 8192),
+            (16384, 151936, 4096),
             (16384, 151936, 8192),
         )
+    ]
+    + [
+        (op, n, v, 64, 0, "bfloat16")
+        for n in (16384, 4096)
+        for v in (128256, 151936, 32000)
+        for op in ("token_terms", "teacher_topk")
     ],
 }
 # Physical limits of an H100 SXM (ANCHORS.md): used for the floors in the GPU table.
@@ -85,27 +93,27 @@ def implementations(op: str, device: str) -> list[str]:
 
 
 def synthetic_teacher(n, vocab, k, device, g) -> tk.TeacherTopK:
-    """k distinct ids per row and decreasing log-probs, made without any [N, V] temporary."""
-    offset = torch.randint(0, vocab, (n, 1), generator=g)
-    ids = (offset + torch.arange(k) * max(1, vocab // k)) % vocab
-    logprobs = torch.log_softmax(torch.randn(n, k + 1, generator=g) * 2, dim=1)[:, :k].sort(1, descending=True).values
-    zeros = torch.zeros(n)
-    return tk.TeacherTopK(ids.to(device), logprobs.to(device), zeros.to(device), zeros.to(device))
+    """k distinct ids per row and decreasing log-probs, made on `device` without any [N, V] temporary."""
+    offset = torch.randint(0, vocab, (n, 1), generator=g, device=device)
+    ids = (offset + torch.arange(k, device=device) * max(1, vocab // k)) % vocab
+    noise = torch.randn(n, k + 1, generator=g, device=device)
+    logprobs = torch.log_softmax(noise * 2, dim=1)[:, :k].sort(1, descending=True).values
+    zeros = torch.zeros(n, device=device)
+    return tk.TeacherTopK(ids, logprobs, zeros, zeros.clone())
 
 
 def make_inputs(op, n, vocab, k, d, dtype, device):
-    g = torch.Generator(device="cpu").manual_seed(0)
+    """The case's inputs, drawn on `device` in their own dtype (a generator on that device, seed 0)."""
+    g = torch.Generator(device=device).manual_seed(0)
     dt = getattr(torch, dtype)
-    targets = torch.randint(0, vocab, (n,), generator=g).to(device)
+    targets = torch.randint(0, vocab, (n,), generator=g, device=device)
     teacher = synthetic_teacher(n, vocab, k, device, g)
     if op == "token_terms_from_hidden":
-        weight = (torch.randn(vocab, d, generator=g) / d**0.5).to(dt).to(device)
-        hidden = torch.randn(n, d, generator=g).to(dt).to(device)
-        t_hidden = torch.randn(n, d, generator=g).to(dt).to(device)
+        weight = torch.randn(vocab, d, generator=g, device=device, dtype=dt).mul_(d**-0.5)
+        hidden = torch.randn(n, d, generator=g, device=device, dtype=dt)
+        t_hidden = torch.randn(n, d, generator=g, device=device, dtype=dt)
         return dict(hidden=hidden, weight=weight, t_hidden=t_hidden, targets=targets, teacher=teacher)
-    logits = torch.empty(n, vocab, dtype=dt, device=device)
-    for start in range(0, n, 256):  # filled in slices: no [N, V] fp32 temporary
-        logits[start : start + 256] = torch.randn(min(256, n - start), vocab, generator=g).mul_(2).to(dt)
+    logits = torch.randn(n, vocab, generator=g, device=device, dtype=dt).mul_(2)
     return dict(logits=logits, targets=targets, teacher=teacher)
 
 
@@ -291,6 +299,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default=None, help="run only cases whose op contains this text")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    ap.add_argument(
+        "--budget-s", type=float, default=None, help="start no measurement that would end past this many seconds"
+    )
     args = ap.parse_args()
     if args.preset not in PRESETS:
         ap.error(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
@@ -304,25 +315,8 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--preset gpu needs a CUDA device; use --preset cpu here")
-    rows = []
     cases = [c for c in PRESETS[args.preset] if args.only is None or args.only in c[0]]
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
     work = [(c, mode, impl) for c in cases for mode in modes_of(c[0], modes) for impl in implementations(c[0], device)]
-    progress = tqdm(work, desc="bench", unit="case") if tqdm else work
-    for (op, n, vocab, k, d, dtype), mode, impl in progress:
-        case = dict(op=op, impl=impl, mode=mode, n=n, vocab=vocab, k=k, d=d, dtype=dtype)
-        try:
-            row = measure(**case, device=device, warmup=args.warmup, repeats=args.repeats)
-        except (RuntimeError, ImportError, TypeError) as exc:
-            row = dict(op=op, mode=mode, impl=impl, N=n, V=vocab, k=k, d=d, dtype=dtype, device=device)
-            row["error"] = str(exc)[:200]
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        rows.append(row)
-
     machine = dict(
         platform=platform.platform(),
         processor=platform.processor(),
@@ -330,11 +324,60 @@ def main() -> None:
         threads=torch.get_num_threads(),
         gpu=torch.cuda.get_device_name() if device == "cuda" else None,
     )
+    command = f"python {' '.join(sys.argv)}"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "RESULTS.json").write_text(json.dumps(dict(machine=machine, rows=rows), indent=2))
-    md = f"Machine: {json.dumps(machine)}\n\nCommand: `python {' '.join(sys.argv)}`\n\n{table(rows, device)}\n"
-    (args.out / "RESULTS.md").write_text(md)
-    print(md)
+    rows: list[dict] = []
+    start, slowest = time.perf_counter(), 0.0
+    write_results(args.out, machine, command, rows, device, work, done=not work)
+    for i, ((op, n, vocab, k, d, dtype), mode, impl) in enumerate(work):
+        elapsed = time.perf_counter() - start
+        if args.budget_s is not None and elapsed + 1.5 * slowest > args.budget_s:
+            left = len(work) - i
+            print(f"[bench] budget {args.budget_s:.0f} s: stopped after {elapsed:.0f} s, {left} not run", flush=True)
+            write_results(args.out, machine, command, rows, device, work[i:], done=True, stopped="budget")
+            return
+        case = dict(op=op, impl=impl, mode=mode, n=n, vocab=vocab, k=k, d=d, dtype=dtype)
+        t0 = time.perf_counter()
+        try:
+            row = measure(**case, device=device, warmup=args.warmup, repeats=args.repeats)
+        except (RuntimeError, ImportError, TypeError) as exc:
+            row = dict(op=op, mode=mode, impl=impl, N=n, V=vocab, k=k, d=d, dtype=dtype, device=device)
+            row["error"] = str(exc)[:200]
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        row["seconds"] = round(time.perf_counter() - t0, 2)  # wall time of the whole measurement, inputs included
+        slowest = max(slowest, row["seconds"])
+        rows.append(row)
+        write_results(args.out, machine, command, rows, device, work[i + 1 :], done=i + 1 == len(work))
+        print(f"[bench {i + 1}/{len(work)}] {row_line(row)}", flush=True)
+    print((args.out / "RESULTS.md").read_text())
+
+
+def row_line(row: dict) -> str:
+    case = f"{row['op']} {row['mode']} N={row['N']} V={row['V']} d={row['d']} {row['dtype']} {row['impl']}"
+    if "error" in row:
+        return f"{case}: error: {row['error']}"
+    return f"{case}: {row['median_ms']:.3f} ms, {row['working_mib']:.1f} MiB ({row['seconds']:.1f} s)"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`path` holds either its old or its new text at every moment (a run killed mid-write leaves valid JSON)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(out: Path, machine, command, rows, device, pending, done: bool, stopped: str | None = None) -> None:
+    """RESULTS.json and RESULTS.md with every row so far; `pending`: the measurements not (yet) run."""
+    not_run = [dict(op=c[0], N=c[1], V=c[2], k=c[3], d=c[4], dtype=c[5], mode=m, impl=i) for c, m, i in pending]
+    status = stopped or ("complete" if done else "running")
+    data = dict(machine=machine, command=command, status=status, rows=rows, not_run=not_run)
+    write_atomic(out / "RESULTS.json", json.dumps(data, indent=2))
+    md = f"Machine: {json.dumps(machine)}\n\nCommand: `{command}`\n\n{table(rows, device)}\n"
+    if not_run:
+        what = "not run (budget spent)" if stopped else "still to run"
+        md += f"\n{len(not_run)} measurements {what}.\n"
+    write_atomic(out / "RESULTS.md", md)
 
 
 if __name__ == "__main__":

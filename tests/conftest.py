@@ -9,6 +9,12 @@ os.environ.pop("TROPD_KERNELS_BACKEND", None)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "rehearsal: real vocabulary layouts on 2 CPU ranks (`make rehearse`; `make test` leaves them out)"
+    )
+
+
 # ----------------------------------------------------------------------------- shared trainer fixtures
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
