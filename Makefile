@@ -20,7 +20,8 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m "not rehearsal" $(PYTEST_ARGS) tests
 
 # The rehearsal at real shapes: Llama-3.1, Qwen2.5 (padded rows; tied and untied), Mistral and Gemma-2
-# vocabulary layouts, each 3 steps on 2 CPU ranks, evaluated and exported (about 5 minutes; CI runs it).
+# vocabulary layouts, each 3 steps on 2 CPU ranks, evaluated and exported, and the GPU check's flow rehearsed
+# on the CPU (about 6 minutes; CI runs it).
 rehearse: setup
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m rehearsal $(PYTEST_ARGS) tests
 

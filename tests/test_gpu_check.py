@@ -79,6 +79,7 @@ def check_out_folder(out: Path) -> dict:
     return json.loads((out / "gpu_check.json").read_text())
 
 
+@pytest.mark.rehearsal  # two real training steps: `make rehearse`
 def test_the_rehearsal_writes_each_step_as_it_completes(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     # a roomy budget: a busy CI machine must not cut the rehearsal's steps (the next test cuts them on purpose)
