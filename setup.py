@@ -21,6 +21,7 @@ setup(
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",
         "accelerate>=1.1,<2",
+        "numpy>=1.26",  # the checkpoint keeps NumPy's generator state
         "psutil>=5.9,<8",  # imported directly (locks, stale build locks), not only through deepspeed
         "jinja2>=3.1,<4",  # reading which keywords a chat template uses
         "huggingface_hub>=1.0,<3",  # hub data sets offline from the cache

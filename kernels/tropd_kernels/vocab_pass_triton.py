@@ -14,10 +14,30 @@ import torch
 import triton
 import triton.language as tl
 
+NUM_WARPS = 8  # both kernels: 256 threads per row
+
 
 def _block_size(vocab: int, on_gpu: bool) -> int:
     cap = 4096 if on_gpu else 8192  # the interpreter (CPU tensors) prefers few, wide blocks
     return min(triton.next_power_of_2(vocab), cap)
+
+
+# The constexprs and launch options of each kernel, the only place they are chosen: the launchers below
+# and tests/test_kernel_compile.py (which compiles every variant for sm_80 and sm_90 with ptxas) use them.
+def forward_launch(vocab: int, on_gpu: bool) -> dict:
+    """`_forward_kernel`'s constexprs and options for rows of `vocab` logits."""
+    return {"BLOCK": _block_size(vocab, on_gpu), "num_warps": NUM_WARPS}
+
+
+def backward_launch(vocab: int, n_gather: int, grad_dtype: torch.dtype, on_gpu: bool) -> dict:
+    """`_backward_kernel`'s constexprs and options: rows of `vocab` logits, `n_gather` gathered columns,
+    gradients written in `grad_dtype` (fp32: the gathered entries read the dense gradient back)."""
+    return {
+        "BLOCK": _block_size(vocab, on_gpu),
+        "GP": triton.next_power_of_2(n_gather),
+        "READ_BACK": grad_dtype == torch.float32,
+        "num_warps": NUM_WARPS,
+    }
 
 
 @triton.jit
@@ -111,8 +131,7 @@ def forward(logits: torch.Tensor, gather_ids: torch.Tensor, temperature: float, 
             float(temperature),
             lse,
             entropy,
-            BLOCK=_block_size(vocab, logits.is_cuda),
-            num_warps=8,
+            **forward_launch(vocab, logits.is_cuda),
         )
     gathered = logits.gather(1, gather_ids).float() / temperature
     top_vals = top_ids = None
@@ -149,10 +168,7 @@ def backward(logits, lse, gather_ids, grad_lse, grad_gathered, temperature, out=
             ids.contiguous(),
             g_gat.contiguous(),
             ids.shape[1],
-            BLOCK=_block_size(vocab, logits.is_cuda),
-            GP=triton.next_power_of_2(ids.shape[1]),
-            READ_BACK=target.dtype == torch.float32,
-            num_warps=8,
+            **backward_launch(vocab, ids.shape[1], target.dtype, logits.is_cuda),
         )
     if target is not out:
         out.copy_(target)
