@@ -62,15 +62,27 @@ def test_a_world_size_the_batch_cannot_divide_is_refused_before_any_engine(works
 
 @pytest.mark.parametrize(
     "local,visible,index",
-    [(0, 8, 0), (5, 8, 5), (3, 1, 0), (7, 1, 0), (5, 4, 1)],
-    ids=["first", "eight-visible", "one-visible", "one-visible-last", "fewer-visible"],
+    [(0, 8, 0), (5, 8, 5), (3, 1, 0), (7, 1, 0)],
+    ids=["first", "eight-visible", "one-visible", "one-visible-last"],
 )
 def test_the_device_is_the_local_rank_modulo_the_visible_gpus(local, visible, index):
     """One visible GPU per process (Slurm's per-task binding): every rank uses device 0, and LOCAL_RANK, which
-    DeepSpeed's engine and zero.Init take as the device index, becomes that index."""
+    DeepSpeed's engine and zero.Init take as the device index, becomes that index (and mpirun's local rank,
+    which DeepSpeed asserts equal to it)."""
     from tropd_ds.process import assign_device
 
-    env = {"LOCAL_RANK": str(local), "RANK": "9"}
+    env = {"LOCAL_RANK": str(local), "RANK": "9", "OMPI_COMM_WORLD_LOCAL_RANK": str(local)}
     assert assign_device(env, visible) == index
-    assert env["LOCAL_RANK"] == str(index)
+    assert env["LOCAL_RANK"] == str(index) == env["OMPI_COMM_WORLD_LOCAL_RANK"]
     assert env.get("TROPD_DS_LAUNCHER_LOCAL_RANK", str(local)) == str(local)
+
+
+def test_two_ranks_on_one_gpu_and_an_mpi_launch_without_ranks_are_refused():
+    from tropd_ds.config import ConfigError
+    from tropd_ds.process import assign_device, check_not_launched_by_mpi
+
+    with pytest.raises(ConfigError, match="LOCAL_RANK=5 but this process sees 4 GPUs"):
+        assign_device({"LOCAL_RANK": "5"}, 4)  # NCCL would refuse it later as "Duplicate GPU detected"
+    with pytest.raises(ConfigError, match="OMPI_COMM_WORLD_SIZE=4 but RANK and WORLD_SIZE are not set"):
+        check_not_launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "4"})
+    check_not_launched_by_mpi({"SLURM_STEP_NUM_TASKS": "1", "OMPI_COMM_WORLD_SIZE": "1"})  # one process: fine

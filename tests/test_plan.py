@@ -3,13 +3,17 @@ estimator, the CLI's text and JSON, and clear errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from tropd_ds import plan as P
 
@@ -127,3 +131,192 @@ def test_a_lora_student_is_planned_with_its_adapters_trained_and_its_base_frozen
     saved = (18 * p - (18 * trainable + 2 * (p - trainable))) / 8 / gib  # per GPU, 8 GPUs, no offload
     got = full["gpu_gib"]["resident"]["student model states"] - adapted["gpu_gib"]["resident"]["student model states"]
     assert got == pytest.approx(saved, abs=0.02)
+
+
+# ---- the rollout prefill, the update's lm_head weight gradient and the host reserve
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors that the ops under this mode create, alive at once (peak): a storage counts from
+    the op that makes it until no tensor the mode saw refers to it; views of `existing` (weights) count nothing."""
+
+    def __init__(self, existing=(), keep=lambda t: True):
+        super().__init__()
+        self.existing = {t.untyped_storage().data_ptr() for t in existing}
+        self.keep = keep
+        self.storages: dict[int, list[int]] = {}  # data_ptr -> [bytes, tensors alive]
+        self.now = self.peak = 0
+
+    def _release(self, key):
+        entry = self.storages[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.storages[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key == 0 or key in self.existing or (key not in self.storages and not self.keep(t)):
+                continue
+            if key not in self.storages:
+                self.storages[key] = [t.untyped_storage().nbytes(), 0]
+                self.now += self.storages[key][0]
+                self.peak = max(self.peak, self.now)
+            self.storages[key][1] += 1
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+# (family, rows, tokens, d, ffn, heads, kv heads, head dim): the last layer's MLP is the peak (the shipped
+# models at the presets' shape), attention with its [T, T] mask, RoPE, RMSNorm; GQA K and V copied to every
+# head, MQA (one KV head: a view) and plain multi-head attention; Qwen2's q/k/v biases.
+PREFILL_SHAPES = [
+    ("llama", 4, 512, 64, 1024, 4, 2, 16),
+    ("qwen2", 3, 300, 96, 384, 6, 2, 16),
+    ("llama", 4, 512, 128, 256, 4, 2, 32),
+    ("llama", 2, 1024, 64, 128, 4, 1, 16),
+    ("llama", 2, 64, 256, 64, 4, 4, 64),
+    ("llama", 2, 64, 256, 32, 2, 1, 32),
+]
+
+
+@pytest.mark.parametrize("family,rows,tokens,d,ffn,heads,kv_heads,head_dim", PREFILL_SHAPES)
+def test_the_prefill_term_is_the_peak_of_a_real_prefill_to_the_byte(family, rows, tokens, d, ffn, heads, kv_heads,
+                                                                     head_dim):  # fmt: skip
+    """The rollout's prefill as `GenerateRollout._decode` runs it (transformers' SDPA, left padding, a
+    DynamicCache, logits_to_keep=1): the peak of the tensors it creates is the plan's prefill working set
+    plus the KV cache it writes, on CPU, where the plan's attention path (a bf16 additive mask from the
+    bool one, no [T, T] scores) is the one torch takes too."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    layers, vocab = 2, 512
+    config = config_cls(
+        hidden_size=d,
+        intermediate_size=ffn,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    lm = model_cls(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, vocab, (rows, tokens))
+    mask = torch.ones(rows, tokens, dtype=torch.long)
+    mask[0, :3] = 0  # left padding, as the rollout's prompt batch has
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    live = LiveBytes([*lm.parameters(), *lm.buffers()])
+    with torch.no_grad(), live:
+        lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+           cache=DynamicCache(config=config))  # fmt: skip
+    arch = P.Arch(family, d, ffn, layers, heads, kv_heads, head_dim, vocab, False, family == "qwen2")
+    kv_cache = 2 * layers * arch.kv_dim * 2 * rows * tokens
+    assert live.peak == sum(P.prefill_bytes(arch, rows, tokens).values()) + kv_cache
+
+
+def test_the_prefill_scales_with_rows_and_tokens_and_is_in_the_rollout_phase():
+    llama = P.load_arch("llama-3.1-8b")
+    rows, tokens = 16, 1024 + 8096
+    # by hand, Llama-3.1-8B at 16 rows x 9,120 tokens: the [rows, 1, T, T] bool mask, RoPE's cos and sin (bf16
+    # [rows, T, 128] each), 4 bf16 [rows, T, 4096] hidden states and act(gate), up and their product (bf16
+    # [rows, T, 14336] each) in the last layer's MLP
+    n = rows * tokens
+    hand = rows * tokens**2 + 2 * 2 * n * 128 + 4 * 2 * n * 4096 + 3 * 2 * n * 14336
+    terms = P.prefill_bytes(llama, rows, tokens)
+    assert sum(terms.values()) == hand and "MLP temporaries" in terms
+    assert 18.5e9 < hand < 19e9  # the issue's "13-15 GB" counted gate and up only, not their product
+    # linear in the rows; in the tokens but for the mask, which is quadratic
+    assert P.prefill_bytes(llama, 2 * rows, tokens) == {k: 2 * v for k, v in terms.items()}
+    longer = P.prefill_bytes(llama, rows, 2 * tokens)
+    assert longer == {k: (4 if "mask" in k else 2) * v for k, v in terms.items()}
+    # the plan adds it to the rollout phase, at the rollout micro-batch and prompt + response tokens
+    r = P.plan(llama, P.load_arch("llama-3.1-70b"), P.Hardware(), P.Workload(rollout_micro_batch=rows))
+    assert r["gpu_gib"]["phases"]["rollout"]["prefill working set"] == round(hand / 2**30, 2)
+    assert r["gpu_gib"]["prefill"]["rows"] == rows and r["gpu_gib"]["prefill"]["tokens"] == tokens
+    # without teacher prefixes the prefill is the prompts' (and so is its compute time)
+    short = P.plan(llama, P.load_arch("llama-3.1-70b"), P.Hardware(),
+                   P.Workload(rollout_micro_batch=rows, guidance=False))  # fmt: skip
+    assert short["gpu_gib"]["prefill"]["tokens"] == 1024
+    assert short["gpu_gib"]["phases"]["rollout"]["prefill working set"] == round(
+        sum(P.prefill_bytes(llama, rows, 1024).values()) / 2**30, 2
+    )
+    assert short["step_seconds"]["detail"]["prefill_s"] < r["step_seconds"]["detail"]["prefill_s"] / 8
+    assert P.Workload(guidance_max_len=2000).prefill_len() == 1024 + 2000
+    assert P.Workload(response_len=500, guidance_max_len=2000).prefill_len() == 1024 + 500  # within the response
+
+
+def test_a_run_configs_prefill_covers_its_prompts_and_teacher_prefixes():
+    preset = str(ROOT / "configs/presets/llama70b_to_llama8b_1x8.yaml")
+
+    def tokens(*extra):
+        return json.loads(run_plan("--config", preset, *extra, "--json").stdout)["gpu_gib"]["prefill"]["tokens"]
+
+    assert tokens() == 1024 + 8096  # guidance_max_len defaults to max_new_tokens
+    assert tokens("--set", "rollout.guidance_max_len=2000") == 1024 + 2000
+    assert tokens("--set", "rollout.guidance=false") == 1024
+    assert tokens("--response-len", "4000") == 1024 + 4000  # the CLI's lengths override the config's
+    text = run_plan("--config", preset).stdout
+    assert "prefill working set" in text and "16 rows x 9120 tokens (prompt + teacher prefix)" in text
+
+
+def test_the_update_holds_the_lm_head_weight_gradient_as_two_fp32_v_by_d():
+    for name in P.SHIPPED:  # an fp32 accumulator and one chunk's fresh product: 2.2 GB each for Qwen2.5-7B
+        arch = P.load_arch(name)
+        update = P.plan(arch, arch, P.Hardware(), P.Workload())["gpu_gib"]["phases"]["update"]
+        assert update["lm_head weight grad (2 fp32 [V, d])"] == round(2 * arch.vocab * arch.hidden * 4 / 2**30, 2)
+    lora = P.plan(arch, arch, P.Hardware(), P.Workload(trainable_params=1e7))  # a frozen lm_head: no weight gradient
+    assert lora["gpu_gib"]["phases"]["update"]["lm_head weight grad (2 fp32 [V, d])"] == 0
+
+
+def test_the_kernels_backward_holds_two_fp32_v_by_d_at_once():
+    """token_terms_from_hidden's backward, several chunks: the [V, d] fp32 tensors it creates peak at what the
+    plan counts (an fp32 weight, so that the operand is the weight itself, as a bf16 one is on CUDA)."""
+    import tropd_kernels as tk
+
+    n, d, vocab, k = 24, 16, 96, 4
+    torch.manual_seed(0)
+    hidden = torch.randn(n, d, requires_grad=True)
+    weight = torch.randn(vocab, d, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    logprobs, ids = torch.randn(n, vocab).log_softmax(-1).topk(k)
+    teacher = tk.TeacherTopK(ids, logprobs, logprobs[:, 0], torch.ones(n))
+    terms = tk.token_terms_from_hidden(hidden, weight, targets, teacher, chunk_size=5, backend="torch")
+    loss = terms.logprob.sum() + terms.fkl.sum()
+    live = LiveBytes([weight, hidden], keep=lambda t: t.shape == (vocab, d) and t.dtype == torch.float32)
+    with live:
+        loss.backward()
+    assert weight.grad is not None and live.peak == P.lm_head_grad_bytes(
+        P.Arch("x", d, 1, 1, 1, 1, d, vocab, False, False)
+    )
+
+
+def test_host_memory_keeps_a_reserve_and_a_plan_that_eats_it_does_not_fit():
+    student, hw = P.load_arch("llama-3.1-8b"), P.Hardware()
+    r = P.plan(student, P.load_arch("llama-3.1-70b"), hw, P.Workload(rollout_micro_batch=16))
+    h = r["host_gib_per_node"]
+    assert h["reserve: OS and page cache"] == 32 and h["reserve: 8 processes"] == 8 * 6
+    assert h["reserve: 8 checkpoint tensors staged"] == 8 * 5
+    assert h["reserve: student export (bf16, rank 0)"] == round(2 * student.params() / 2**30, 2)
+    assert h["total"] == pytest.approx(h["counted"] + h["reserve"], abs=0.02) and h["reserve"] > 130
+    # the teacher the 90%-of-host rule allowed (561 layers of Llama-3.1-70B's shape, 482 B) leaves less than the
+    # reserve beside the student: reported, and fits again only without the reserve
+    big = dataclasses.replace(P.load_arch("llama-3.1-70b"), layers=561)
+    wl = P.Workload(rollout_micro_batch=16)
+    tight = P.plan(student, big, hw, wl)
+    assert tight["host_gib_per_node"]["counted"] <= 0.9 * hw.host_mem_gib  # what the 90% rule let through
+    assert not tight["fits_host"] and not tight["fits"] and tight["fits_gpu"]
+    text = P.format_plan(tight)
+    assert "DOES NOT FIT (the reserve needs" in text and "verdict: does NOT fit: host" in text
+    none = dataclasses.replace(hw, host_os_gib=0, host_process_gib=0, host_staging_gib=0)
+    assert P.plan(student, big, none, wl)["fits_host"]
+    # the reserve's figures are flags of the CLI
+    out = run_plan("--student", "llama-3.1-8b", "--teacher", "llama-3.1-70b", "--rollout-micro-batch", "16",
+                   "--host-mem-gib", "290", "--host-process-gib", "7")  # fmt: skip
+    assert out.returncode == 1 and "reserve: 8 processes                         56.00" in out.stdout, out.stdout

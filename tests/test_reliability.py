@@ -445,5 +445,7 @@ def test_a_rank_held_back_past_the_collective_time_out_ends_the_run_with_the_set
     code, out = finish(proc, timeout=120)
     assert code != 0 and time.time() - started < 55, out[-3000:]  # well before rank 1 wakes: nobody waited on it
     assert "error: a collective waited longer than collective_timeout_minutes=0.25" in out, out[-3000:]
-    assert "raise collective_timeout_minutes" in out
+    assert "raise collective_timeout_minutes" in out and "Timed out waiting" in out  # gloo's own words kept
+    groups = int(out.split("(collective_timeout_minutes; ")[1].split()[0])
+    assert groups >= 2, out[-3000:]  # the world and DeepSpeed's data-parallel group (gradient reduce-scatter)
     assert "Traceback" not in out, out[-3000:]

@@ -22,7 +22,7 @@ def test_cpu_python_and_numpy_generators_are_saved_and_restored(tmp_path):
     torch.save(checkpoint.rng_states(), tmp_path / "rng.pt")
     expected = draws()
     draws()  # the run goes on (or dies) after its checkpoint
-    checkpoint.restore_rng_states(torch.load(tmp_path / "rng.pt", weights_only=False))
+    checkpoint.restore_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert draws() == expected
 
 
@@ -45,7 +45,7 @@ def test_the_accelerators_generator_is_saved_and_restored(monkeypatch, tmp_path)
     torch.save(checkpoint.rng_states(), tmp_path / "rng.pt")
     device.states[1] = torch.tensor([99], dtype=torch.uint8)  # the rollout drew from the GPU generator
     notes = []
-    checkpoint.restore_rng_states(torch.load(tmp_path / "rng.pt", weights_only=False), notes.append)
+    checkpoint.restore_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True), notes.append)
     assert device.states[1].tolist() == [7] and device.states[0].tolist() == [1] and not notes
 
 
@@ -59,3 +59,11 @@ def test_a_checkpoint_from_another_kind_of_device_restores_what_it_can_and_says_
     checkpoint.restore_rng_states(saved, notes.append)
     assert len(notes) == 1 and "from a cuda run" in notes[0] and "on cpu" in notes[0]
     assert torch.equal(torch.get_rng_state(), saved["torch"])
+
+
+def test_a_checkpoint_from_before_the_accelerator_state_is_said_to_predate_it(monkeypatch):
+    old = {"torch": torch.get_rng_state(), "python": random.getstate()}  # what earlier versions saved
+    monkeypatch.setattr(checkpoint, "_accelerator", lambda: ("cuda", FakeDevice(), 0))
+    notes = []
+    checkpoint.restore_rng_states(old, notes.append)
+    assert len(notes) == 1 and "predates saving the cuda generator" in notes[0]

@@ -202,14 +202,16 @@ def rng_states() -> dict:
     """Every generator a run draws from, for an exact resume: torch's CPU generator, the accelerator's
     (on GPUs the rollout samples, and dropout draws, from it; no DeepSpeed checkpoint keeps it), Python's
     and NumPy's."""
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
     accelerator = _accelerator()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "device": "cpu"}
     if accelerator is not None:
         kind, module, index = accelerator
+        states["device"] = kind
         states["accelerator"] = {"type": kind, "state": module.get_rng_state(index)}
     numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        states["numpy"] = numpy.random.get_state()
+    if numpy is not None:  # as plain values: a pickled array would tie the file to NumPy's module layout
+        name, keys, pos, has_gauss, cached = numpy.random.get_state()
+        states["numpy"] = (name, keys.tolist(), int(pos), int(has_gauss), float(cached))
     return states
 
 
@@ -221,16 +223,21 @@ def restore_rng_states(states: dict, log=print) -> None:
     if "numpy" in states:
         import numpy
 
-        numpy.random.set_state(states["numpy"])
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        numpy.random.set_state((name, numpy.asarray(keys, dtype=numpy.uint32), pos, has_gauss, cached))
     accelerator, saved = _accelerator(), states.get("accelerator")
+    now = accelerator[0] if accelerator else "cpu"
     if accelerator is not None and saved is not None and saved["type"] == accelerator[0]:
         accelerator[1].set_rng_state(saved["state"], accelerator[2])
-    elif accelerator is not None or saved is not None:
-        was = saved["type"] if saved else "cpu"
-        now = accelerator[0] if accelerator else "cpu"
+    elif "device" not in states and accelerator is not None:
         log(
-            f"note: the checkpoint's random state is from a {was} run and this one runs on {now}: the run "
-            "continues, but its samples will not repeat those of an uninterrupted run"
+            f"note: the checkpoint predates saving the {now} generator: the run continues, but its samples will not "
+            "repeat those of an uninterrupted run"
+        )
+    elif states.get("device", "cpu") != now:
+        log(
+            f"note: the checkpoint's random state is from a {states['device']} run and this one runs on {now}: the "
+            "run continues, but its samples will not repeat those of an uninterrupted run"
         )
 
 
@@ -288,7 +295,7 @@ def resume(engine, ckpt_dir: str, log=print) -> dict | None:
         )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {folder}")
-        restore_rng_states(torch.load(folder / f"rng_rank{rank}.pt", weights_only=False), log)
+        restore_rng_states(torch.load(folder / f"rng_rank{rank}.pt", weights_only=True), log)
         return client
     if skipped:
         raise CheckpointError(

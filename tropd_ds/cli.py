@@ -142,7 +142,7 @@ def _eval(argv) -> int:
 
         model = PeftModel.from_pretrained(model, args.model).merge_and_unload()
     model.eval()
-    real_tokens_only = RealTokensOnly.list_for(len(tok), model)
+    real_tokens_only = RealTokensOnly.list_for(len(tok))
     records = []
     for start in range(0, n, args.batch_size):
         chunk = [rows[i] for i in range(start, min(n, start + args.batch_size))]
@@ -210,11 +210,10 @@ class RealTokensOnly:
         return scores
 
     @classmethod
-    def list_for(cls, vocab: int, model):
+    def list_for(cls, vocab: int):
         from transformers import LogitsProcessorList
 
-        rows = model.get_output_embeddings().weight.shape[0]
-        return LogitsProcessorList([cls(vocab)] if rows > vocab else [])
+        return LogitsProcessorList([cls(vocab)])
 
 
 def adapter_base(folder: str) -> str | None:

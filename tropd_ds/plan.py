@@ -5,6 +5,11 @@ offloaded parameters), the rollout (gathered student + KV cache), activations an
 and a step-time estimate split into rollout, teacher scoring and update, from stated hardware
 figures. Every figure is a formula over the model shapes printed with it, not a measurement.
 
+The rollout phase adds the prefill's working set to the gathered student and the KV cache; the update
+adds the lm_head weight gradient's fp32 temporaries to the activations and the loss path; host memory
+keeps a reserve for the OS and page cache, each rank's own process and the checkpoints' staging
+(`Hardware`'s host_* fields), and a plan whose total with that reserve exceeds the host does not fit.
+
 Model states follow DeepSpeed's accounting for ZeRO-3 (`estimate_zero3_model_states_mem_needs`,
 zero_init on): 18 bytes per trained parameter (bf16 parameter and gradient, fp32 master weights,
 Adam's two moments, and gradient buffers) spread over the GPUs or, when offloaded, over the hosts
@@ -126,6 +131,19 @@ class Hardware:
     inter_gbs: float = 40.0  # network per GPU across nodes (e.g. 400 Gb/s InfiniBand)
     nvme_gbs: float = 6.0  # NVMe read per node
     cpu_adam_params_per_s: float = 1.0e9  # DeepSpeed CPU Adam per GPU's share
+    # Host memory the plan keeps free besides what it counts (the total with it must fit in host_mem_gib):
+    # the OS, its daemons and the page cache that checkpoint and data reads go through (a node whose pinned
+    # memory leaves no page cache re-reads the disk while 140 GB of teacher load);
+    host_os_gib: float = 32.0
+    # one rank's own resident memory: the Python interpreter, the torch / CUDA / NCCL libraries and the CUDA
+    # context (3-5 GiB for a process that imported torch, DeepSpeed and transformers and initialised CUDA),
+    # the tokenizer and its share of the data set;
+    host_process_gib: float = 6.0
+    # and, per rank, one checkpoint tensor staged on the host: from_pretrained reads a safetensors shard (the
+    # 70B/72B checkpoints ship <= 5 GB shards, transformers' default max_shard_size) and DeepSpeed's save copies
+    # each GPU tensor to the host in turn (ZeRO-3's fp32 sub-groups of <= 1e9 elements: <= 4 GB).
+    # The export (checkpoint.export) adds the whole bf16 student on rank 0's host (plan() counts it).
+    host_staging_gib: float = 5.0
 
     @property
     def gpus(self) -> int:
@@ -144,6 +162,16 @@ class Workload:
     student_micro_batch: int = 1
     teacher_micro_batch: int = 4
     rollout_micro_batch: int = 0  # sequences generated at once per GPU; 0 = all of the GPU's share
+    # the rollout's prefill runs over the prompt batch padded to its longest prompt + teacher prefix: with
+    # guidance (rollout.guidance) prefixes of up to guidance_max_len tokens (0 = response_len, as
+    # rollout.guidance_max_len), which a guided run's first steps reach
+    guidance: bool = True
+    guidance_max_len: int = 0
+
+    def prefill_len(self) -> int:
+        prefix = (self.guidance_max_len or self.response_len) if self.guidance else 0
+        return self.prompt_len + prefix
+
     k: int = 64
     student_offload: str = "none"  # none | optimizer | optimizer+params
     teacher_offload: str = "cpu"  # none | cpu | nvme
@@ -180,6 +208,60 @@ def student_model_states(arch: Arch, hw: Hardware, offload: str, trainable: floa
     raise ValueError(f"student offload {offload!r}: expected one of {', '.join(STUDENT_OFFLOADS)}")
 
 
+def prefill_bytes(arch: Arch, rows: int, tokens: int) -> dict[str, int]:
+    """The working set of one no-grad Hugging Face forward over `rows` x `tokens` (the rollout's prefill:
+    `rollout.GenerateRollout._decode`, `logits_to_keep=1`) besides the weights and the KV cache it writes;
+    its peak is in the last layer. Attention is transformers' SDPA (its default attn_implementation, no
+    [T, T] scores): left padding makes transformers build one [rows, 1, T, T] bool mask per forward, torch's
+    SDPA turns it into a bf16 additive mask in every layer, and with a mask grouped-query K and V are
+    copied to every head (`repeat_kv`; a view when there is a single KV head). Each term agrees to the
+    byte with the live tensors of a real prefill on CPU (tests/test_plan.py); on CUDA the memory-efficient
+    kernel may also pad the bf16 mask's last dimension to its alignment for a moment (attention only, not
+    the MLP peak of the shipped models)."""
+    n, q = rows * tokens, arch.heads * arch.head_dim
+    hidden = 2 * n * arch.hidden  # one bf16 [rows, T, d]
+    repeated = 1 < arch.kv_heads < arch.heads
+    # in attention the embeddings, the layer's input and its normed copy are alive (3 hidden), and either
+    # RoPE's temporaries beside q (x cos, rotate_half(x) and its product with sin, or their sum; k and v are
+    # the size of the layer's KV cache, not written yet) or, in SDPA, the rotated queries, K and V repeated to
+    # every head, the output, its fp32 log-sum-exp and the bf16 additive mask (K and V are the KV cache's)
+    rope = 2 * n * q + 2 * n * max(3 * q, q + 3 * arch.kv_dim)
+    sdpa = 2 * n * q * (4 if repeated else 2) + 4 * rows * arch.heads * tokens + 2 * rows * tokens * tokens
+    attention = 3 * hidden + max(rope, sdpa)
+    # in the MLP: embeddings, layer input, residual and normed input (4 hidden), then act(gate), up and their
+    # product, [rows, T, ffn] each (gate itself is freed once act(gate) exists)
+    mlp = 4 * hidden + 3 * 2 * n * arch.intermediate
+    # RMSNorm after attention: embeddings, layer input and residual; two fp32 [rows, T, d] temporaries and the
+    # fp32 variance and its rsqrt
+    norm = 3 * hidden + 2 * 4 * n * arch.hidden + 2 * 4 * n
+    layer = {"attention": (3, attention), "MLP": (4, mlp), "RMSNorm": (3, norm)}
+    peak_at = max(layer, key=lambda k: layer[k][1])
+    copies, peak = layer[peak_at]
+    return {
+        "4D attention mask (bool)": rows * tokens * tokens,
+        "rotary cos and sin": 2 * 2 * n * arch.head_dim,
+        f"{copies} hidden states [rows, T, d]": copies * hidden,
+        f"{peak_at} temporaries": peak - copies * hidden,
+    }
+
+
+def lm_head_grad_bytes(arch: Arch) -> int:
+    """The update's lm_head weight gradient in `token_terms_from_hidden`'s backward: an fp32 [V, d]
+    accumulator and each chunk's fresh fp32 [V, d] product added into it (cast to bf16 at the end, 6 V d,
+    below that peak)."""
+    return 2 * 4 * arch.vocab * arch.hidden
+
+
+def host_reserve(student: Arch, hw: Hardware) -> dict[str, float]:
+    """Host bytes per node kept free for what the plan does not count as model state (Hardware's host_* fields)."""
+    return {
+        "reserve: OS and page cache": hw.host_os_gib * GiB,
+        f"reserve: {hw.gpus_per_node} processes": hw.gpus_per_node * hw.host_process_gib * GiB,
+        f"reserve: {hw.gpus_per_node} checkpoint tensors staged": hw.gpus_per_node * hw.host_staging_gib * GiB,
+        "reserve: student export (bf16, rank 0)": 2 * student.params(),
+    }
+
+
 def activation_bytes_per_token_layer(arch: Arch) -> int:
     """bf16 tensors a decoder layer keeps for backward per token (SDPA/flash attention: no [s, s])."""
     return 2 * (6 * arch.hidden + 2 * arch.kv_dim + 4 * arch.intermediate)
@@ -205,6 +287,7 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
         raise ValueError(f"k={wl.k} exceeds the vocabulary ({min(student.vocab, teacher.vocab)})")
     G = hw.gpus
     seq = wl.prompt_len + wl.response_len
+    pre_len = wl.prefill_len()
     rollouts = wl.rollouts_per_gpu(G)
     gen_batch = rollouts if wl.rollout_micro_batch <= 0 else min(rollouts, wl.rollout_micro_batch)
     ps, pt = student.params(), teacher.params()
@@ -231,9 +314,13 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
             disk = 2 * pt / hw.nodes
     # phase working sets (rollout, teacher scoring and update do not overlap)
     kv = 2 * student.layers * student.kv_dim * 2 * seq * gen_batch
+    prefill = prefill_bytes(student, gen_batch, pre_len)
     rollout_ws = {
         "gathered student (bf16)": 2 * ps if wl.gather_for_generation else 2 * student.largest_layer_params(),
-        "KV cache": kv,
+        "KV cache": kv,  # prompt + response tokens, the end of generation
+        # added to the whole KV cache: exact when the prefill runs over prompt + response (a teacher prefix
+        # fills the response), an upper bound otherwise
+        "prefill working set": sum(prefill.values()),
     }
     n_resp = wl.student_micro_batch * wl.response_len
     per_tok = activation_bytes_per_token_layer(student)
@@ -243,7 +330,14 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     activations = act_ckpt if wl.gradient_checkpointing else act_full
     loss_ours = LOSS_CHUNK_BYTES + n_resp * wl.k * 12 + n_resp * student.hidden * 2 * 2
     loss_full = n_resp * student.vocab * (2 + 4 + 4)  # bf16 logits, fp32 log-softmax, fp32 gradient
-    update_ws = {"activations": activations, "loss path (tropd_kernels)": loss_ours}
+    head_trains = not wl.trainable_params  # a LoRA student's lm_head is frozen: no weight gradient
+    update_ws = {
+        "activations": activations,
+        "loss path (tropd_kernels)": loss_ours,
+        # the backward casts each chunk's fp32 logit gradient to bf16 for its matmuls (half a [chunk, V] block)
+        "logit gradient chunk (bf16 cast)": LOSS_CHUNK_BYTES // 2,
+        "lm_head weight grad (2 fp32 [V, d])": lm_head_grad_bytes(student) if head_trains else 0,
+    }
     n_teacher = wl.teacher_micro_batch * seq
     teacher_ws = {
         "teacher layer working set": n_teacher
@@ -258,6 +352,9 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     resident = sum(gpu.values())
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
     gpu_total = resident + sum(phases[peak_phase].values())
+    host_counted = sum(host.values())
+    reserve = host_reserve(student, hw)
+    host.update(reserve)
     host_total = sum(host.values())
 
     # ---- step time per GPU (all GPUs work in parallel on their share)
@@ -265,7 +362,7 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     coll = hw.collective_gbs() * 1e9
     gather_s = 2 * ps * (G - 1) / G / coll if wl.gather_for_generation else 0.0
     chunks = math.ceil(rollouts / gen_batch)
-    prefill_s = chunks * 2 * ps * gen_batch * wl.prompt_len / flops
+    prefill_s = chunks * 2 * ps * gen_batch * pre_len / flops
     kv_mid = kv / 2
     per_token = max((2 * ps + kv_mid) / (hw.hbm_gbs * 1e9 * hw.hbm_efficiency), 2 * ps * gen_batch / flops)
     if not wl.gather_for_generation:
@@ -313,12 +410,20 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
             "activations_with_checkpointing": round(act_ckpt / GiB, 2),
             "loss_path_full_logits": round(loss_full / GiB, 2),
             "teacher_scoring_full_logits": round(teacher_full / GiB, 2),
+            "prefill": {"rows": gen_batch, "tokens": pre_len, **gib(prefill)},
+            "lm_head_weight_gradient": round(update_ws["lm_head weight grad (2 fp32 [V, d])"] / GiB, 2),
         },
-        "host_gib_per_node": {**gib(host), "total": round(host_total / GiB, 2), "available": hw.host_mem_gib},
+        "host_gib_per_node": {
+            **gib(host),
+            "counted": round(host_counted / GiB, 2),
+            "reserve": round(sum(reserve.values()) / GiB, 2),
+            "total": round(host_total / GiB, 2),
+            "available": hw.host_mem_gib,
+        },
         "nvme_gib_per_node": round(disk / GiB, 2),
         "fits_gpu": gpu_total <= hw.gpu_mem_gib * GiB * GPU_RESERVE,
-        "fits_host": host_total <= hw.host_mem_gib * GiB * GPU_RESERVE,
-        "fits": gpu_total <= hw.gpu_mem_gib * GiB * GPU_RESERVE and host_total <= hw.host_mem_gib * GiB * GPU_RESERVE,
+        "fits_host": host_total <= hw.host_mem_gib * GiB,
+        "fits": gpu_total <= hw.gpu_mem_gib * GiB * GPU_RESERVE and host_total <= hw.host_mem_gib * GiB,
         "step_seconds": {
             "rollout": round(rollout_s, 1),
             "teacher_scoring": round(teacher_s, 1),
@@ -360,6 +465,8 @@ def workload_from_run_config(cfg) -> tuple[str, str, Workload]:
         student_micro_batch=cfg.student.micro_batch_size,
         teacher_micro_batch=cfg.teacher.micro_batch_size,
         rollout_micro_batch=cfg.rollout.micro_batch_size,
+        guidance=cfg.rollout.guidance,  # the prefill runs over prompts plus teacher prefixes
+        guidance_max_len=cfg.rollout.guidance_max_len,
         k=loss_fn(cfg.objective.name, **cfg.objective.options).max_k(),
         student_offload=student_offload,
         teacher_offload=t_off.get("device", "none"),
@@ -380,6 +487,7 @@ def workload_from_run_config(cfg) -> tuple[str, str, Workload]:
 def format_plan(r: dict) -> str:
     s, t, hw, wl = r["student"], r["teacher"], r["hardware"], r["workload"]
     g, h = r["gpu_gib"], r["host_gib_per_node"]
+    pf = g["prefill"]
     lines = [
         f"student {s['name']}: {s['params'] / 1e9:.2f} B parameters ({s['layers']} layers, d {s['hidden']}, V "
         f"{s['vocab']}); "
@@ -408,14 +516,17 @@ def format_plan(r: dict) -> str:
         f"{g['activations_with_checkpointing']:.2f}",
         f"  student loss path with full [N, V] logits instead: {g['loss_path_full_logits']:.2f}; "
         f"teacher scoring with full logits: {g['teacher_scoring_full_logits']:.2f}",
+        f"  prefill working set, {pf['rows']} rows x {pf['tokens']} tokens (prompt + teacher prefix), at its peak:",
+        "    " + ", ".join(f"{k} {v:.2f}" for k, v in pf.items() if k not in ("rows", "tokens")),
         "",
         "host memory per node (GiB)",
     ]
     for k, v in h.items():
-        if k not in ("total", "available"):
+        if k not in ("counted", "reserve", "total", "available"):
             lines.append(f"  {k:<40} {v:>9.2f}")
     lines.append(
         f"  {'total':<40} {h['total']:>9.2f}   of {h['available']:g} -> {'fits' if r['fits_host'] else 'DOES NOT FIT'}"
+        + ("" if r["fits_host"] else f" (the reserve needs {h['reserve']:.2f} beside {h['counted']:.2f} counted)")
     )
     if r["nvme_gib_per_node"]:
         lines.append(f"  NVMe per node: {r['nvme_gib_per_node']:.2f} GiB of teacher parameters")
@@ -449,8 +560,16 @@ def format_plan(r: dict) -> str:
 
 
 # Figures that may be 0 (everything else must be > 0): 0 rollout micro-batch means "all of a GPU's share",
-# 0 trainable parameters "every parameter trains".
-MAY_BE_ZERO = {"rollout_micro_batch", "teacher_prefetch_params", "trainable_params"}
+# 0 guidance_max_len "response_len", 0 trainable parameters "every parameter trains", a 0 host reserve none.
+MAY_BE_ZERO = {
+    "rollout_micro_batch",
+    "guidance_max_len",
+    "teacher_prefetch_params",
+    "trainable_params",
+    "host_os_gib",
+    "host_process_gib",
+    "host_staging_gib",
+}
 FRACTIONS = {"mfu", "hbm_efficiency"}  # in (0, 1]
 
 

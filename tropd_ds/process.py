@@ -15,17 +15,24 @@ from pathlib import Path
 import torch
 
 from . import collectives
+from .config import ConfigError
+
+
+STARTUP_TIMEOUT_MINUTES = 15.0  # the rendezvous: a node that never comes, an unreachable master
 
 
 def start_distributed(timeout_minutes: float = 240.0) -> torch.device:
-    """Join the launcher's process group (or make a one-process group when started without a launcher)
-    with `timeout_minutes` as every collective's time-out, after putting this rank on its own GPU (before
-    anything is placed; the engines set it only later)."""
+    """Join the launcher's process group (or make a one-process group when started without a launcher),
+    after putting this rank on its own GPU (before anything is placed; the engines set it only later).
+    The rendezvous waits at most STARTUP_TIMEOUT_MINUTES (or `timeout_minutes` when shorter); then every
+    collective's time-out becomes `timeout_minutes` (`set_collective_timeout`, again once the engines have
+    made their own groups)."""
     from datetime import timedelta
 
     import deepspeed
 
     if "RANK" not in os.environ:  # started without a launcher: one process
+        check_not_launched_by_mpi(os.environ)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -34,10 +41,47 @@ def start_distributed(timeout_minutes: float = 240.0) -> torch.device:
     if cuda:
         torch.cuda.set_device(assign_device(os.environ, torch.cuda.device_count()))
     with watch_extension_locks():  # the first CPU launch builds DeepSpeed's shm op under a file lock
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+        startup = timedelta(minutes=min(timeout_minutes, STARTUP_TIMEOUT_MINUTES))
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=startup)
+    set_collective_timeout(timeout_minutes)
     if cuda:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def set_collective_timeout(minutes: float) -> int:
+    """Every process group's time-out: the world's, and those DeepSpeed makes with `new_group` and no
+    time-out of its own (its data-parallel group: ZeRO-3's gradient reduce-scatter and norms), which torch
+    would otherwise give 10 minutes under NCCL. Returns the number of groups set."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    if not dist.is_initialized():
+        return 0
+    groups = list(getattr(getattr(c10d, "_world", None), "pg_map", {}) or [dist.group.WORLD])
+    count = 0
+    for group in groups:
+        if c10d._rank_not_in_group(group):
+            continue
+        c10d._set_pg_timeout(timedelta(minutes=minutes), group)
+        count += 1
+    return count
+
+
+MPI_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+def check_not_launched_by_mpi(env) -> None:
+    """Several processes started by mpirun or srun without RANK / WORLD_SIZE would each train alone."""
+    for name in MPI_SIZES:
+        if env.get(name, "1").isdigit() and int(env.get(name, "1")) > 1:
+            raise ConfigError(
+                f"{name}={env[name]} but RANK and WORLD_SIZE are not set: each of these processes would train alone. "
+                "Launch with the deepspeed launcher or torchrun, or export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR "
+                "and MASTER_PORT per process (the Slurm script in docs/SCALING.md does)"
+            )
 
 
 def assign_device(env, visible: int) -> int:
@@ -48,36 +92,47 @@ def assign_device(env, visible: int) -> int:
     local = int(env.get("LOCAL_RANK", "0"))
     if visible < 1:
         raise RuntimeError("torch sees CUDA but no device: check CUDA_VISIBLE_DEVICES")
+    if local >= visible > 1:  # NCCL refuses two ranks on one GPU ("Duplicate GPU detected")
+        raise ConfigError(
+            f"LOCAL_RANK={local} but this process sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
+            f"{env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process per GPU (--num_gpus {visible}), or show "
+            "each process its own GPU only"
+        )
     index = local % visible
     if index != local:
         env.setdefault("TROPD_DS_LAUNCHER_LOCAL_RANK", str(local))
         env["LOCAL_RANK"] = str(index)
-        if visible > 1:
-            print(
-                f"[tropd-ds rank {env.get('RANK', '?')}] warning: local rank {local} but only {visible} visible GPUs: "
-                f"using GPU {index}, which another process of this node also uses (one process per GPU is expected)",
-                flush=True,
-            )
+        if "OMPI_COMM_WORLD_LOCAL_RANK" in env:  # DeepSpeed asserts the two agree under mpirun
+            env["OMPI_COMM_WORLD_LOCAL_RANK"] = str(index)
     return index
 
 
-TIMED_OUT = ("timed out", "timeout")
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def collective_failure(exc: BaseException, timeout_minutes: float) -> str | None:
-    """What to tell a user when a collective ended the run: it waited past the time-out, or a peer has gone;
-    None for any other error (which is raised as it is)."""
-    text = f"{type(exc).__name__}: {exc}"
-    first = text.strip().splitlines()[0][:300]
-    if any(word in text.lower() for word in TIMED_OUT):
+    """What to tell a user when a collective ended the run after set-up: it waited past the time-out (gloo
+    says "Timed out waiting"; NCCL with TORCH_NCCL_BLOCKING_WAIT raises a DistBackendError that names the
+    time-out; by default NCCL's watchdog aborts the process itself), or a peer has gone. None for anything
+    else, a rendezvous or store failure or a CUDA error among them, which is raised as it is. The error's
+    own text is kept in the message."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or isinstance(exc, (dist.DistStoreError, dist.DistNetworkError)):
+        return None
+    text = f"{type(exc).__name__}: {exc}".strip()
+    if "CUDA error" in text:
+        return None
+    detail = text if len(text) <= 2000 else text[:2000] + " ..."
+    if "Timed out waiting" in text or (isinstance(exc, dist.DistBackendError) and "timeout" in text.lower()):
         return (
-            f"a collective waited longer than collective_timeout_minutes={timeout_minutes:g} for another rank "
-            f"({first}). A rank that generates long answers alone (gathered generation, evaluation) keeps the others "
-            "waiting in their next collective: raise collective_timeout_minutes (accepted: minutes > 0), or find the "
-            "rank that stopped (its log, py-spy dump)"
+            f"a collective waited longer than collective_timeout_minutes={timeout_minutes:g} for another rank. A rank "
+            "that generates long answers alone (gathered generation, evaluation) keeps the others waiting in their "
+            "next collective: raise collective_timeout_minutes (accepted: minutes > 0), or find the rank that stopped "
+            f"(its log, py-spy dump). The error: {detail}"
         )
-    if any(x in text for x in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")):
-        return f"another rank has stopped ({first}); its own message is above"
+    if any(x in text for x in PEER_GONE):
+        return f"another rank has stopped; its own message is above. The error here: {detail}"
     return None
 
 

@@ -126,6 +126,9 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
     rank = collectives.rank_world()[0]
     process.seed_everything(cfg.seed + rank)
     t = set_up(cfg, prepared, device)
+    groups = process.set_collective_timeout(cfg.collective_timeout_minutes)  # DeepSpeed's groups too
+    log(f"collectives wait at most {cfg.collective_timeout_minutes:g} min for the slowest rank "
+        f"(collective_timeout_minutes; {groups} process groups)")  # fmt: skip
     if not check_logit_parity(cfg, t.student, t.teacher, prepared.train_rows, prepared.tokenizer, device, log):
         return 2
     metrics = MetricsWriter(cfg.logging.dir, rank, getattr(t.student, "monitor", None))
