@@ -3,10 +3,15 @@
 
     python scripts/scaling_tables.py > /tmp/tables.md
 
-1. The planner's verdict for each preset on 1 x 8 and 2 x 8 GPUs of 80 GB, CPU and NVMe teacher offload.
-2. The largest student (Llama-3.1-8B's width, more layers) next to Llama-3.1-70B, and the largest
+1. The planner's verdict for each preset on 1 x 8 and 2 x 8 GPUs of 80 GB, CPU and NVMe teacher offload:
+   the peak per GPU (the rollout phase counts the prefill's working set, the update the lm_head weight
+   gradient's fp32 temporaries) and the host memory per node with its reserve (OS and page cache, the
+   ranks' processes, checkpoint staging and export: `plan.Hardware`'s host_* fields).
+2. The rollout micro-batch of the Llama 1 x 8 preset: rollout time and peak per GPU for each size.
+3. The largest student (Llama-3.1-8B's width, more layers) next to Llama-3.1-70B, and the largest
    teacher (Llama-3.1-70B's width, more layers) next to Llama-3.1-8B, per GPU count, with the
-   presets' workload (128 x 4 rollouts of 1,024 + 8,096 tokens, k 64).
+   presets' workload (128 x 4 rollouts of 1,024 + 8,096 tokens, k 64, prefill over prompt + prefix).
+4. `tropd-ds plan`'s full text for the first preset.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from tropd_ds.config import load_config  # noqa: E402
 
 def preset_rows() -> list[str]:
     rows = [
-        "| preset | GPUs | teacher offload | peak GiB per GPU (phase) | host GiB per node | step s (rollout / "
-        "teacher / update) | verdict |",
+        "| preset | GPUs | teacher offload | peak GiB per GPU (phase) | host GiB per node (reserve) | step s "
+        "(rollout / teacher / update) | verdict |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in ("llama70b_to_llama8b", "qwen72b_to_qwen7b"):
@@ -38,10 +43,29 @@ def preset_rows() -> list[str]:
                 st, g = r["step_seconds"], r["gpu_gib"]
                 rows.append(
                     f"| {name}_{shape} | {8 * nodes} | {offload} | {g['total']:.1f} ({g['peak_phase']}) | "
-                    f"{r['host_gib_per_node']['total']:.0f} | "
+                    f"{r['host_gib_per_node']['total']:.0f} ({r['host_gib_per_node']['reserve']:.0f}) | "
                     f"{st['total']:.0f} ({st['rollout']:.0f} / {st['teacher_scoring']:.0f} / {st['update']:.0f}) | "
                     f"{'fits' if r['fits'] else 'no'} |"
                 )
+    return rows
+
+
+def micro_batch_rows() -> list[str]:
+    cfg = load_config(ROOT / "configs/presets/llama70b_to_llama8b_1x8.yaml")
+    s, t, wl = P.workload_from_run_config(cfg)
+    rows = [
+        "| rollout.micro_batch_size | rollout s per step | prefill working set GiB | KV cache GiB | peak GiB per GPU "
+        "| verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size in (4, 8, 12, 16, 32, 0):
+        r = P.plan(P.load_arch(s), P.load_arch(t), P.Hardware(), dataclasses.replace(wl, rollout_micro_batch=size))
+        g = r["gpu_gib"]
+        rows.append(
+            f"| {size or 'all 64'} | {r['step_seconds']['rollout']:.0f} | "
+            f"{g['phases']['rollout']['prefill working set']:.1f} | {g['phases']['rollout']['KV cache']:.1f} | "
+            f"{g['total']:.1f} | {'fits' if r['fits'] else 'no'} |"
+        )
     return rows
 
 
@@ -75,7 +99,17 @@ def largest_rows() -> list[str]:
     return rows
 
 
+def first_preset_text() -> str:
+    cfg = load_config(ROOT / "configs/presets/llama70b_to_llama8b_1x8.yaml")
+    s, t, wl = P.workload_from_run_config(cfg)
+    return P.format_plan(P.plan(P.load_arch(s), P.load_arch(t), P.Hardware(), wl))
+
+
 if __name__ == "__main__":
     print("\n".join(preset_rows()))
     print()
+    print("\n".join(micro_batch_rows()))
+    print()
     print("\n".join(largest_rows()))
+    print()
+    print(first_preset_text())

@@ -169,7 +169,7 @@ class Workload:
     guidance_max_len: int = 0
 
     def prefill_len(self) -> int:
-        prefix = (self.guidance_max_len or self.response_len) if self.guidance else 0
+        prefix = min(self.guidance_max_len or self.response_len, self.response_len) if self.guidance else 0
         return self.prompt_len + prefix
 
     k: int = 64
