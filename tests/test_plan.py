@@ -263,7 +263,7 @@ def test_a_run_configs_prefill_covers_its_prompts_and_teacher_prefixes():
     assert tokens("--set", "rollout.guidance=false") == 1024
     assert tokens("--response-len", "4000") == 1024 + 4000  # the CLI's lengths override the config's
     text = run_plan("--config", preset).stdout
-    assert "prefill working set" in text and "16 rows x 9120 tokens (prompt + teacher prefix)" in text
+    assert "prefill working set" in text and "12 rows x 9120 tokens (prompt + teacher prefix)" in text
 
 
 def test_the_update_holds_the_lm_head_weight_gradient_as_two_fp32_v_by_d():
