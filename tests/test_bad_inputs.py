@@ -244,10 +244,16 @@ CASES = {
     "collective time-out nan": _set("collective_timeout_minutes=.nan", ["collective_timeout_minutes=nan"]),
     "collective time-out not a number": _set("collective_timeout_minutes=4h", ["collective_timeout_minutes='4h'"]),
     "teacher prefixes from an offloaded teacher layer by layer": _set(
-        "rollout.prefix_source=teacher", "teacher.gather_params=false",
-        ["rollout.prefix_source='teacher'", "teacher.gather_params=false", "offload_param.device='cpu'",
-         "rollout.prefix_source=data", "teacher.gather_params=true"],
-    ),  # fmt: skip
+        "rollout.prefix_source=teacher",
+        "teacher.gather_params=false",
+        [
+            "rollout.prefix_source='teacher'",
+            "teacher.gather_params=false",
+            "offload_param.device='cpu'",
+            "rollout.prefix_source=data",
+            "teacher.gather_params=true",
+        ],
+    ),
 }
 
 

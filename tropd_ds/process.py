@@ -17,7 +17,6 @@ import torch
 from . import collectives
 from .config import ConfigError
 
-
 STARTUP_TIMEOUT_MINUTES = 15.0  # the rendezvous: a node that never comes, an unreachable master
 
 
