@@ -147,7 +147,8 @@ def test_a_budget_too_small_cuts_the_steps_off_and_leaves_valid_results(tmp_path
     assert result["status"].startswith("budget spent")
     assert result["elapsed_s"] <= budget and wall < budget + 10
     statuses = {s: result["steps"][s]["status"] for s in STEPS}
-    assert set(statuses.values()) <= {"timeout", "not run: budget spent"}, statuses
+    # a quick step may still pass within its share (the smoke bench on a quiet machine); none fails
+    assert set(statuses.values()) <= {"passed", "timeout", "not run: budget spent"}, statuses
     cut = [s for s, status in statuses.items() if status == "timeout"]
     assert cut, statuses  # at least one step was stopped by its limit, its log kept
     for step in cut:
