@@ -11,7 +11,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "rehearsal: real vocabulary layouts on 2 CPU ranks (`make rehearse`; `make test` leaves them out)"
+        "markers", "rehearsal: a first GPU run rehearsed on CPU ranks (`make rehearse`, run by CI; `make test` leaves them out)"
     )
 
 

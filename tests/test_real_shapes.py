@@ -1,6 +1,6 @@
-"""Real vocabulary layouts on 2 CPU ranks: an lm_head with more rows than the tokenizer has tokens (every
-Qwen2.5 model) trains, evaluates and exports; the rehearsal at the real widths of Llama-3.1, Qwen2.5, Mistral
-and Gemma-2 lives in tests/test_rehearsal.py (`make rehearse`)."""
+"""Real vocabulary layouts: the kernels at the real widths against the oracle, and (`make rehearse`) an lm_head
+with more rows than the tokenizer has tokens (every Qwen2.5 model) trained, evaluated and exported on 2 CPU
+ranks; the rehearsal at the real layouts of Llama-3.1, Qwen2.5, Mistral and Gemma-2 is tests/test_rehearsal.py."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from launch import launch, records, write_config
 PADDED_ROWS = 32  # for the demo tokenizer's 18 tokens
 
 
+@pytest.mark.rehearsal  # a 2-rank launch: `make rehearse`
 def test_a_padded_lm_head_trains_evaluates_and_exports_with_only_real_tokens(workspace, tmp_path):
     """The demo pair grown to 32 rows for 18 tokens, each padding row as likely as '1' (a common token): before
     the sampler kept to real tokens, this run stopped at step 1 with `targets contains 22: expected ids in

@@ -434,6 +434,7 @@ def test_an_export_that_fails_on_rank_0_ends_every_rank_and_names_the_intact_che
     assert checkpoint.verify(workspace / "export_fails/ckpt/step2") is None
 
 
+@pytest.mark.rehearsal  # a minute of launch and waiting: `make rehearse`
 def test_a_rank_held_back_past_the_collective_time_out_ends_the_run_with_the_setting_named(workspace):
     """Rank 1 sleeps 60 s before step 2 with collective_timeout_minutes=0.25: rank 0 waits 15 s in its next
     collective, then every rank ends (no hang) with a message that names the setting (no raw traceback)."""
