@@ -11,7 +11,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "rehearsal: a first GPU run rehearsed on CPU ranks (`make rehearse`, run by CI; `make test` leaves them out)"
+        "markers",
+        "rehearsal: a first GPU run rehearsed on CPU ranks (`make rehearse`, run by CI; `make test` leaves them out)",
     )
 
 

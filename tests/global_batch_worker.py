@@ -44,6 +44,8 @@ def rank_batch(rank: int, vocab: int):
     sampled = torch.zeros(ROWS, SEQ - 1, dtype=torch.bool)
     sampled[:, 5:] = True
     sampled[2, 9:] = False  # a shorter response
+    if rank == 1:  # unequal token counts across ranks: a mean over this rank's tokens x ranks would be wrong
+        sampled[3, 7:] = False
     select = sampled | prefix
     teachers = []
     for start in range(0, ROWS, MB):

@@ -66,7 +66,8 @@ def write_config(root: Path, name: str, **sections) -> Path:
         },
         "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 12, "guidance": True},
         "objective": {"name": "tropd", "options": {"k": 8}},
-        "optim": {"steps": 6, "lr": 1e-3},
+        # a decaying schedule (cosine to 10%): a resume that lost the scheduler's state shows in `lr`
+        "optim": {"steps": 6, "lr": 1e-3, "min_lr_ratio": 0.1},
         "checkpoint": {
             "dir": str(root / name / "ckpt"),
             "every": 3,

@@ -226,7 +226,10 @@ CASES = {
         "optim.schedule=cosine_annealing", ["optim.schedule='cosine_annealing'", "cosine_with_min_lr"]
     ),
     "schedule argument it lacks": _set(
-        "optim.schedule=linear", "optim.schedule_kwargs={power: 2}", ["optim.schedule='linear'", "power"]
+        "optim.schedule=linear",
+        "optim.min_lr_ratio=1",
+        "optim.schedule_kwargs={power: 2}",
+        ["optim.schedule='linear'", "power"],
     ),
     "min_lr_ratio on another schedule": _set(
         "optim.schedule=linear", "optim.min_lr_ratio=0.1", ["optim.min_lr_ratio=0.1", "cosine_with_min_lr"]

@@ -83,7 +83,8 @@ except ConfigError as exc:
 """
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[0] == str(len(tok)) and "8" in proc.stdout and "prompt" in proc.stdout
+    vocab, rows, columns = proc.stdout.splitlines()[0].split(" ", 2)
+    assert (vocab, rows, columns) == (str(len(tok)), "8", "['prompt', 'answer']")  # all 8 rows of the cached set
     assert (
         "ERROR student.path='tiny-org/absent' is not a local folder" in proc.stdout
         and "HF_HUB_OFFLINE=1" in proc.stdout

@@ -247,3 +247,23 @@ def test_one_options_value_gives_what_the_separate_arguments_give(hidden_states)
         one = tk.token_terms(student_logits, targets, teacher, options=options)
     for a, b in zip(separate, one):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("vocab", [1000, 3001])
+def test_the_triton_backwards_gpu_recompute_branch_equals_its_read_back(vocab):
+    """On GPUs a bf16/fp16 gradient takes the backward's recompute branch (the gathered entries recompute the
+    dense term instead of reading back a rounded value); on CPU the backward writes fp32 and reads back. Forced
+    here, on the same fp32 output, the two branches must agree: this is the only test that runs the recompute."""
+    from tropd_kernels import vocab_pass_triton as vp
+
+    teacher_logits, student_logits, targets = make_case(9, vocab, seed=vocab)
+    ids = torch.cat([tk.teacher_topk_oracle(teacher_logits, targets, 8).ids, targets.clamp(min=0)[:, None]], 1)
+    ids[1] = -1  # an ignored row gathers nothing
+    ids[2, -1] = ids[2, 0]  # the target repeats one of the teacher's ids
+    lse, *_ = vp.forward(student_logits, ids.clamp(min=0), 0.8)
+    g = torch.Generator().manual_seed(3)
+    grad_lse, grad_gathered = torch.randn(9, generator=g), torch.randn(ids.shape, generator=g)
+    read = vp.backward(student_logits, lse, ids, grad_lse, grad_gathered, 0.8, read_back=True)
+    recompute = vp.backward(student_logits, lse, ids, grad_lse, grad_gathered, 0.8, read_back=False)
+    assert read.abs().sum() > 0
+    torch.testing.assert_close(recompute, read, rtol=1e-6, atol=1e-7)

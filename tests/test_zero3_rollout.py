@@ -17,19 +17,32 @@ from launch import cpu_ranks  # noqa: E402
 
 
 def test_hook_free_rollout_under_zero3(tmp_path):
+    from tropd_ds.demo_models import build_llama
     from tropd_ds.demo_task import build_tokenizer
 
     tok = build_tokenizer()
     pad, eos = tok.pad_token_id, tok.eos_token_id
     build_biased_llama(tmp_path / "student", tok, {pad: 2.5, eos: -0.5})
+    build_llama(tmp_path / "plain", tok, hidden=32, layers=1, heads=2, mlp=64, seed=5)  # samples follow its weights
     out = tmp_path / "rollout.json"
-    cpu_ranks([HERE / "zero3_rollout_worker.py", tmp_path / "student", out], cwd=tmp_path, timeout=600)
+    worker = HERE / "zero3_rollout_worker.py"
+    cpu_ranks([worker, tmp_path / "student", tmp_path / "plain", out], cwd=tmp_path, timeout=600)
     result = json.loads(out.read_text())
-    pads = 0
+    pads = changed = 0
     for rank in result["ranks"]:
         free, hooked = rank["hook_free"], rank["hooked"]
-        for field in ("input_ids", "attention_mask", "sampled"):
+        for field in ("input_ids", "attention_mask", "sampled", "after_update"):
             assert free[field] == hooked[field], f"{field} differs between hook-free and hooked generation"
+        # a plain student: its samples follow its weights, so a stale gathered copy after the update would show
+        plain = rank["plain"]
+        assert plain["hook_free"]["input_ids"] == plain["hooked"]["input_ids"]
+        assert plain["hook_free"]["after_update"] == plain["hooked"]["after_update"]
+        changed += plain["hooked"]["after_update"] != plain["hooked"]["input_ids"]
+        # hook-free teacher scoring (gathered once) equals ZeRO-3's layer-by-layer scoring
+        for got, want in zip(rank["scoring"]["hook_free"], rank["scoring"]["hooked"]):
+            assert got[0] == want[0]  # the teacher's top-k ids
+            for a, b in zip(got[1:], want[1:]):
+                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-6, atol=1e-6)
         assert free["hooks_restored"] and free["hooks"] > 10, (
             "the module hooks (ids, functions, order) are as before generation"
         )
@@ -43,6 +56,7 @@ def test_hook_free_rollout_under_zero3(tmp_path):
             n = sum(mask[width:])
             assert all(t != eos for t in row[width : width + n - 1]) and all(t == pad for t in row[width + n :])
     assert pads >= 10, "the student sampled pad tokens and they are in the mask"
+    assert changed >= 1, "the update changed the plain student's samples (same seed before and after)"
     bad = []
     for name, want in result["params"]["hooked"].items():
         got = torch.tensor(result["params"]["hook_free"][name])

@@ -1,6 +1,8 @@
-"""Rollouts from a ZeRO-3 student on 2 CPU ranks, then one update, twice from the same weights and seed:
-hook-free (gathered once, ZeRO-3's module hooks removed while generating) and hooked (layer by layer,
-hooks never touched). Rank 0 writes both runs' tokens, masks, counts and updated parameters.
+"""Rollouts from a ZeRO-3 student on 2 CPU ranks, then one update, then a second rollout with the first
+one's seed, twice from the same weights and seed: hook-free (gathered once, ZeRO-3's module hooks removed
+while generating) and hooked (layer by layer, hooks never touched); for a student biased towards pad and a
+plain one. Then a ZeRO-3 teacher scores the plain student's rollouts gathered (hook-free) and layer by layer.
+Rank 0 writes every run's tokens, masks, counts, updated parameters and the two scorings.
 
 Launched by tests/test_zero3_rollout.py."""
 
@@ -55,12 +57,17 @@ def one_run(model_dir: str, gather: bool, rank: int, world: int) -> dict:
     objective = loss_fn("tropd", trust_mode="expected", k=4, beta=0.1)
     options = objective.step_options(0, 1, 1.0)
     metrics = update.update(engine, objective, tokens, [teacher], MB, 0, 1, options, torch.Generator().manual_seed(0))
+    torch.manual_seed(100 + rank)  # the first rollout's seed: only the update can make this one differ
+    engine.eval()
+    again = rollout.sample(ro, prompts, [[]] * MB, SamplingConfig(max_new_tokens=NEW), torch.device("cpu"))
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         params = {name: p.detach().clone().tolist() for name, p in engine.module.named_parameters()}
     return {
         "input_ids": tokens.input_ids.tolist(),
         "attention_mask": tokens.attention_mask.tolist(),
         "sampled": tokens.sampled.tolist(),
+        "after_update": again.input_ids.tolist(),
+        "tokens": tokens,
         "loss_sampled_tokens": sum(m["sampled_tokens"] for m in metrics),
         "hooks_restored": before == after,
         "hooks": sum(len(pre) + len(post) for _, pre, post in before),
@@ -69,10 +76,29 @@ def one_run(model_dir: str, gather: bool, rank: int, world: int) -> dict:
     }
 
 
-def main(model_dir: str, out: str) -> None:
+def scorings(model_dir: str, tokens) -> dict:
+    """The teacher's TeacherTopK of `tokens`, gathered once without hooks and layer by layer."""
+    from tropd_ds import scoring
+    from tropd_ds.objectives import StepOptions
+
+    cfg = ModelConfig(
+        path=model_dir, ds_config=str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json"), micro_batch_size=2
+    )
+    teacher, _keep = scoring.teacher_engine(cfg, len(build_tokenizer()))
+    options = StepOptions(4, tk.KernelOptions(1.0))
+    out = {}
+    for name, gather in (("hook_free", True), ("hooked", False)):
+        parts = scoring.score(teacher, tokens, options, 2, MB, gather)
+        out[name] = [[t.tolist() for t in part] for part in parts]
+    return out
+
+
+def main(model_dir: str, plain_dir: str, out: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     runs = {"hook_free": one_run(model_dir, True, rank, world), "hooked": one_run(model_dir, False, rank, world)}
+    plain = {"hook_free": one_run(plain_dir, True, rank, world), "hooked": one_run(plain_dir, False, rank, world)}
+    scored = scorings(plain_dir, plain["hooked"]["tokens"])
     gathered = [None] * world
     dist.all_gather_object(
         gathered,
@@ -83,6 +109,7 @@ def main(model_dir: str, out: str) -> None:
                     "input_ids",
                     "attention_mask",
                     "sampled",
+                    "after_update",
                     "loss_sampled_tokens",
                     "hooks_restored",
                     "hooks",
@@ -90,15 +117,20 @@ def main(model_dir: str, out: str) -> None:
                 )
             }
             for k, v in runs.items()
+        }
+        | {
+            "plain": {k: {f: v[f] for f in ("input_ids", "after_update")} for k, v in plain.items()},
+            "scoring": scored,
         },
     )
     if rank == 0:
-        Path(out).write_text(json.dumps({"ranks": gathered, "params": {k: v["params"] for k, v in runs.items()}}))
+        params = {k: v["params"] for k, v in runs.items()}
+        Path(out).write_text(json.dumps({"ranks": gathered, "params": params}))
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    main(args[0], args[1])
+    main(args[0], args[1], args[2])
     exit_without_teardown(0)

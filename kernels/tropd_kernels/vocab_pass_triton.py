@@ -29,13 +29,17 @@ def forward_launch(vocab: int, on_gpu: bool) -> dict:
     return {"BLOCK": _block_size(vocab, on_gpu), "num_warps": NUM_WARPS}
 
 
-def backward_launch(vocab: int, n_gather: int, grad_dtype: torch.dtype, on_gpu: bool) -> dict:
+def backward_launch(
+    vocab: int, n_gather: int, grad_dtype: torch.dtype, on_gpu: bool, read_back: bool | None = None
+) -> dict:
     """`_backward_kernel`'s constexprs and options: rows of `vocab` logits, `n_gather` gathered columns,
-    gradients written in `grad_dtype` (fp32: the gathered entries read the dense gradient back)."""
+    gradients written in `grad_dtype` (fp32: the gathered entries read the dense gradient back; bf16/fp16,
+    on GPUs: they recompute it, which a read-back of a rounded value would not equal). `read_back` forces
+    one branch (tests reach the GPU's recompute branch on CPU with it)."""
     return {
         "BLOCK": _block_size(vocab, on_gpu),
         "GP": triton.next_power_of_2(n_gather),
-        "READ_BACK": grad_dtype == torch.float32,
+        "READ_BACK": grad_dtype == torch.float32 if read_back is None else read_back,
         "num_warps": NUM_WARPS,
     }
 
@@ -141,7 +145,7 @@ def forward(logits: torch.Tensor, gather_ids: torch.Tensor, temperature: float, 
     return lse, gathered, entropy, top_vals, top_ids
 
 
-def backward(logits, lse, gather_ids, grad_lse, grad_gathered, temperature, out=None):
+def backward(logits, lse, gather_ids, grad_lse, grad_gathered, temperature, out=None, read_back=None):
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     n, vocab = logits.shape
     if out is None:
@@ -168,7 +172,7 @@ def backward(logits, lse, gather_ids, grad_lse, grad_gathered, temperature, out=
             ids.contiguous(),
             g_gat.contiguous(),
             ids.shape[1],
-            **backward_launch(vocab, ids.shape[1], target.dtype, logits.is_cuda),
+            **backward_launch(vocab, ids.shape[1], target.dtype, logits.is_cuda, read_back),
         )
     if target is not out:
         out.copy_(target)
