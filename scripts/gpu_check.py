@@ -7,8 +7,8 @@ the kill grace of every step sum below the budget, see `plan`):
 1. env: versions and origins of what the run imports (the carried wheels in /tmp/site, the image's
    torch/triton/pyarrow...), every pin of the carried packages and of setup.py checked against them, the
    run config through the trainer's own pre-flight (tokenizers, the demo data through `datasets`);
-2. kernels: `tests/test_kernel_*.py` on CUDA (Triton and torch backends against the oracle: values,
-   gradients, bf16, odd V, -inf logits, ignored positions), over pytest-xdist workers when installed;
+2. kernels: `tests/test_kernel_teacher_topk.py`, `_token_terms.py` and `_contract.py` on CUDA (Triton and torch backends
+   against the oracle: values, gradients, bf16, odd V, -inf logits, ignored positions), over pytest-xdist workers when installed;
 3. bench: `scripts/bench_kernels.py --preset gpu --modes forward,full` within its share (inputs drawn on
    the GPU, the 70B/8B lm_head shapes first, rows written as they complete);
 4. train: `python -m tropd_ds.train` on one GPU (NCCL), the demo task, bf16 engines, DeepSpeed's
@@ -260,6 +260,7 @@ def env_step(out_json: Path, config: Path) -> int:
             info["capability"] = list(torch.cuda.get_device_capability(0))
             info["device_memory_gib"] = round(props.total_memory / 2**30, 1)
             info["bf16"] = torch.cuda.is_bf16_supported()
+        out_json.write_text(json.dumps(info, indent=1, default=str))  # the device's facts survive a cut-off step
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -269,6 +270,7 @@ def env_step(out_json: Path, config: Path) -> int:
         # CUDA accelerator has no such builder, so NCCL start-up builds nothing
         info["deepspeed_shm_builder"] = accelerator.create_op_builder("ShareMemCommBuilder") is not None
         info["deepspeed_version"] = deepspeed.__version__
+        out_json.write_text(json.dumps(info, indent=1, default=str))
         from tropd_ds.config import load_config
         from tropd_ds.preflight import validate_before_engines
 
@@ -638,6 +640,11 @@ fails past the 64 MiB that may travel with the working tree):
 scripts/gpu_wheels.sh
 ```
 
+Always run it right before the device call, even when `.whl/` exists: it starts afresh (`rm -rf .whl`), and a
+folder left by an earlier session may lack wheels the check needs (pydantic, without which DeepSpeed does
+not import). Give the machine back (`give_back`) as soon as the call returns: with its start-up the call uses
+about 10 of the 15 device minutes, so there is no room for a second full run.
+
 Then one call of the device tool's `run`, with `carry: [".whl"]`, `timeout_s: 540` and this command:
 
 ```bash
@@ -669,7 +676,9 @@ minute on 2 cores); tests/test_gpu_check.py runs it, and a run cut short by a ti
 STEP_WHAT = {
     "env": "versions and origins, the pins of the carried wheels and of setup.py, the run config through the "
     "trainer's pre-flight (tokenizers, the demo data through `datasets`)",
-    "kernels": "`tests/test_kernel_*.py` on CUDA (Triton and torch backends against the oracle), over "
+    "kernels": "`tests/test_kernel_teacher_topk.py`, `_token_terms.py` and `_contract.py` on CUDA (Triton and "
+    "torch backends "
+    "against the oracle), over "
     "pytest-xdist workers",
     "bench": "`bench_kernels.py --preset gpu --modes forward,full --budget-s {bench_budget:.0f}`: inputs drawn on "
     "the GPU, the 70B/8B lm_head shapes first, rows written as they complete",

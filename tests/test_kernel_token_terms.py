@@ -262,7 +262,7 @@ def test_the_triton_backwards_gpu_recompute_branch_equals_its_read_back(vocab):
     ids[2, -1] = ids[2, 0]  # the target repeats one of the teacher's ids
     lse, *_ = vp.forward(student_logits, ids.clamp(min=0), 0.8)
     g = torch.Generator().manual_seed(3)
-    grad_lse, grad_gathered = torch.randn(9, generator=g), torch.randn(ids.shape, generator=g)
+    grad_lse, grad_gathered = torch.randn(9, generator=g).to(DEVICE), torch.randn(ids.shape, generator=g).to(DEVICE)
     read = vp.backward(student_logits, lse, ids, grad_lse, grad_gathered, 0.8, read_back=True)
     recompute = vp.backward(student_logits, lse, ids, grad_lse, grad_gathered, 0.8, read_back=False)
     assert read.abs().sum() > 0
