@@ -30,12 +30,8 @@ PANELS = [
 ]
 
 
-def plot(metrics_path: Path | list[Path], out_dir: Path, labels: list[str] | None = None) -> list[Path]:
-    paths = [metrics_path] if isinstance(metrics_path, Path) else list(metrics_path)
-    runs = [[json.loads(line) for line in p.read_text().splitlines() if line.strip()] for p in paths]
-    labels = labels or ([""] if len(paths) == 1 else [p.parent.name for p in paths])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+def figures(runs: list[list[dict]], labels: list[str]):
+    """(file name, figure) per panel: every run's series on the same axes, one line each."""
     for name, title, series in PANELS:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for records, run in zip(runs, labels):
@@ -50,6 +46,16 @@ def plot(metrics_path: Path | list[Path], out_dir: Path, labels: list[str] | Non
         if len(series) > 1 or len(runs) > 1:
             ax.legend(fontsize=7)
         fig.tight_layout()
+        yield name, fig
+
+
+def plot(metrics_path: Path | list[Path], out_dir: Path, labels: list[str] | None = None) -> list[Path]:
+    paths = [metrics_path] if isinstance(metrics_path, Path) else list(metrics_path)
+    runs = [[json.loads(line) for line in p.read_text().splitlines() if line.strip()] for p in paths]
+    labels = labels or ([""] if len(paths) == 1 else [p.parent.name for p in paths])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig in figures(runs, labels):
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
         written.append(out_dir / name)

@@ -27,3 +27,22 @@ def test_several_runs_on_the_same_axes(tmp_path):
     assert names == ["accuracy.png", "grad_norm.png", "log_ratio.png", "trust_fraction.png"]
     bad = subprocess.run([*cmd[:-1], "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and "--labels has 2 labels for 3 metrics files" in bad.stderr
+
+
+def test_each_run_is_a_line_with_its_own_values_and_label(tmp_path):
+    """What the panels draw, read back from the figures: one line per run and series, each with its run's data."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import matplotlib.pyplot as plt
+    import plot_metrics
+
+    runs = [[json.loads(x) for x in write_run(tmp_path / f"s{i}/m.jsonl", 0.5 + i / 10).read_text().splitlines()]
+            for i in range(3)]  # fmt: skip
+    drawn = {name: fig for name, fig in plot_metrics.figures(runs, ["a", "b", "c"])}
+    lines = drawn["accuracy.png"].axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["a: exact match", "b: exact match", "c: exact match"]
+    assert [list(line.get_ydata()) for line in lines] == [[0.1, 0.5], [0.1, 0.6], [0.1, 0.7]]
+    assert [list(line.get_xdata()) for line in lines] == [[0, 2]] * 3
+    assert len(drawn["trust_fraction.png"].axes[0].get_lines()) == 3
+    assert len(drawn["log_ratio.png"].axes[0].get_lines()) == 3  # only the mean is in these records
+    for fig in drawn.values():
+        plt.close(fig)
