@@ -24,8 +24,6 @@ from . import collectives, faults
 from .config import ConfigError, RunConfig
 
 INCOMPLETE = ".incomplete-"
-# how gloo reports a peer that has exited, in whichever way the socket saw it go
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 MANIFEST = "manifest.json"
 IDENTITY = "run.json"  # what the checkpoints in a folder were trained with
 LOCK = "run.lock"  # the run that owns the folder now
@@ -161,7 +159,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError from its zip writer
         shutil.rmtree(tmp, ignore_errors=True)
         what = f"{type(exc).__name__}: {str(exc).strip()}"
-        if any(x in what for x in PEER_GONE):  # gloo: a peer has exited
+        if collectives.peer_gone(what):
             what = "another rank stopped while saving; its error is above"
         where = f" on rank {rank}" if world > 1 else ""
         raise CheckpointError(
@@ -191,7 +189,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
 
 
 def _accelerator():
-    """(device module, device index) of this process's accelerator (CUDA, ROCm, XPU, MPS...), or None on CPU."""
+    """(device type, device module, device index) of this process's accelerator (CUDA, ROCm, XPU, MPS...), or
+    None on CPU."""
     current = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     if current is None:
         return None

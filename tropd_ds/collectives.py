@@ -10,6 +10,12 @@ import torch
 import torch.distributed as dist
 
 CPU_BACKENDS = ("gloo",)
+# how gloo reports a peer that has exited, in whichever way the socket saw it go
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_gone(error_text: str) -> bool:
+    return any(x in error_text for x in PEER_GONE)
 
 
 def active() -> bool:

@@ -168,10 +168,6 @@ class Workload:
     guidance: bool = True
     guidance_max_len: int = 0
 
-    def prefill_len(self) -> int:
-        prefix = min(self.guidance_max_len or self.response_len, self.response_len) if self.guidance else 0
-        return self.prompt_len + prefix
-
     k: int = 64
     student_offload: str = "none"  # none | optimizer | optimizer+params
     teacher_offload: str = "cpu"  # none | cpu | nvme
@@ -182,6 +178,10 @@ class Workload:
     nvme_buffer_count: int = 5  # offload_param.buffer_count (NVMe)
     nvme_buffer_size: float = 1e9  # offload_param.buffer_size, parameters per buffer
     trainable_params: float = 0  # a LoRA student's adapter parameters; 0 = every parameter trains
+
+    def prefill_len(self) -> int:
+        prefix = min(self.guidance_max_len or self.response_len, self.response_len) if self.guidance else 0
+        return self.prompt_len + prefix
 
     def rollouts_per_gpu(self, gpus: int) -> int:
         return math.ceil(self.prompts_per_step * self.samples_per_prompt / gpus)

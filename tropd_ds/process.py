@@ -106,9 +106,6 @@ def assign_device(env, visible: int) -> int:
     return index
 
 
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-
-
 def collective_failure(exc: BaseException, timeout_minutes: float) -> str | None:
     """What to tell a user when a collective ended the run after set-up: it waited past the time-out (gloo
     says "Timed out waiting"; NCCL with TORCH_NCCL_BLOCKING_WAIT raises a DistBackendError that names the
@@ -130,7 +127,7 @@ def collective_failure(exc: BaseException, timeout_minutes: float) -> str | None
             "next collective: raise collective_timeout_minutes (accepted: minutes > 0), or find the rank that stopped "
             f"(its log, py-spy dump). The error: {detail}"
         )
-    if any(x in text for x in PEER_GONE):
+    if collectives.peer_gone(text):
         return f"another rank has stopped; its own message is above. The error here: {detail}"
     return None
 
