@@ -42,5 +42,26 @@ def workspace(tmp_path_factory):
 def full_run(workspace):
     from launch import launch, write_config
 
-    proc = launch(write_config(workspace, "full"))
+    proc = launch(write_config(workspace, "full"), cli=True)  # the `deepspeed` command, as users run it
     return workspace / "full", proc
+
+
+@pytest.fixture(scope="session")
+def zero3_results(tmp_path_factory):
+    """One launch of tests/zero3_workers.py: every ZeRO-3 worker's case (the student update with and without
+    gradient checkpointing and LoRA, the partitioned lm_head, the global batch, hook-free generation) in
+    one launch, which costs more than all of their steps. Returns the folder of their result files."""
+    from biased_models import build_biased_llama
+    from launch import cpu_ranks
+
+    from tropd_ds.demo_models import build_llama
+    from tropd_ds.demo_task import build_tokenizer
+
+    root = tmp_path_factory.mktemp("zero3_results")
+    tok = build_tokenizer()
+    build_llama(root / "student", tok, hidden=32, layers=2, heads=2, mlp=64, seed=3)
+    build_llama(root / "global_batch_student", tok, hidden=32, layers=1, heads=2, mlp=64, seed=4)
+    build_biased_llama(root / "biased", tok, {tok.pad_token_id: 2.5, tok.eos_token_id: -0.5})
+    build_llama(root / "plain", tok, hidden=32, layers=1, heads=2, mlp=64, seed=5)  # samples follow its weights
+    cpu_ranks([Path(__file__).resolve().parent / "zero3_workers.py", root], cwd=root, timeout=600)
+    return root

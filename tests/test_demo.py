@@ -81,7 +81,7 @@ def test_shortened_demo_runs_end_to_end_and_plots(tmp_path):
     args = ["--module", "tropd_ds.train", "--config", ROOT / "configs/demo.yaml"]
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
-    proc = cpu_ranks(args, cwd=tmp_path)
+    proc = cpu_ranks(args, cwd=tmp_path, cli=True)  # the `deepspeed` command, as `make demo` runs it
     assert "held-out accuracy:" in proc.stdout and (tmp_path / "export/model.safetensors").is_file()
     assert "answer check on the last match of '#\\\\s*(-?[0-9]+)'" in proc.stdout  # the demo's answers are '#N'
     for path in (tmp_path / "logs/eval").glob("step*-rank*.jsonl"):  # no credit without a final '#N'

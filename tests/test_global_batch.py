@@ -12,7 +12,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import global_batch_worker as worker  # noqa: E402
-from launch import cpu_ranks  # noqa: E402
 
 
 def reference(model_dir: str, objective_name: str, options: dict, step: int, total: int) -> dict:
@@ -43,17 +42,11 @@ def reference(model_dir: str, objective_name: str, options: dict, step: int, tot
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def test_every_objective_over_ranks_and_micro_batches_equals_one_batch(tmp_path):
-    from tropd_ds.demo_models import build_llama
-    from tropd_ds.demo_task import build_tokenizer
-
-    build_llama(tmp_path / "student", build_tokenizer(), hidden=32, layers=1, heads=2, mlp=64, seed=4)
-    out = tmp_path / "updates.json"
-    cpu_ranks([HERE / "global_batch_worker.py", tmp_path / "student", out], cwd=tmp_path, timeout=600)
-    got = json.loads(out.read_text())
+def test_every_objective_over_ranks_and_micro_batches_equals_one_batch(zero3_results):
+    got = json.loads((zero3_results / "updates.json").read_text())  # conftest's one launch of the workers
     bad = []
     for name, objective_name, options, step, total in worker.RUNS:
-        want = reference(str(tmp_path / "student"), objective_name, options, step, total)
+        want = reference(str(zero3_results / "global_batch_student"), objective_name, options, step, total)
         for pname, p in want.items():
             if not torch.allclose(torch.tensor(got[name][pname]), p, rtol=1e-5, atol=1e-7):
                 bad.append(f"{name}: {pname} off by {float((torch.tensor(got[name][pname]) - p).abs().max()):.2e}")

@@ -99,3 +99,86 @@ def test_options_and_separate_arguments_are_one_or_the_other():
         tk.token_terms(logits, targets, teacher, 0.5, options=tk.KernelOptions(0.5))
     with pytest.raises(ValueError, match=r"options is a dict: expected a tropd_kernels.KernelOptions"):
         tk.token_terms(logits, targets, teacher, options={"temperature": 0.5})
+
+
+# ----------------------------------------------------------------------------- the _from_hidden projection
+
+
+def proj_case(n=4, d=8, v=30):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, d, generator=g), torch.randn(v, d, generator=g), torch.tensor([0, 3, -100, v - 1])
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda h, w, b, t: (h[0], w, b, t), r"hidden has shape torch.Size\(\[8\]\): expected \[N, d\]"),
+        (lambda h, w, b, t: (h, w[:, :5], b, t), r"weight has shape \(30, 5\): expected \[V, d\] with d=8"),
+        (lambda h, w, b, t: (h, w[0], b, t), r"weight has shape \(8,\)"),
+        (lambda h, w, b, t: (h.long(), w, b, t), r"hidden.dtype=torch.int64: expected one of float32"),
+        (lambda h, w, b, t: (h, w.double(), b, t), r"weight.dtype=torch.float64"),
+        (lambda h, w, b, t: (h, w.to("meta"), b, t), r"weight is on meta: expected cpu"),
+        (lambda h, w, b, t: (h, w, torch.zeros(29), t), r"bias has shape \(29,\): expected \[V\] with V=30"),
+        (lambda h, w, b, t: (h, w, torch.zeros(30, device="meta"), t), r"bias has shape \(30,\)"),
+        (lambda h, w, b, t: (h, w[:0], b, t[:0] * 0 - 100), r"weight has V=0 rows: expected V >= 1"),
+        (lambda h, w, b, t: (h, w, b, t[:3]), r"targets has shape \(3,\): expected \[N\] with N=4"),
+    ],
+)
+def test_the_projection_refuses_bad_shapes_dtypes_and_devices(change, match):
+    from tropd_kernels.projection import check_projection
+
+    h, w, t = proj_case()
+    hidden, weight, bias, targets = change(h, w, None, t)
+    if hidden.shape[0] != targets.shape[0] and "V=0" in match:
+        hidden = hidden[:0]
+    with pytest.raises(ValueError, match=match):
+        check_projection(hidden, weight, bias, targets)
+    check_projection(h, w, torch.zeros(30), t)  # and the unchanged case passes
+
+
+def test_chunk_rows_follow_the_device_budget_or_the_callers_size():
+    from tropd_kernels.projection import HIDDEN_CHUNK_BYTES, chunk_rows
+
+    assert HIDDEN_CHUNK_BYTES == {"cuda": 256 * 2**20, "cpu": 64 * 2**20}
+    assert chunk_rows(1000, None, torch.device("cpu")) == 64 * 2**20 // 4000
+    assert chunk_rows(1000, None, torch.device("cuda")) == 256 * 2**20 // 4000
+    assert chunk_rows(2**26, None, torch.device("cpu")) == 1  # a block budget smaller than one row
+    assert chunk_rows(1000, 1, torch.device("cpu")) == 1 and chunk_rows(1000, 7, torch.device("cpu")) == 7
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"chunk_size={bad!r}: expected None or an integer >= 1"):
+            chunk_rows(1000, bad, torch.device("cpu"))
+
+
+def test_cpu_matmuls_take_fp32_operands_and_give_an_fp32_result():
+    from tropd_kernels.projection import matmul_operand, mm_fp32, project
+
+    h, w, _ = proj_case()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert matmul_operand(w.to(dtype)).dtype == torch.float32  # CPU: fp32 operands whatever came in
+    exact = h.double() @ w.double().t()
+    for a, b in ((h, w.t()), (h, w.t().bfloat16())):  # (bf16 x bf16 with an fp32 result: CUDA only)
+        out = mm_fp32(a, b)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), a.double() @ b.double(), rtol=1e-6, atol=1e-5)
+    bias = torch.randn(30)
+    torch.testing.assert_close(project(h, w, bias).double(), exact + bias.double(), rtol=1e-6, atol=1e-5)
+    assert project(h, w, None).dtype == torch.float32
+
+
+def test_triton_runs_on_cuda_when_installed_and_on_cpu_only_through_the_interpreter(monkeypatch):
+    import importlib.util
+
+    from tropd_kernels import backend
+
+    monkeypatch.delenv("TROPD_KERNELS_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend._triton_usable_on(torch.device("cpu"))
+    assert not backend._triton_usable_on(torch.device("meta"))  # no interpreter for other devices
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not backend._triton_usable_on(torch.device("cpu"))
+    installed = importlib.util.find_spec("triton") is not None
+    assert backend._triton_usable_on(torch.device("cuda")) is installed
+    assert backend.resolve_backend(None, torch.device("cuda")) == ("triton" if installed else "torch")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "triton" else object())
+    assert not backend._triton_usable_on(torch.device("cuda"))
+    assert backend.resolve_backend(None, torch.device("cuda")) == "torch"

@@ -147,3 +147,35 @@ def test_every_import_of_the_package_is_declared_in_setup_py():
     extras = re.search(r"extras_require=\{(.*?)\n    \}", setup, re.S).group(1)
     for module, (extra, _) in EXTRAS.items():
         assert f'"{extra}":' in extras, f"{module}: extra {extra!r} is not in setup.py's extras_require"
+
+
+def test_the_mutation_scope_names_files_and_functions_that_exist_and_fences_the_rest():
+    """`make mutation` would silently test less if a scoped function were renamed: every name must exist, and the
+    staged copy must fence exactly the out-of-scope top-level definitions."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import mutation_test
+
+    sources = {"tropd_ds": PACKAGE, "tropd_kernels": KERNELS}
+    for rel, keep in mutation_test.SCOPE.items():
+        top, _, rest = rel.partition("/")
+        path = sources[top] / rest
+        assert path.is_file(), rel
+        tree = ast.parse(path.read_text())
+        names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        skip = mutation_test.SKIP.get(rel, [])
+        assert set(keep or []) <= names and set(skip) <= names, (rel, set(keep or []) - names, set(skip) - names)
+        if keep is None and not skip:
+            continue
+        fenced = mutation_test.fenced(path.read_text(), keep, skip).splitlines()
+        ast.parse("\n".join(fenced))
+        out = 0
+        for i, line in enumerate(fenced):
+            if line == "# pragma: no mutate start":
+                out += 1
+                name = next(x for x in fenced[i + 1 :] if not x.startswith("@")).split()[1].split("(")[0].rstrip(":")
+                assert (keep is not None and name not in keep) or name in skip, (rel, name)
+        assert out == len(names - set(keep or names)) + len(skip), rel
+    for test in mutation_test.TESTS:
+        assert (ROOT / test).is_file(), test

@@ -336,3 +336,151 @@ def test_guidance_schedule_is_cosine_from_l_max_to_zero_and_draws_are_seeded():
 def test_bad_options_name_the_option_the_value_and_what_is_accepted(name, options, match):
     with pytest.raises(ValueError, match=match):
         loss_fn(name, **options)
+
+
+# ----------------------------------------------------------------------------- edges found by mutation testing
+
+
+def ppo_case(n=12, seed=21):
+    """hand_case with rollout-time log-probs one nat above the current ones: ratio e^-1, outside 1 -/+ 0.2."""
+    terms, teacher, sampled, prefix = hand_case(n=n, seed=seed)
+    return terms, teacher, sampled, prefix, terms.logprob.detach() + 1.0
+
+
+def ppo_pg(lp, old, reward, eps=0.2):
+    ratio = torch.exp(lp - old)
+    return -torch.minimum(ratio * reward, ratio.clamp(1 - eps, 1 + eps) * reward)
+
+
+PPO_REFERENCES = {  # name, options -> per-token loss and denominator, from ALGORITHM.md section 2's table
+    "opd": ({}, lambda lp, old, r, t: (ppo_pg(lp, old, r), len(r))),
+    "mask_outlier": ({"tau": -1.0}, lambda lp, old, r, t: ((r > -1.0) * ppo_pg(lp, old, r), len(r))),
+    "clip_outlier": ({"tau": -1.0}, lambda lp, old, r, t: (ppo_pg(lp, old, r.clamp(min=-1.0)), len(r))),
+    "reopold": (
+        {},
+        lambda lp, old, r, t: (
+            (r >= math.log(0.25)) * ppo_pg(lp, old, r.clamp(min=math.log(0.25))),
+            float((r >= math.log(0.25)).sum()),
+        ),
+    ),
+    "eopd": ({}, lambda lp, old, r, t: (ppo_pg(lp, old, r) + (t.teacher.entropy > 0.8) * t.terms.fkl, len(r))),
+    "tropd": (
+        {"trust_mode": "expected", "outlier": "clip", "tau": -1.0},
+        lambda lp, old, r, t: (
+            torch.exp(r.clamp(max=0)) * ppo_pg(lp, old, r)
+            + (1 - torch.exp(r.clamp(max=0))) * ppo_pg(lp, old, r.clamp(min=-1.0)),
+            len(r),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PPO_REFERENCES))
+def test_every_policy_gradient_objective_uses_the_clipped_ratio_when_ppo_clip_is_set(name):
+    """Each PG term of each objective (TrOPD's trusted and clipped-outlier terms both) takes the PPO form."""
+    options, reference = PPO_REFERENCES[name]
+    terms, teacher, sampled, prefix, old = ppo_case()
+    out = loss_fn(name, ppo_clip=0.2, **options)(terms, teacher, sampled, prefix, 0, 10, old_logprob=old)
+    r = (teacher.target_logprob - terms.logprob).detach()
+    per_token, denom = reference(terms.logprob, old, r, type("T", (), {"teacher": teacher, "terms": terms}))
+    want = per_token.sum() / denom
+    torch.testing.assert_close(out.loss, want)
+    got = grads(out, terms)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(want, terms.logprob)[0])
+    plain = loss_fn(name, **options)(terms, teacher, sampled, prefix, 0, 10)
+    assert not torch.allclose(grads(plain, terms)[0], got)  # the ratio matters here
+
+
+def test_entropy_opd_uses_the_clipped_ratio_and_the_batchs_threshold():
+    terms, teacher, sampled, prefix, old = ppo_case()
+    threshold = float(terms.entropy.sort().values[-3])  # a global threshold keeping this rank's top 3
+    out = loss_fn("entropy_opd", ppo_clip=0.2)(
+        terms, teacher, sampled, prefix, 0, 10, old_logprob=old, entropy_threshold=threshold
+    )
+    r = (teacher.target_logprob - terms.logprob).detach()
+    want = ((terms.entropy >= threshold) * ppo_pg(terms.logprob, old, r)).sum() / len(r)
+    torch.testing.assert_close(out.loss, want)
+    assert out.metrics["fraction_selected"] == 3 / len(r)
+
+
+def tie_case(r_values, entropy=None, teacher_entropy=None):
+    """Sampled tokens with these exact log-ratios (lp_S = 0, so r = lp_T with no rounding)."""
+    r = torch.tensor(r_values, dtype=torch.float32)
+    n = len(r)
+    terms = tk.TokenTerms(
+        logprob=torch.zeros(n, requires_grad=True),
+        fkl=torch.ones(n, requires_grad=True),
+        entropy=torch.ones(n) if entropy is None else torch.tensor(entropy),
+        topk_mass=torch.ones(n),
+    )
+    teacher = tk.TeacherTopK(
+        ids=torch.zeros(n, 1, dtype=torch.long),
+        logprobs=torch.zeros(n, 1),
+        target_logprob=r,
+        entropy=torch.zeros(n) if teacher_entropy is None else torch.tensor(teacher_entropy),
+    )
+    return terms, teacher, torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+
+
+def test_thresholds_treat_a_tie_as_the_algorithm_says():
+    """r_t > tau keeps (mask_outlier), max(r_t, tau) clips only below tau, REOPOLD's r_t >= c selects,
+    EOPD's H_T > 0.8 adds FKL: a token exactly at the threshold falls on the side ALGORITHM.md gives."""
+    case = tie_case([-1.0, -0.5, -2.0])
+    masked = loss_fn("mask_outlier", tau=-1.0)(*case, 0, 10)
+    assert masked.metrics["fraction_masked"] == pytest.approx(2 / 3)  # -1.0 and -2.0 are not > -1.0
+    clipped = loss_fn("clip_outlier", tau=-1.0)(*case, 0, 10)
+    assert clipped.metrics["fraction_clipped"] == pytest.approx(1 / 3)  # only -2.0 is below -1.0
+    c = float(torch.tensor(math.log(0.2 / 0.8)))  # REOPOLD's floor, as the float32 log-ratios see it
+    case = tie_case([c, c - 0.5, 0.0])
+    selected = loss_fn("reopold")(*case, 0, 10)
+    assert selected.metrics["fraction_selected"] == pytest.approx(2 / 3)  # c itself is selected
+    assert selected.metrics["fraction_clipped"] == pytest.approx(1 / 3)  # c itself is not clipped
+    gated = loss_fn("eopd")(*tie_case([0.0, 0.0], teacher_entropy=[0.8, 0.81]), 0, 10)
+    assert gated.metrics["fraction_fkl"] == 0.5  # 0.8 is not > 0.8
+
+
+def test_a_single_sampled_token_is_a_whole_fraction_and_the_top_fraction_keeps_at_least_one():
+    from tropd_ds.objectives import top_fraction_threshold
+
+    one = loss_fn("mask_outlier", tau=-1.0)(*tie_case([0.5]), 0, 10)
+    assert one.metrics["fraction_masked"] == 0.0  # kept: 1 of 1, not 1 of max(1, 2)
+    values = torch.arange(10.0)
+    assert top_fraction_threshold(values, 0.05) == 9.0  # ceil(0.5) = 1 value kept
+    assert top_fraction_threshold(values, 0.2) == 8.0
+    assert top_fraction_threshold(torch.empty(0), 0.5) == float("inf")
+
+
+def test_reopold_divides_by_the_global_selection_count_and_takes_the_global_threshold_in_stage_2():
+    terms, teacher, sampled, prefix = hand_case(n=12, seed=22)
+    reopold = loss_fn("reopold")
+    r = (teacher.target_logprob - terms.logprob).detach()
+    c = math.log(0.25)
+    m = (r >= c).float()
+    per_token = m * -(r.clamp(min=c)) * terms.logprob
+    stage1 = reopold(terms, teacher, sampled, prefix, 0, 10, selection_count=40.0)  # 40 selected on all ranks
+    torch.testing.assert_close(stage1.loss, per_token.sum() / 40.0)
+    threshold = float(terms.entropy.sort().values[-2])  # the global stage-2 threshold keeps 2 of these
+    stage2 = reopold(terms, teacher, sampled, prefix, 9, 10, selection_count=5.0, entropy_threshold=threshold)
+    m2 = (terms.entropy >= threshold).float()
+    torch.testing.assert_close(stage2.loss, (m2 * -(r.clamp(min=c)) * terms.logprob).sum() / 5.0)
+
+
+def test_batch_statistics_are_the_thresholds_and_counts_the_losses_take():
+    from tropd_ds.objectives import top_fraction_threshold
+
+    terms, teacher, sampled, _ = hand_case(n=20, seed=23)
+    entropy, r = terms.entropy, (teacher.target_logprob - terms.logprob).detach()
+    sampled = sampled.clone()
+    sampled[:4] = False
+    stats = loss_fn("entropy_opd").batch_statistics(entropy, r, sampled, 0, 10)
+    assert stats == {"entropy_threshold": float(top_fraction_threshold(entropy[sampled], 0.2))}
+    stage1 = loss_fn("reopold").batch_statistics(entropy, r, sampled, 0, 10)
+    assert stage1 == {"selection_count": float((sampled & (r >= math.log(0.25))).sum())}
+    stage2 = loss_fn("reopold").batch_statistics(entropy, r, sampled, 9, 10)
+    threshold = float(top_fraction_threshold(entropy[sampled], 0.5))
+    assert stage2 == {
+        "selection_count": float((sampled & (entropy >= threshold)).sum()),
+        "entropy_threshold": threshold,
+    }
+    for name in ("opd", "tropd", "eopd", "mask_outlier"):
+        assert loss_fn(name).batch_statistics(entropy, r, sampled, 0, 10) == {}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from launch import DEEPSPEED, ROOT, free_port, launch, records, release_shm, write_config
+from launch import ROOT, free_port, launch, launcher, records, release_shm, write_config
 
 from tropd_ds import checkpoint
 from tropd_ds.config import ConfigError, load_config
@@ -45,11 +45,7 @@ def _release_shm_of_started_runs():
 def start(config: Path, env: dict | None = None, overrides: list[str] = ()) -> subprocess.Popen:
     PORTS.append(free_port())
     cmd = [
-        DEEPSPEED,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(PORTS[-1]),
+        *launcher(PORTS[-1]),
         "--module",
         "tropd_ds.train",
         "--config",
@@ -83,55 +79,67 @@ def rank_pid(proc: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no rank {rank} under the launcher")
 
 
-def test_sigkill_of_one_rank_then_the_same_command_resumes_exactly(workspace, full_run):
-    config = write_config(workspace, "killed")
-    proc = start(config)
-    wait_for_step(workspace / "killed", proc, 4)  # the checkpoint of step 3 is written before step 4 starts
+def read_until(proc: subprocess.Popen, words: str, timeout: float = 300) -> str:
+    """The launch's output up to the first line with `words` (the launch keeps running)."""
+    seen, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if words in line:
+            return "".join(seen)
+        assert time.time() < deadline, "".join(seen)[-3000:]
+    raise AssertionError(f"the launch ended before saying {words!r}: " + "".join(seen)[-3000:])
+
+
+def test_a_crash_while_saving_then_a_sigkill_of_one_rank_cost_only_the_steps_since_the_checkpoint(workspace, full_run):
+    """One chain, each link the same command: every rank dies while saving step 6 (a power cut, a node lost),
+    leaving a partial folder that resume skips; the resumed run loses rank 1 to SIGKILL before step 5; the
+    third launch resumes at step 3 again and reproduces steps 4-6 exactly. (When only one rank dies while
+    saving, the others see the gloo peer go in the closing barrier and remove the folder: the next test.)"""
+    config = write_config(workspace, "crashed")
+    ckpt = workspace / "crashed/ckpt"
+    out, _ = start(config, {"TROPD_DS_FAULT": "crash_in_save@6"}).communicate(timeout=600)
+    assert (ckpt / ".incomplete-step6").is_dir() and not (ckpt / "step6").exists(), out[-3000:]
+    assert (ckpt / "latest").read_text() == "step3"
+    # the same command, rank 1 held 3 s before step 5 so that the kill lands between steps 4 and 5
+    proc = start(config, {"TROPD_DS_FAULT": "stall@5:r1", "TROPD_DS_STALL_S": "3"})
+    said = read_until(proc, "at step 3")
+    assert "ignoring .incomplete-step6" in said, said[-3000:]
+    wait_for_step(workspace / "crashed", proc, 4)
     os.kill(rank_pid(proc, 1), signal.SIGKILL)
     proc.wait(timeout=120)
     assert proc.returncode != 0
-    assert (workspace / "killed/ckpt/step3/manifest.json").is_file()
+    assert (ckpt / "latest").read_text() == "step3" and not list(ckpt.glob("step[456]"))
     relaunch = launch(config)
     assert "at step 3" in relaunch.stdout
-    assert_same_steps(workspace / "killed", full_run[0], (4, 5, 6))
-    # the steps the killed run logged after its checkpoint were set aside, not lost
-    assert any(
-        json.loads(x)["step"] >= 4
-        for x in (workspace / "killed/logs/metrics.rolled_back.jsonl").read_text().splitlines()
-    )
-
-
-@pytest.mark.parametrize("sig,rank", [(signal.SIGTERM, 1), (signal.SIGINT, 0)], ids=["SIGTERM-rank1", "SIGINT-rank0"])
-def test_a_signal_on_one_rank_saves_a_checkpoint_and_exits_cleanly(workspace, full_run, sig, rank):
-    name = f"signalled_{sig.name}"
-    config = write_config(workspace, name, checkpoint={"every": 0})
-    proc = start(config)
-    wait_for_step(workspace / name, proc, 2)
-    os.kill(rank_pid(proc, rank), sig)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-    stopped = [int(p.name[4:]) for p in (workspace / name / "ckpt").glob("step*")]
-    assert len(stopped) == 1 and 2 <= stopped[0] < 6
-    why = sig.name if rank == 0 else "a signal on another rank"  # rank 0 does the logging
-    assert f"stopping after step {stopped[0]} ({why}); checkpoint saved" in out, out[-3000:]
-    launch(config)
-    assert_same_steps(workspace / name, full_run[0], range(stopped[0] + 1, 7))
-
-
-def test_a_crash_while_saving_leaves_no_checkpoint_that_resume_would_pick(workspace, full_run):
-    """Every rank dies while saving (a power cut, a node lost): the partial folder stays and resume skips it.
-    (When one rank dies, the others see the gloo peer go in the closing barrier and remove the folder.)"""
-    config = write_config(workspace, "crashed")
-    proc = start(config, {"TROPD_DS_FAULT": "crash_in_save@6"})
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode != 0, out[-3000:]
-    ckpt = workspace / "crashed/ckpt"
-    assert (ckpt / ".incomplete-step6").is_dir() and not (ckpt / "step6").exists()
-    assert (ckpt / "latest").read_text() == "step3"
-    relaunch = launch(config)
-    assert "ignoring .incomplete-step6" in relaunch.stdout and "at step 3" in relaunch.stdout
     assert_same_steps(workspace / "crashed", full_run[0], (4, 5, 6))
     assert not (ckpt / ".incomplete-step6").exists() and (ckpt / "step6/manifest.json").is_file()
+    # the steps each interrupted launch logged after its checkpoint were set aside, not lost
+    rolled_back = [
+        json.loads(x) for x in (workspace / "crashed/logs/metrics.rolled_back.jsonl").read_text().splitlines()
+    ]
+    steps = [r["step"] for r in rolled_back if "loss" in r]
+    assert steps.count(4) == 2 and 5 in steps, steps  # steps 4-5 (6) of the first launch, step 4 of the second
+
+
+def test_a_signal_on_either_rank_saves_a_checkpoint_exits_cleanly_and_the_same_command_resumes(workspace, full_run):
+    """SIGTERM on rank 1, then (in the resumed launch) SIGINT on rank 0, each while that rank is held 3 s
+    before the next step; a third launch finishes: every step equals the uninterrupted run's."""
+    name = "signalled"
+    config = write_config(workspace, name, checkpoint={"every": 0})
+    for sig, rank, step in ((signal.SIGTERM, 1, 3), (signal.SIGINT, 0, 5)):
+        proc = start(config, {"TROPD_DS_FAULT": f"stall@{step}:r{rank}", "TROPD_DS_STALL_S": "3"})
+        wait_for_step(workspace / name, proc, step - 1)
+        os.kill(rank_pid(proc, rank), sig)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+        saved = sorted(p.name for p in (workspace / name / "ckpt").glob("step*"))
+        assert saved == ["step3", "step5"][: 1 + (step == 5)], saved
+        why = sig.name if rank == 0 else "a signal on another rank"  # rank 0 does the logging
+        assert f"stopping after step {step} ({why}); checkpoint saved" in out, out[-3000:]
+        assert step == 3 or "at step 3" in out
+    launch(config)
+    assert_same_steps(workspace / name, full_run[0], range(1, 7))
+    assert len({r["lr"] for r in records(workspace / name) if "loss" in r}) == 6  # the schedule decays every step
 
 
 def test_when_one_rank_dies_while_saving_the_others_remove_the_partial_folder(workspace):

@@ -3,6 +3,8 @@ tests/test_zero3_rollout.py runs the ZeRO-3 paths under the real launcher."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from biased_models import build_biased_llama
@@ -271,3 +273,103 @@ def test_tropd_ds_eval_never_returns_a_padding_row(tmp_path):
     assert cli.main([*args, "--records", str(tmp_path / "records.jsonl"), "--device", "cpu"]) == 0
     records = [json.loads(x) for x in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert [r["completions"] for r in records] == [[";" * 6]] * 3  # padding ids would decode to nothing
+
+
+# ----------------------------------------------------------------------------- exact values (found by mutation testing)
+
+
+def test_rollout_metrics_count_lengths_ends_and_sampled_pads_by_hand():
+    # row 0: prompt 2, prefix 1 (id 9), sampled 4, 5, EOS; row 1: prompt 1, sampled PAD, PAD, 6 (no end); row 2 none
+    ids = torch.tensor([[1, 2, 9, 4, 5, EOS], [0, 0, 3, PAD, PAD, 6], [0, 0, 0, 0, 0, 3]])
+    sampled = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    prefix = torch.tensor([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    tokens = rollout.RolloutTokens(ids, torch.ones_like(ids), sampled, prefix)
+    got = rollout.rollout_metrics(tokens, (EOS, SEMI), PAD)
+    want = {"response_len": 2.0, "prefix_len": 1 / 3, "ended_fraction": 1 / 3, "sampled_pad_fraction": 2 / 6}
+    assert got == pytest.approx(want, rel=1e-6)  # float32 means
+    # a pad that is also an end token is an end, not a stray pad; no sampled token gives a pad fraction of 0
+    assert rollout.rollout_metrics(tokens, (PAD,), PAD)["sampled_pad_fraction"] == 0.0
+    assert rollout.rollout_metrics(tokens, (PAD,), PAD)["ended_fraction"] == 2 / 3
+    none = rollout.RolloutTokens(ids, torch.ones_like(ids), torch.zeros_like(sampled), prefix)
+    assert rollout.rollout_metrics(none, (EOS,), PAD)["sampled_pad_fraction"] == 0.0
+
+
+def test_prefixes_are_the_teacher_responses_first_l_tokens_with_l_drawn_uniformly():
+    ps = [
+        Prompt(index=0, ids=[1], response_ids=list(range(10, 30)), answer=None),
+        Prompt(index=1, ids=[1], response_ids=None, answer=None),
+        Prompt(index=2, ids=[1], response_ids=[7, 8, 9], answer=None),
+    ]
+    got = rollout.choose_prefixes(ps, 0, 10, 8, True, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # by hand: l ~ U{0 .. min(8, 20)}, then U{0 .. min(8, 3)}
+    want0 = int(torch.randint(0, 9, (1,), generator=g))
+    want2 = int(torch.randint(0, 4, (1,), generator=g))
+    assert got == [list(range(10, 10 + want0)), [], [7, 8, 9][:want2]]
+    assert rollout.choose_prefixes(ps, 0, 10, 8, False, torch.Generator()) == [[], [], []]
+    lengths = {len(rollout.choose_prefixes(ps[2:], 0, 10, 8, True, g)[0]) for _ in range(200)}
+    assert lengths == {0, 1, 2, 3}  # every length up to the whole response, never more
+
+
+def test_the_guidance_schedule_by_hand_and_its_refusals():
+    assert [max_len(s) for s in (0, 1, 5, 9, 10, 11)] == [
+        math.floor(40 * (1 + math.cos(math.pi * s / 10)) / 2) for s in (0, 1, 5, 9, 10, 10)
+    ]
+    assert rollout.max_prefix_len(3, 1, 7) == 0 and rollout.max_prefix_len(0, 1, 7) == 7
+    assert rollout.max_prefix_len(0, 5, 0) == 0
+    for args in ((-1, 10, 4), (0, 0, 4), (0, 10, -1)):
+        with pytest.raises(ValueError, match=r"expected 0 <= step, 1 <= total_steps, 0 <= l_max"):
+            rollout.max_prefix_len(*args)
+    g = torch.Generator().manual_seed(0)
+    assert {rollout.draw_prefix_len(0, 10, 40, -3, g) for _ in range(20)} == {0}  # no response, no prefix
+    assert {rollout.draw_prefix_len(5, 10, 4, 100, g) for _ in range(200)} == {0, 1, 2}  # floor(4 * 0.5) = 2
+
+
+def max_len(step):
+    return rollout.max_prefix_len(step, 10, 40)
+
+
+def test_left_pad_end_ids_and_real_token_columns_by_hand():
+    ids, mask = rollout.left_pad([[4, 5, 6], [7], []], PAD, "cpu")
+    assert ids.tolist() == [[4, 5, 6], [PAD, PAD, 7], [PAD, PAD, PAD]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]] and ids.dtype == mask.dtype == torch.long
+
+    class Gen:
+        def __init__(self, eos):
+            self.generation_config = type("G", (), {"eos_token_id": eos})()
+
+    assert rollout.end_token_ids(TOK, Gen([SEMI, EOS]), Gen(None), Gen(3)) == tuple(sorted({EOS, SEMI, 3}))
+    no_eos = type("T", (), {"eos_token_id": None})()
+    with pytest.raises(ValueError, match="neither the tokenizer nor the model's generation_config"):
+        rollout.end_token_ids(no_eos, Gen(None))
+    logits = torch.randn(2, 3, 10)
+    assert rollout.real_token_logits(logits, None) is logits and rollout.real_token_logits(logits, 10) is logits
+    assert rollout.real_token_logits(logits, 12) is logits
+    assert torch.equal(rollout.real_token_logits(logits, 7), logits[..., :7])
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.8, 0.95, 1.0])
+def test_top_p_filtering_equals_transformers_warper(top_p):
+    from transformers import TopPLogitsWarper
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(7)) * 3
+    logits[0, :3] = 10.0  # ties at the top
+    want = TopPLogitsWarper(top_p)(None, logits.clone())
+    assert torch.equal(rollout._filter_top_p(logits.clone(), top_p), want)
+
+
+def test_a_clean_generation_config_is_neutral_apart_from_temperature_and_top_p():
+    sampled = rollout.clean_generation_config(
+        SamplingConfig(max_new_tokens=99, temperature=0.7, top_p=0.9), 12, PAD, (EOS, SEMI)
+    )
+    assert (sampled.do_sample, sampled.temperature, sampled.top_p, sampled.max_new_tokens) == (True, 0.7, 0.9, 12)
+    assert (sampled.top_k, sampled.repetition_penalty, sampled.no_repeat_ngram_size, sampled.num_beams) == (
+        0,
+        1.0,
+        0,
+        1,
+    )
+    assert sampled.eos_token_id == [EOS, SEMI] and sampled.pad_token_id == PAD and sampled.use_cache is True
+    greedy = rollout.clean_generation_config(
+        SamplingConfig(max_new_tokens=99, temperature=0.0, top_p=0.5), 3, PAD, (EOS,)
+    )
+    assert (greedy.do_sample, greedy.temperature, greedy.top_p) == (False, 1.0, 1.0)

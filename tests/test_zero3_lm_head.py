@@ -11,13 +11,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import zero3_lm_head_worker as worker  # noqa: E402
-from launch import cpu_ranks  # noqa: E402
 
 
-def test_zero3_step_with_partitioned_lm_head_matches_single_process(tmp_path):
-    out = tmp_path / "zero3.json"
-    cpu_ranks([HERE / "zero3_lm_head_worker.py", out], cwd=tmp_path, timeout=600)
-    result = json.loads(out.read_text())
+def test_zero3_step_with_partitioned_lm_head_matches_single_process(zero3_results):
+    result = json.loads((zero3_results / "lm_head.json").read_text())  # conftest's one launch of the workers
     assert result["lm_head_partitioned"], "lm_head.weight was not partitioned: the test would prove nothing"
 
     # single-process reference on the oracle: both ranks' halves, one token mean, the same SGD step

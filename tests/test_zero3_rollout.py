@@ -12,22 +12,15 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from biased_models import build_biased_llama  # noqa: E402
-from launch import cpu_ranks  # noqa: E402
 
 
-def test_hook_free_rollout_under_zero3(tmp_path):
-    from tropd_ds.demo_models import build_llama
+def test_hook_free_rollout_under_zero3(zero3_results):
+    """conftest's one launch of the workers: a biased student (pad likely, eos unlikely) and a plain one."""
     from tropd_ds.demo_task import build_tokenizer
 
     tok = build_tokenizer()
     pad, eos = tok.pad_token_id, tok.eos_token_id
-    build_biased_llama(tmp_path / "student", tok, {pad: 2.5, eos: -0.5})
-    build_llama(tmp_path / "plain", tok, hidden=32, layers=1, heads=2, mlp=64, seed=5)  # samples follow its weights
-    out = tmp_path / "rollout.json"
-    worker = HERE / "zero3_rollout_worker.py"
-    cpu_ranks([worker, tmp_path / "student", tmp_path / "plain", out], cwd=tmp_path, timeout=600)
-    result = json.loads(out.read_text())
+    result = json.loads((zero3_results / "rollout.json").read_text())
     pads = changed = 0
     for rank in result["ranks"]:
         free, hooked = rank["hook_free"], rank["hooked"]

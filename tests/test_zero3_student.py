@@ -13,24 +13,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import zero3_student_worker as worker  # noqa: E402
-from launch import cpu_ranks  # noqa: E402
 
 
-@pytest.mark.parametrize(
-    "checkpointing, lora",
-    [(False, False), (True, False), (False, True)],
-    ids=["plain", "gradient_checkpointing", "lora"],
-)
-def test_student_update_under_zero3_equals_single_process(tmp_path, checkpointing, lora):
+@pytest.mark.parametrize("case", list(worker.CASES))
+def test_student_update_under_zero3_equals_single_process(zero3_results, case):
     """With LoRA: the adapters' update equals a single-process PEFT step and the partitioned base stays put."""
-    from tropd_ds.demo_models import build_llama
-    from tropd_ds.demo_task import build_tokenizer
-
-    build_llama(tmp_path / "student", build_tokenizer(), hidden=32, layers=2, heads=2, mlp=64, seed=3)
-    out = tmp_path / "zero3.json"
-    flags = (["--checkpointing"] if checkpointing else []) + (["--lora"] if lora else [])
-    cpu_ranks([HERE / "zero3_student_worker.py", *flags, tmp_path / "student", out], cwd=tmp_path, timeout=600)
-    result = json.loads(out.read_text())
+    tmp_path, (_, lora) = zero3_results, worker.CASES[case]
+    result = json.loads((tmp_path / f"{case}.json").read_text())
     assert result["lm_head_partitioned"], "lm_head was not partitioned: the test would prove nothing"
 
     want = worker.reference_step(str(tmp_path / "student"), lora)

@@ -1,13 +1,14 @@
 """One student update through the trainer's own pieces (ZeRO-3 aware loading, StudentTerms, objective)
-on 2 CPU ranks; rank 0 writes the gathered parameters after one SGD step.
+on 2 CPU ranks; rank 0 writes the gathered parameters after one SGD step, for each of CASES in one launch.
 
-Launched by tests/test_zero3_student.py; `reference_step` runs the same batch in one process
-without DeepSpeed."""
+Launched by tests/zero3_workers.py (conftest's `zero3_results`, with the other ZeRO-3 workers);
+`reference_step` runs the same batch in one process without DeepSpeed."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import tropd_kernels as tk
@@ -73,13 +74,24 @@ def reference_step(model_dir: str, lora: bool = False) -> dict:
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def main(model_dir: str, out_path: str, checkpointing: bool, lora: bool) -> None:
+# The sub-cases of one launch (a launch costs more than all three steps): name -> (checkpointing, lora)
+CASES = {"plain": (False, False), "gradient_checkpointing": (True, False), "lora": (False, True)}
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    for name, (checkpointing, lora) in CASES.items():
+        one_case(model_dir, Path(out_dir) / f"{name}.json", checkpointing, lora)
+
+
+def one_case(model_dir: str, out_path: Path, checkpointing: bool, lora: bool) -> None:
     import deepspeed
 
     from tropd_ds.models import load_causal_lm
     from tropd_ds.update import StudentTerms
 
-    deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
     config = {
         "train_micro_batch_size_per_gpu": 1,
@@ -116,6 +128,6 @@ def main(model_dir: str, out_path: str, checkpointing: bool, lora: bool) -> None
 
 
 if __name__ == "__main__":
-    main(sys.argv[-2], sys.argv[-1], "--checkpointing" in sys.argv, "--lora" in sys.argv)
+    main(sys.argv[-2], sys.argv[-1])
     torch.distributed.destroy_process_group()
     exit_without_teardown(0)  # gloo's threads sometimes abort the interpreter's teardown (SIGABRT)

@@ -280,7 +280,9 @@ def _coerce(where: str, value, tp):
 
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} is a {type(data).__name__}: expected a mapping of keys")
+        kind = type(data).__name__
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} is {article} {kind}: expected a mapping of keys")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
