@@ -267,3 +267,52 @@ def test_the_triton_backwards_gpu_recompute_branch_equals_its_read_back(vocab):
     recompute = vp.backward(student_logits, lse, ids, grad_lse, grad_gathered, 0.8, read_back=False)
     assert read.abs().sum() > 0
     torch.testing.assert_close(recompute, read, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fkl_mode", ["paper", "tail", "renorm"])
+def test_jsd_with_zero_probability_entries_in_the_top_k_stays_finite_and_equals_the_oracle(fkl_mode):
+    """-inf student logits at some of the teacher's top-k ids (s = 0 there) and -inf teacher logits inside its
+    own top-k (q = 0): each zero-probability entry contributes 0 to the JSD, never 0 x -inf."""
+    teacher_logits, student_logits, targets = make_case(6, 40, seed=9)
+    teacher_logits[:, 30:] = float("-inf")  # k = 35 > 30 finite teacher logits: q = 0 inside the top-k
+    teacher = tk.teacher_topk(teacher_logits, targets, 35)
+    student_logits[torch.arange(6), teacher.ids[:, 1]] = float("-inf")  # s = 0 at the teacher's second choice
+    options = tk.KernelOptions(fkl_mode=fkl_mode, divergence="jsd", jsd_beta=0.4)
+    ours = student_logits.clone().requires_grad_()
+    got = tk.token_terms(ours, targets, teacher, options=options, backend="torch")
+    want = tk.token_terms_oracle(student_logits.double(), targets, teacher, 1.0, fkl_mode, None, None, "jsd", 0.4)
+    assert torch.isfinite(got.fkl).all()
+    torch.testing.assert_close(got.fkl.double(), want.fkl, rtol=1e-5, atol=1e-6)
+    got.fkl.sum().backward()
+    assert torch.isfinite(ours.grad).all()
+
+
+def test_jsd_tail_mode_over_the_whole_vocabulary_has_an_empty_tail_and_finite_gradients():
+    """k = V in tail mode: the teacher's and the student's tail masses are 0, so is the mixture's; the tail
+    bucket adds 0 and its placeholders keep every gradient finite."""
+    teacher_logits, student_logits, targets = make_case(5, 24, seed=12)
+    teacher = tk.teacher_topk(teacher_logits, targets, 24)
+    ours = student_logits.clone().requires_grad_()
+    options = tk.KernelOptions(fkl_mode="tail", divergence="jsd", jsd_beta=0.5)
+    got = tk.token_terms(ours, targets, teacher, options=options, backend="torch")
+    want = tk.token_terms_oracle(student_logits.double(), targets, teacher, 1.0, "tail", None, None, "jsd", 0.5)
+    torch.testing.assert_close(got.fkl.double(), want.fkl, rtol=1e-5, atol=1e-6)
+    got.fkl.sum().backward()
+    assert torch.isfinite(ours.grad).all()
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "jsd"])
+def test_a_one_hot_teacher_in_tail_mode_has_a_zero_tail_and_finite_values_and_gradients(divergence):
+    """The teacher's top-k mass sums to exactly 1 (one finite logit per row), so its tail mass is exactly 0:
+    the tail bucket adds nothing, never 0 x log 0."""
+    _, student_logits, targets = make_case(4, 20, seed=13)
+    teacher_logits = torch.full((4, 20), float("-inf"))
+    teacher_logits[torch.arange(4), torch.tensor([3, 7, 7, 19])] = 0.0
+    teacher = tk.teacher_topk(teacher_logits, targets, 4)
+    ours = student_logits.clone().requires_grad_()
+    options = tk.KernelOptions(fkl_mode="tail", divergence=divergence, jsd_beta=0.5)
+    got = tk.token_terms(ours, targets, teacher, options=options, backend="torch")
+    want = tk.token_terms_oracle(student_logits.double(), targets, teacher, 1.0, "tail", None, None, divergence, 0.5)
+    torch.testing.assert_close(got.fkl.double(), want.fkl, rtol=1e-5, atol=1e-6)
+    got.fkl.sum().backward()
+    assert torch.isfinite(got.fkl).all() and torch.isfinite(ours.grad).all()

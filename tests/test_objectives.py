@@ -289,6 +289,13 @@ def test_k_and_coverage_schedules():
     obj = loss_fn("tropd", k=64, k_end=16, fkl_cover=0.9, cover_end=0.5)
     assert obj.step_options(0, 100).k == 64 and obj.step_options(100, 100).k == 16
     assert obj.step_options(50, 100).kernel.fkl_cover == pytest.approx(0.7)
+    assert [obj.step_options(s, 2).k for s in (-1, 0, 1, 2, 3)] == [64, 64, 40, 16, 16]  # clamped to [0, total]
+    assert obj.step_options(1, 1).k == 16 and obj.step_options(0, 0).k == 64
+    fixed = loss_fn("tropd", fkl_cover=0.8, logprob_floor=-20.0).step_options(7, 10, temperature=0.6)
+    assert (fixed.k, fixed.kernel) == (64, tk.KernelOptions(0.6, "paper", -20.0, 0.8))  # no cover_end: fixed
+    jsd = loss_fn("jsd", fkl_cover=0.9, jsd_beta=0.3).step_options(0, 10, temperature=0.8)
+    assert jsd.kernel == tk.KernelOptions(0.8, "paper", None, 0.9, "jsd", 0.3)
+    assert loss_fn("opd").step_options(3, 10, temperature=0.7) == StepOptions(1, tk.KernelOptions(0.7))
 
 
 def test_objectives_without_a_topk_term_ask_the_teacher_for_k_1():
@@ -393,14 +400,14 @@ def test_every_policy_gradient_objective_uses_the_clipped_ratio_when_ppo_clip_is
 
 def test_entropy_opd_uses_the_clipped_ratio_and_the_batchs_threshold():
     terms, teacher, sampled, prefix, old = ppo_case()
-    threshold = float(terms.entropy.sort().values[-3])  # a global threshold keeping this rank's top 3
+    threshold = float(terms.entropy.sort().values[-5])  # a global threshold keeping this rank's top 5 (not 3 of 12)
     out = loss_fn("entropy_opd", ppo_clip=0.2)(
         terms, teacher, sampled, prefix, 0, 10, old_logprob=old, entropy_threshold=threshold
     )
     r = (teacher.target_logprob - terms.logprob).detach()
     want = ((terms.entropy >= threshold) * ppo_pg(terms.logprob, old, r)).sum() / len(r)
     torch.testing.assert_close(out.loss, want)
-    assert out.metrics["fraction_selected"] == 3 / len(r)
+    assert out.metrics["fraction_selected"] == 5 / len(r)
 
 
 def tie_case(r_values, entropy=None, teacher_entropy=None):

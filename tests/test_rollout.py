@@ -172,6 +172,10 @@ def test_teacher_responses_end_at_the_first_end_token(tmp_path):
     responses = rollout.teacher_responses(engine_for(lm), prompts(), SamplingConfig(max_new_tokens=30), "cpu")
     assert all(r and (r[-1] == EOS or len(r) == 30) and EOS not in r[:-1] for r in responses)
     assert any(PAD in r for r in responses)
+    # exactly the sampled tokens after the prompt: what `sample` draws from the same seed, nothing of the prompt
+    torch.manual_seed(3)
+    tokens = rollout.sample(engine_for(lm), prompts(), [[]] * len(TEXTS), SamplingConfig(max_new_tokens=30), "cpu")
+    assert responses == [tokens.input_ids[i, 1:][tokens.sampled[i]].tolist() for i in range(len(TEXTS))]
 
 
 def test_response_keep_by_position():
@@ -292,6 +296,7 @@ def test_rollout_metrics_count_lengths_ends_and_sampled_pads_by_hand():
     assert rollout.rollout_metrics(tokens, (PAD,), PAD)["ended_fraction"] == 2 / 3
     none = rollout.RolloutTokens(ids, torch.ones_like(ids), torch.zeros_like(sampled), prefix)
     assert rollout.rollout_metrics(none, (EOS,), PAD)["sampled_pad_fraction"] == 0.0
+    assert rollout.rollout_metrics(tokens.rows(0, 1), (EOS,), PAD)["ended_fraction"] == 1.0  # 1 of 1 rows
 
 
 def test_prefixes_are_the_teacher_responses_first_l_tokens_with_l_drawn_uniformly():
@@ -347,12 +352,14 @@ def test_left_pad_end_ids_and_real_token_columns_by_hand():
     assert torch.equal(rollout.real_token_logits(logits, 7), logits[..., :7])
 
 
-@pytest.mark.parametrize("top_p", [0.3, 0.8, 0.95, 1.0])
+@pytest.mark.parametrize("top_p", [0.3, 0.5, 0.8, 0.95, 1.0])
 def test_top_p_filtering_equals_transformers_warper(top_p):
     from transformers import TopPLogitsWarper
 
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(7)) * 3
     logits[0, :3] = 10.0  # ties at the top
+    logits[1] = 0.0  # uniform: the cumulative sums hit 1 - top_p exactly (0.5 for top_p 0.5)
+    logits[2, :10] = 5.0  # a 3-D-free 2-D batch: softmax and cumsum along the vocabulary, not the rows
     want = TopPLogitsWarper(top_p)(None, logits.clone())
     assert torch.equal(rollout._filter_top_p(logits.clone(), top_p), want)
 
