@@ -34,7 +34,8 @@ SCOPE: dict[str, list[str] | None] = {
     "tropd_kernels/projection.py": None,
     "tropd_kernels/topk_fkl.py": None,
     "tropd_kernels/vocab_pass_torch.py": None,
-    "tropd_kernels/ops/__init__.py": None,
+    "tropd_kernels/ops/token_terms.py": None,
+    "tropd_kernels/ops/teacher_topk.py": None,
     "tropd_ds/objectives.py": None,
     "tropd_ds/rollout.py": [  # the masks, the sampler and the guidance prefixes; not the engines' plumbing
         "left_pad",
@@ -228,6 +229,7 @@ def main(argv=None) -> int:
             names += [r["mutant"] for r in read_results(dest) if r["status"] in ("survived", "no tests")]
             if not names:
                 print("no survivors to re-test")
+                return 0
         cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs), *names]
         print("+", " ".join(cmd), f"(in {dest})", flush=True)
         rc = subprocess.run(cmd, cwd=dest, env=env, check=False).returncode

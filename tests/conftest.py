@@ -63,5 +63,5 @@ def zero3_results(tmp_path_factory):
     build_llama(root / "global_batch_student", tok, hidden=32, layers=1, heads=2, mlp=64, seed=4)
     build_biased_llama(root / "biased", tok, {tok.pad_token_id: 2.5, tok.eos_token_id: -0.5})
     build_llama(root / "plain", tok, hidden=32, layers=1, heads=2, mlp=64, seed=5)  # samples follow its weights
-    cpu_ranks([Path(__file__).resolve().parent / "zero3_workers.py", root], cwd=root, timeout=600)
+    cpu_ranks([Path(__file__).resolve().parent / "zero3_workers.py", root], cwd=root, timeout=900)
     return root

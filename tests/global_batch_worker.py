@@ -1,7 +1,8 @@
 """Every objective's update through the trainer's `update.update` on 2 CPU ranks x 2 micro-batches under
 ZeRO-3, one SGD step each from the same weights; rank 0 writes the updated parameters per objective.
 
-Launched by tests/test_global_batch.py, whose `reference` runs the 8 rows as one batch in one process."""
+Launched by tests/zero3_workers.py (conftest's `zero3_results`); tests/test_global_batch.py's `reference` runs
+the 8 rows as one batch in one process."""
 
 from __future__ import annotations
 

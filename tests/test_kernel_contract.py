@@ -126,7 +126,7 @@ DTYPES = "expected one of float32, bfloat16, float16"
         (lambda h, w, t: (h, w.double(), None, t), f"weight.dtype=torch.float64: {DTYPES}"),
         (lambda h, w, t: (h, w.to("meta"), None, t), "weight is on meta: expected cpu"),
         (lambda h, w, t: (h, w, torch.zeros(29), t), "bias has shape (29,): expected [V] with V=30"),
-        (lambda h, w, t: (h, w, torch.zeros(30, device="meta"), t), "bias has shape (30,): expected [V] with V=30"),
+        (lambda h, w, t: (h, w, torch.zeros(30, device="meta"), t), "bias is on meta: expected cpu"),
         (lambda h, w, t: (h[:0], w[:0], None, t[:0]), "weight has V=0 rows: expected V >= 1"),
     ],
 )  # fmt: skip

@@ -164,6 +164,7 @@ def test_the_mutation_scope_names_files_and_functions_that_exist_and_fences_the_
         assert path.is_file(), rel
         tree = ast.parse(path.read_text())
         names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        assert names, f"{rel} has no function for mutmut to mutate"
         skip = mutation_test.SKIP.get(rel, [])
         assert set(keep or []) <= names and set(skip) <= names, (rel, set(keep or []) - names, set(skip) - names)
         if keep is None and not skip:

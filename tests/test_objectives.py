@@ -349,9 +349,11 @@ def test_bad_options_name_the_option_the_value_and_what_is_accepted(name, option
 
 
 def ppo_case(n=12, seed=21):
-    """hand_case with rollout-time log-probs one nat above the current ones: ratio e^-1, outside 1 -/+ 0.2."""
+    """hand_case with rollout-time log-probs one nat above the current ones for half the tokens (ratio e^-1,
+    below 1 - 0.2) and one nat below for the other half (ratio e, above 1 + 0.2), rewards of both signs."""
     terms, teacher, sampled, prefix = hand_case(n=n, seed=seed)
-    return terms, teacher, sampled, prefix, terms.logprob.detach() + 1.0
+    shift = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+    return terms, teacher, sampled, prefix, terms.logprob.detach() + shift
 
 
 def ppo_pg(lp, old, reward, eps=0.2):
@@ -454,6 +456,7 @@ def test_a_single_sampled_token_is_a_whole_fraction_and_the_top_fraction_keeps_a
     values = torch.arange(10.0)
     assert top_fraction_threshold(values, 0.05) == 9.0  # ceil(0.5) = 1 value kept
     assert top_fraction_threshold(values, 0.2) == 8.0
+    assert top_fraction_threshold(values, 0.25) == 7.0  # ceil(2.5) = 3 values kept, not round or floor
     assert top_fraction_threshold(torch.empty(0), 0.5) == float("inf")
 
 
@@ -491,3 +494,46 @@ def test_batch_statistics_are_the_thresholds_and_counts_the_losses_take():
     }
     for name in ("opd", "tropd", "eopd", "mask_outlier"):
         assert loss_fn(name).batch_statistics(entropy, r, sampled, 0, 10) == {}
+
+
+def test_tropd_parts_and_metrics_by_hand_with_a_prefix_token_and_each_outlier_term():
+    """3 sampled tokens and 1 teacher-prefix token, expected trust: every part and metric from the formulas."""
+    lp = torch.tensor([-0.5, -0.25, -1.0, -0.75])
+    r = torch.tensor([0.5, -1.0, -2.0, 0.0])
+    fkl = torch.tensor([0.2, 0.4, 0.8, 1.6])
+    terms = tk.TokenTerms(logprob=lp.clone().requires_grad_(), fkl=fkl, entropy=torch.ones(4), topk_mass=torch.ones(4))
+    teacher = tk.TeacherTopK(torch.zeros(4, 1, dtype=torch.long), torch.zeros(4, 1), lp + r, torch.zeros(4))
+    sampled, prefix = torch.tensor([True, True, True, False]), torch.tensor([False, False, False, True])
+    rs, lps = r[:3], lp[:3]
+    m = torch.exp(rs.clamp(max=0))  # P_trust = min(e^r, 1) on S
+    outliers = {"fkl": fkl[:3], "mask": torch.zeros(3), "clip": -(rs.clamp(min=-1.5)) * lps}
+    for outlier, out in outliers.items():
+        objective = loss_fn("tropd", trust_mode="expected", outlier=outlier, tau=-1.5, beta=0.25)
+        got = objective(terms, teacher, sampled, prefix, 0, 10)
+        trusted, outlier_part = float((m * -rs * lps).sum()), float(((1 - m) * out).sum())
+        guidance = 0.25 * 0.75  # beta x -lp on the prefix token
+        assert float(got.loss) == pytest.approx((trusted + outlier_part + guidance) / 4)
+        want = {
+            "trust_fraction": float(m.sum()) / 3,  # over the 3 sampled tokens; the prefix token is not counted
+            "loss_trusted": trusted / 4,
+            "loss_outlier": outlier_part / 4,
+            "loss_guidance": guidance / 4,
+            "outlier_fkl_mean": float(((1 - m) * fkl[:3]).sum() / (1 - m).sum()),
+        }
+        assert {k: got.metrics[k] for k in want} == pytest.approx(want, rel=1e-6), outlier
+    one = loss_fn("tropd", trust_mode="expected")(*tie_case([-1.0]), 0, 10)
+    assert one.metrics["trust_fraction"] == pytest.approx(math.exp(-1.0))  # 1 sampled token: divided by 1
+
+
+def test_bernoulli_trust_without_a_generator_draws_from_torch_global_generator():
+    terms, teacher, sampled, prefix = hand_case(n=64, seed=24)
+    torch.manual_seed(5)
+    a = loss_fn("tropd")(terms, teacher, sampled, prefix, 0, 10, None)
+    torch.manual_seed(5)
+    b = loss_fn("tropd")(terms, teacher, sampled, prefix, 0, 10, None)
+    assert a.metrics["trust_fraction"] == b.metrics["trust_fraction"] and 0 < a.metrics["trust_fraction"] < 1
+    fractions = set()
+    for seed in range(6):  # another global seed, other draws: the draws come from torch's global generator
+        torch.manual_seed(seed)
+        fractions.add(loss_fn("tropd")(terms, teacher, sampled, prefix, 0, 10, None).metrics["trust_fraction"])
+    assert len(fractions) > 1

@@ -1,6 +1,6 @@
 """Faults lose nothing: non-finite steps are skipped, checkpoints are atomic and verified, a signal
 saves and exits, a killed rank costs only the steps since the last checkpoint. Every run is the real
-`deepspeed` launcher on 2 CPU ranks with the tiny models of conftest.py; the reference is the
+DeepSpeed launcher on 2 CPU ranks with the tiny models of conftest.py; the reference is the
 uninterrupted 6-step run (`full_run`, checkpoints every 3 steps)."""
 
 from __future__ import annotations
@@ -97,11 +97,13 @@ def test_a_crash_while_saving_then_a_sigkill_of_one_rank_cost_only_the_steps_sin
     saving, the others see the gloo peer go in the closing barrier and remove the folder: the next test.)"""
     config = write_config(workspace, "crashed")
     ckpt = workspace / "crashed/ckpt"
-    out, _ = start(config, {"TROPD_DS_FAULT": "crash_in_save@6"}).communicate(timeout=600)
+    crashed = start(config, {"TROPD_DS_FAULT": "crash_in_save@6"})
+    out, _ = crashed.communicate(timeout=600)
+    assert crashed.returncode != 0, out[-3000:]
     assert (ckpt / ".incomplete-step6").is_dir() and not (ckpt / "step6").exists(), out[-3000:]
     assert (ckpt / "latest").read_text() == "step3"
-    # the same command, rank 1 held 3 s before step 5 so that the kill lands between steps 4 and 5
-    proc = start(config, {"TROPD_DS_FAULT": "stall@5:r1", "TROPD_DS_STALL_S": "3"})
+    # the same command, rank 1 held before step 5 so that the kill lands between steps 4 and 5
+    proc = start(config, {"TROPD_DS_FAULT": "stall@5:r1", "TROPD_DS_STALL_S": "60"})
     said = read_until(proc, "at step 3")
     assert "ignoring .incomplete-step6" in said, said[-3000:]
     wait_for_step(workspace / "crashed", proc, 4)
@@ -122,12 +124,13 @@ def test_a_crash_while_saving_then_a_sigkill_of_one_rank_cost_only_the_steps_sin
 
 
 def test_a_signal_on_either_rank_saves_a_checkpoint_exits_cleanly_and_the_same_command_resumes(workspace, full_run):
-    """SIGTERM on rank 1, then (in the resumed launch) SIGINT on rank 0, each while that rank is held 3 s
-    before the next step; a third launch finishes: every step equals the uninterrupted run's."""
+    """SIGTERM on rank 1, then (in the resumed launch) SIGINT on rank 0, each while that rank is held before the
+    next step (the hold ends when the signal arrives); a third launch finishes: every step equals the
+    uninterrupted run's."""
     name = "signalled"
     config = write_config(workspace, name, checkpoint={"every": 0})
     for sig, rank, step in ((signal.SIGTERM, 1, 3), (signal.SIGINT, 0, 5)):
-        proc = start(config, {"TROPD_DS_FAULT": f"stall@{step}:r{rank}", "TROPD_DS_STALL_S": "3"})
+        proc = start(config, {"TROPD_DS_FAULT": f"stall@{step}:r{rank}", "TROPD_DS_STALL_S": "60"})
         wait_for_step(workspace / name, proc, step - 1)
         os.kill(rank_pid(proc, rank), sig)
         out, _ = proc.communicate(timeout=300)

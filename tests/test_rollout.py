@@ -293,7 +293,7 @@ def test_rollout_metrics_count_lengths_ends_and_sampled_pads_by_hand():
     assert got == pytest.approx(want, rel=1e-6)  # float32 means
     # a pad that is also an end token is an end, not a stray pad; no sampled token gives a pad fraction of 0
     assert rollout.rollout_metrics(tokens, (PAD,), PAD)["sampled_pad_fraction"] == 0.0
-    assert rollout.rollout_metrics(tokens, (PAD,), PAD)["ended_fraction"] == 2 / 3
+    assert rollout.rollout_metrics(tokens, (PAD,), PAD)["ended_fraction"] == 1 / 3  # rows, not end tokens
     none = rollout.RolloutTokens(ids, torch.ones_like(ids), torch.zeros_like(sampled), prefix)
     assert rollout.rollout_metrics(none, (EOS,), PAD)["sampled_pad_fraction"] == 0.0
     assert rollout.rollout_metrics(tokens.rows(0, 1), (EOS,), PAD)["ended_fraction"] == 1.0  # 1 of 1 rows

@@ -1,6 +1,6 @@
 """One ZeRO-3 training step whose loss comes from token_terms_from_hidden on a partitioned lm_head.
 
-Launched by tests/test_zero3_lm_head.py as `deepspeed --num_gpus 2` on CPU ranks (gloo). Each rank
+Launched by tests/zero3_workers.py (conftest's `zero3_results`) on 2 CPU ranks (gloo). Each rank
 takes its own half of a fixed batch; rank 0 writes the loss and the updated, gathered parameters.
 The test runs the same module without DeepSpeed, its loss from the naive oracle, as the reference.
 """

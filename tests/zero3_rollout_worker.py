@@ -4,7 +4,7 @@ while generating) and hooked (layer by layer, hooks never touched); for a studen
 plain one. Then a ZeRO-3 teacher scores the plain student's rollouts gathered (hook-free) and layer by layer.
 Rank 0 writes every run's tokens, masks, counts, updated parameters and the two scorings.
 
-Launched by tests/test_zero3_rollout.py."""
+Launched by tests/zero3_workers.py (conftest's `zero3_results`), last: it ends the process group."""
 
 from __future__ import annotations
 

@@ -125,6 +125,7 @@ def one_case(model_dir: str, out_path: Path, checkpointing: bool, lora: bool) ->
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump({"params": params, "lm_head_partitioned": bool(partitioned)}, f)
+    engine.destroy()  # the next case (and the next worker in the same launch) starts without its hooks
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ TROPD_DS_FAULT is a comma-separated list of KIND@STEP[:rRANK]:
   disk_full_in_deepspeed_save@4:r0
                       rank 0's first file write inside DeepSpeed's save_checkpoint raises ENOSPC
                       (the other ranks go on to DeepSpeed's closing barrier)
-  stall@2:r1          rank 1 sleeps TROPD_DS_STALL_S seconds (default 60) before step 2's rollout
+  stall@2:r1          rank 1 sleeps TROPD_DS_STALL_S seconds (default 60) before step 2's rollout, or
+                      until a signal reaches it
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ def inject_into_deepspeed_save(engine, step: int, rank: int) -> None:
     engine.checkpoint_engine.save = full
 
 
-def stall(step: int, rank: int) -> None:
+def stall(step: int, rank: int, interrupted=lambda: False) -> None:
+    """Hold this rank for TROPD_DS_STALL_S seconds, or until `interrupted()` (a signal arrived)."""
     if active("stall", step, rank):
         import time
 
-        time.sleep(float(os.environ.get("TROPD_DS_STALL_S", "60")))
+        end = time.monotonic() + float(os.environ.get("TROPD_DS_STALL_S", "60"))
+        while time.monotonic() < end and not interrupted():
+            time.sleep(0.05)

@@ -394,11 +394,12 @@ class Rollout:
 
 def rollout_metrics(tokens: RolloutTokens, end_ids, pad_id: int) -> dict[str, float]:
     """Response and prefix lengths, the fraction of rollouts that ended, and sampled pads that are not end tokens."""
-    seen = tokens.input_ids[:, 1:][tokens.sampled]  # what the loss saw of the student's samples
-    ends = torch.isin(seen, torch.tensor(end_ids, device=seen.device))
+    targets = tokens.input_ids[:, 1:]
+    is_end = torch.isin(targets, torch.tensor(end_ids, device=targets.device)) & tokens.sampled
+    seen, ends = targets[tokens.sampled], is_end[tokens.sampled]  # what the loss saw of the student's samples
     return dict(
         response_len=(tokens.sampled.sum(1)).float().mean().item(),
         prefix_len=(tokens.prefix.sum(1)).float().mean().item(),
-        ended_fraction=float(ends.sum()) / max(1, tokens.input_ids.shape[0]),
+        ended_fraction=float(is_end.any(1).sum()) / max(1, tokens.input_ids.shape[0]),  # rows that sampled an end
         sampled_pad_fraction=float(((seen == pad_id) & ~ends).float().mean()) if len(seen) else 0.0,  # pad may be EOS
     )

@@ -95,7 +95,6 @@ def train_step(t: Trainer, step: int) -> dict:
     cfg, total, mb = t.cfg, t.cfg.optim.steps, t.cfg.student.micro_batch_size
     options = t.prepared.objective.step_options(step, total, cfg.objective.temperature)  # k, kernel options
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + collectives.rank_world()[0])
-    faults.stall(step + 1, collectives.rank_world()[0])
     t0 = time.perf_counter()
     # 1. Rollout: the student samples its responses, continuing after a teacher prefix when guided.
     tokens = t.roll_out(t.stream.next_batch(), step, total, generator)
@@ -177,6 +176,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
     for step in range(start_step, total):
         skipped_before = t.student.skipped_steps
         stop.phase = f"step {step + 1}"
+        faults.stall(step + 1, collectives.rank_world()[0], lambda: stop.signal_name is not None)
         record, done = train_step(t, step), step + 1
         stop.can_leave_now = False  # a completed step that no checkpoint holds yet
         # DeepSpeed skips a step whose gradient norm is not finite: the parameters stay as they were.

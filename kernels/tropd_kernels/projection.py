@@ -26,8 +26,10 @@ def check_projection(hidden, weight, bias, targets) -> None:
             raise ValueError(f"{name}.dtype={t.dtype}: expected one of float32, bfloat16, float16")
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}: expected {hidden.device}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.device != hidden.device):
+    if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias has shape {tuple(bias.shape)}: expected [V] with V={weight.shape[0]}")
+    if bias is not None and bias.device != hidden.device:
+        raise ValueError(f"bias is on {bias.device}: expected {hidden.device}")
     if weight.shape[0] < 1:
         raise ValueError("weight has V=0 rows: expected V >= 1")
     check_targets(targets, hidden.shape[0], weight.shape[0], hidden.device)
