@@ -537,3 +537,48 @@ def test_bernoulli_trust_without_a_generator_draws_from_torch_global_generator()
         torch.manual_seed(seed)
         fractions.add(loss_fn("tropd")(terms, teacher, sampled, prefix, 0, 10, None).metrics["trust_fraction"])
     assert len(fractions) > 1
+
+
+def test_common_metrics_by_hand():
+    """ALGORITHM.md section 4's per-step metrics over the sampled tokens only, quantiles as numpy takes them."""
+    import numpy as np
+
+    lp = torch.tensor([-0.5, -0.25, -1.0, -0.75, -2.0])
+    r = torch.tensor([0.5, -1.0, -2.0, 0.25, -3.0])
+    terms = tk.TokenTerms(
+        logprob=lp, fkl=torch.tensor([0.2, 0.4, 0.8, 1.6, 3.2]), entropy=torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]),
+        topk_mass=torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5]),
+    )  # fmt: skip
+    teacher = tk.TeacherTopK(torch.zeros(5, 1, dtype=torch.long), torch.zeros(5, 1), lp + r, torch.arange(5.0))
+    sampled, prefix = torch.tensor([True, True, True, True, False]), torch.tensor([False] * 4 + [True])
+    got = loss_fn("opd")(terms, teacher, sampled, prefix, 0, 10).metrics
+    rs = np.array([0.5, -1.0, -2.0, 0.25])
+    want = {
+        "loss": float((-torch.tensor(rs) * lp[:4].double()).sum() / 5),  # sampled | prefix: 5 tokens
+        "sampled_tokens": 4.0,
+        "prefix_tokens": 1.0,
+        "log_ratio_mean": rs.mean(),
+        "log_ratio_p1": np.quantile(rs, 0.01),
+        "log_ratio_p10": np.quantile(rs, 0.10),
+        "fkl_mean": (0.2 + 0.4 + 0.8 + 1.6) / 4,
+        "topk_mass_mean": (0.9 + 0.8 + 0.7 + 0.6) / 4,
+        "student_entropy_mean": 2.5,
+        "teacher_entropy_mean": 1.5,
+    }
+    assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-6)
+    one = loss_fn("opd")(*tie_case([-0.5]), 0, 10).metrics  # one sampled token: both quantiles are its r
+    assert (one["log_ratio_p1"], one["log_ratio_p10"], one["loss"]) == (-0.5, -0.5, 0.0)
+    none = loss_fn("opd")(terms, teacher, torch.zeros(5, dtype=torch.bool), prefix, 0, 10).metrics
+    assert "log_ratio_mean" not in none and none["sampled_tokens"] == 0.0
+
+
+def test_a_single_token_is_divided_by_one_and_a_missing_old_logprob_is_named():
+    terms, teacher, sampled, prefix = tie_case([-0.5])
+    terms = terms._replace(logprob=torch.tensor([-2.0], requires_grad=True))
+    teacher = teacher._replace(target_logprob=torch.tensor([-2.5]))
+    assert float(loss_fn("opd")(terms, teacher, sampled, prefix, 0, 10).loss) == pytest.approx(0.5 * -2.0)
+    reopold = loss_fn("reopold")(terms, teacher, sampled, prefix, 0, 10, selection_count=1.0)
+    assert float(reopold.loss) == pytest.approx(0.5 * -2.0)  # r = -0.5 >= c: selected, one token, divided by 1
+    with pytest.raises(ValueError) as missing:
+        loss_fn("opd", ppo_clip=0.2)(terms, teacher, sampled, prefix, 0, 10)
+    assert str(missing.value) == "ppo_clip is set but old_logprob is None: pass the rollout-time student log-probs"

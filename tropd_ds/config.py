@@ -282,7 +282,7 @@ def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         kind = type(data).__name__
         article = "an" if kind[0] in "aeiou" else "a"
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} is {article} {kind}: expected a mapping of keys")
+        raise ConfigError(f"{prefix.removesuffix('.') or 'config'} is {article} {kind}: expected a mapping of keys")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
