@@ -724,6 +724,14 @@ def test_load_config_json_syntax_error_names_file_line_and_column(tmp_path):
 def test_load_config_yaml_syntax_error_names_file_line_and_column(tmp_path):
     path = write(tmp_path, text="seed: 1\noptim: {steps: 3, lr: [1e-3\n")
     assert re.fullmatch(rf"{re.escape(str(path))}:\d+:\d+: YAML syntax error: .+", refusal(load_config, path))
+    # the line and column (1-based) of the problem, yaml's problem, and its context when it gives one
+    path = write(tmp_path, text="optim:\n  steps: 3\n lr: 1\n")
+    assert refusal(load_config, path) == (
+        f"{path}:3:2: YAML syntax error: expected <block end>, but found '<block mapping start>' "
+        "(while parsing a block mapping)"
+    )
+    path = write(tmp_path, text="a: b: c\n")
+    assert refusal(load_config, path) == f"{path}:1:5: YAML syntax error: mapping values are not allowed here"
 
 
 def test_load_config_of_an_unreadable_file_names_it(tmp_path):
