@@ -21,8 +21,8 @@ test: setup
 
 # The rehearsal of a first GPU run, on CPU ranks: the Llama-3.1, Qwen2.5 (padded rows; tied and untied),
 # Mistral and Gemma-2 vocabulary layouts, each 3 steps on 2 CPU ranks, evaluated and exported; a padded head
-# whose padding rows are likely; a rank held back past the collective time-out; the GPU check's flow
-# (about 4 minutes; CI runs it after `make test`).
+# whose padding rows are likely; a rank held back past the collective time-out; the Triton kernels compiled
+# for sm_80 and sm_90 with ptxas; the GPU check's flow (about 4.5 minutes; CI runs it after `make test`).
 rehearse: setup
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m rehearsal $(PYTEST_ARGS) tests
 

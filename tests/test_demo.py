@@ -118,7 +118,8 @@ def test_shortened_demo_runs_end_to_end_and_plots(tmp_path):
 
 def test_plain_opd_on_the_demo_does_not_learn_to_emit_pad(tmp_path):
     """With the response mask taken by id (DeepSpeed's), sampled pad tokens left the loss and plain OPD
-    drove the student to ~99% pad in 60 steps. By position, every sampled pad is scored like any token."""
+    drove the student to ~99% pad in 60 steps. By position, every sampled pad is scored like any token.
+    40 steps show it: with the mask by id put back, the last 10 of them sample more than 2% pad."""
     import torch
     from deepspeed.runtime.rollout import SamplingConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -130,7 +131,7 @@ def test_plain_opd_on_the_demo_does_not_learn_to_emit_pad(tmp_path):
         "objective.name": "opd",
         "objective.options": "{}",
         "rollout.guidance": "false",
-        "optim.steps": 60,
+        "optim.steps": 40,
         "rollout.prompts_per_step": 16,
         "student.micro_batch_size": 8,
         "eval.every": 0,
@@ -146,7 +147,7 @@ def test_plain_opd_on_the_demo_does_not_learn_to_emit_pad(tmp_path):
         args += ["--set", f"{k}={v}"]
     cpu_ranks(args, cwd=tmp_path)
     steps = [json.loads(x) for x in (tmp_path / "logs/metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    assert len(steps) == 60 and all(r["sampled_pad_fraction"] < 0.02 for r in steps[-10:]), [
+    assert len(steps) == 40 and all(r["sampled_pad_fraction"] < 0.02 for r in steps[-10:]), [
         r["sampled_pad_fraction"] for r in steps[-10:]
     ]
     assert steps[-1]["response_len"] > 10  # answers keep their length

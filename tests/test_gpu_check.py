@@ -134,6 +134,7 @@ def test_the_rehearsal_writes_each_step_as_it_completes(tmp_path):
     assert "Status: **passed**" in md and "| train | passed | 0 |" in md and "## How to run" in md
 
 
+@pytest.mark.rehearsal  # the check's flow under a 10 s budget: `make rehearse`
 def test_a_budget_too_small_cuts_the_steps_off_and_leaves_valid_results(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     budget = 10

@@ -31,6 +31,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Part of rehearsing a first GPU run (`make rehearse`, run by CI after `make test`): 20 s of ptxas.
+pytestmark = pytest.mark.rehearsal
+
 TARGETS = (80, 90)  # compute capabilities: sm_80 (A100), sm_90 (H100, H200; Triton emits sm_90a)
 DTYPES = ("bfloat16", "float16", "float32")
 # (vocabulary width the kernels see, row stride of the logits in elements): the _from_hidden ops pass fresh

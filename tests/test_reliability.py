@@ -123,15 +123,25 @@ def test_a_crash_while_saving_then_a_sigkill_of_one_rank_cost_only_the_steps_sin
     assert steps.count(4) == 2 and 5 in steps, steps  # steps 4-5 (6) of the first launch, step 4 of the second
 
 
-def test_a_signal_on_either_rank_saves_a_checkpoint_exits_cleanly_and_the_same_command_resumes(workspace, full_run):
+def test_a_signal_on_either_rank_saves_a_checkpoint_exits_cleanly_and_the_same_command_resumes(
+    workspace, full_run, capsys, monkeypatch
+):
     """SIGTERM on rank 1, then (in the resumed launch) SIGINT on rank 0, each while that rank is held before the
     next step (the hold ends when the signal arrives); a third launch finishes: every step equals the
-    uninterrupted run's."""
+    uninterrupted run's. Along the chain, the run owns its checkpoint folder: a second run on it is refused
+    while the first runs, and so are a fresh start or another objective on its checkpoints; with
+    checkpoint.every 0 the end still leaves a verified checkpoint of the last step before the export."""
+    monkeypatch.setenv("WORLD_SIZE", "2")  # `refused` runs the pre-engine checks here as rank 0 of 2
+    monkeypatch.setenv("RANK", "0")
     name = "signalled"
     config = write_config(workspace, name, checkpoint={"every": 0})
     for sig, rank, step in ((signal.SIGTERM, 1, 3), (signal.SIGINT, 0, 5)):
         proc = start(config, {"TROPD_DS_FAULT": f"stall@{step}:r{rank}", "TROPD_DS_STALL_S": "60"})
         wait_for_step(workspace / name, proc, step - 1)
+        if step == 3:  # a second run on the same folder while this one is running
+            err = refused(config, [], capsys)
+            assert "is in use by another run" in err, err[-3000:]
+            assert proc.poll() is None
         os.kill(rank_pid(proc, rank), sig)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
@@ -140,9 +150,20 @@ def test_a_signal_on_either_rank_saves_a_checkpoint_exits_cleanly_and_the_same_c
         why = sig.name if rank == 0 else "a signal on another rank"  # rank 0 does the logging
         assert f"stopping after step {step} ({why}); checkpoint saved" in out, out[-3000:]
         assert step == 3 or "at step 3" in out
+        for overrides, words in (
+            (["checkpoint.resume=false"], "holds another run's checkpoints"),
+            (["objective.name=opd", "objective.options={}"], "objective.name: 'tropd' -> 'opd'"),
+        ):
+            err = refused(config, overrides, capsys)
+            assert words in err and "Traceback" not in err, err[-3000:]
+            assert sorted(p.name for p in (workspace / name / "ckpt").glob("step*")) == saved  # nothing deleted
     launch(config)
     assert_same_steps(workspace / name, full_run[0], range(1, 7))
     assert len({r["lr"] for r in records(workspace / name) if "loss" in r}) == 6  # the schedule decays every step
+    assert checkpoint.verify(workspace / name / "ckpt/step6") is None  # checkpoint.every 0: the end still saves
+    assert json.loads((workspace / name / "export/tropd_export.json").read_text())["complete"] is True
+    launches = sorted(p.name for p in (workspace / name / "logs").glob("config.*.json"))
+    assert len(launches) == 3, launches  # each launch's resolved config is kept
 
 
 def test_when_one_rank_dies_while_saving_the_others_remove_the_partial_folder(workspace):
@@ -401,36 +422,8 @@ def refused(config: Path, overrides: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_a_run_owns_its_checkpoint_folder_and_always_ends_with_a_verified_checkpoint(workspace, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    config = write_config(workspace, "owned", checkpoint={"every": 0})
-    first = start(config, overrides=["optim.steps=400"])  # long enough to be running while the others start
-    wait_for_step(workspace / "owned", first, 1)
-    err = refused(config, [], capsys)  # a second run on the same folder, while the first one is running
-    assert "is in use by another run" in err, err[-3000:]
-    assert first.poll() is None
-    os.kill(rank_pid(first, 0), signal.SIGTERM)
-    code, out = finish(first)
-    assert code == 0 and "checkpoint saved" in out, out[-3000:]
-    saved = sorted(p.name for p in (workspace / "owned/ckpt").glob("step*"))
-    assert len(saved) == 1
-    stopped = int(saved[0][4:])
-    for overrides, words in (
-        (["checkpoint.resume=false"], "holds another run's checkpoints"),
-        (["objective.name=opd", "objective.options={}"], "objective.name: 'tropd' -> 'opd'"),
-    ):
-        err = refused(config, overrides, capsys)
-        assert words in err and "Traceback" not in err, err[-3000:]
-        assert sorted(p.name for p in (workspace / "owned/ckpt").glob("step*")) == saved  # nothing deleted
-    # the same config (more steps is not a change that matters) resumes; with checkpoint.every 0 the end
-    # still leaves a verified checkpoint of the last step before the export
-    done = launch(config, f"optim.steps={stopped + 2}")
-    assert f"at step {stopped}" in done.stdout
-    assert checkpoint.verify(workspace / f"owned/ckpt/step{stopped + 2}") is None
-    assert json.loads((workspace / "owned/export/tropd_export.json").read_text())["complete"] is True
-    launches = sorted(p.name for p in (workspace / "owned/logs").glob("config.*.json"))
-    assert len(launches) == 2, launches  # each launch's resolved config is kept
+# A run owning its checkpoint folder, and the verified checkpoint at the end with checkpoint.every 0: along the
+# signal chain above (test_a_signal_on_either_rank_saves_a_checkpoint_exits_cleanly_and_the_same_command_resumes).
 
 
 def test_an_export_that_fails_on_rank_0_ends_every_rank_and_names_the_intact_checkpoint(workspace):
