@@ -6,7 +6,7 @@ changed function; a mutant that no test fails "survives". It needs a flat tree (
 on sys.path as they are laid out, and this repository keeps tropd_kernels under kernels/), so this script
 stages one under build/mutation/: tropd_ds/, tropd_kernels/, tests/, configs/ and a setup.cfg with the
 [mutmut] section, runs mutmut there, and writes build/mutation/report.json and report.md (score, and every
-survivor with its file and line). Re-running continues where the last run stopped; --fresh starts over.
+survivor with its diff). Re-running continues where the last run stopped; --fresh starts over.
 
 Survivors are listed in docs/TESTING.md, each killed by a test or argued equivalent.
 """
