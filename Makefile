@@ -22,13 +22,13 @@ test: setup
 # The rehearsal of a first GPU run, on CPU ranks: the Llama-3.1, Qwen2.5 (padded rows; tied and untied),
 # Mistral and Gemma-2 vocabulary layouts, each 3 steps on 2 CPU ranks, evaluated and exported; a padded head
 # whose padding rows are likely; a rank held back past the collective time-out; the Triton kernels compiled
-# for sm_80 and sm_90 with ptxas; the GPU check's flow (about 4.5 minutes; CI runs it after `make test`).
+# for sm_80 and sm_90 with ptxas; the GPU check's flow (about 3 minutes; CI runs it after `make test`).
 rehearse: setup
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m rehearsal $(PYTEST_ARGS) tests
 
 # Mutation testing (mutmut) of tropd_kernels' torch paths and checks, the objectives, the rollout's masks and
 # the config checks against their fast tests; report in build/mutation/report.md, survivors argued in
-# docs/TESTING.md. Not part of `make test` (about an hour on 2 cores); re-running continues where it stopped.
+# docs/TESTING.md. Not part of `make test` (about 2 hours on 2 cores); re-running continues where it stopped.
 mutation: setup
 	$(PY) -m pip install -q -e ".[mutation]"
 	$(PY) scripts/mutation_test.py $(MUTATION_ARGS)
