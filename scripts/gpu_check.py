@@ -464,6 +464,9 @@ class Check:
         step["log_tail"] = tail(log)
         if refresh is not None:
             refresh(step)
+        skipped = step.get("summary", {}).get("steps_skipped")
+        if step["status"] == "passed" and skipped:  # a run that skipped steps did not train as asked
+            step["status"] = f"failed: steps {skipped} skipped for non-finite values"
         print(f"[gpu-check] {name}: {step['status']} (exit {code}) in {step['seconds']:.0f} s", flush=True)
         self.write(after=name)
 
@@ -540,6 +543,7 @@ class Check:
             step["summary"] = dict(
                 steps_done=max((r.get("step", 0) for r in records if "loss" in r), default=0),
                 steps_planned=self.args.steps,
+                steps_skipped=[r["step"] for r in records if r.get("skipped")],
                 metrics=[{k: r[k] for k in METRIC_KEYS if k in r} for r in records],
                 exported="exported the student to" in text,
                 jit_builds_refused=sorted(set(re.findall(r"JIT-build its '([^']+)' op", text))),
@@ -559,7 +563,8 @@ class Check:
                 f"{n} {s['status']}" for n, s in steps.items() if s["status"] not in ("passed", "skipped")
             )
         else:
-            self.result["status"] = "failed: " + ", ".join(n for n, s in steps.items() if s["status"] == "failed")
+            failed = [n for n, s in steps.items() if s["status"].startswith("failed")]
+            self.result["status"] = "failed: " + ", ".join(failed)
         self.write(after="end")
         print(summary(self.result), flush=True)
         return 0 if self.result["status"] == "passed" else 1

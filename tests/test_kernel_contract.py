@@ -144,14 +144,28 @@ def test_the_projection_refuses_bad_shapes_dtypes_and_devices_with_the_whole_mes
 def test_chunk_rows_follow_the_device_budget_or_the_callers_size():
     from tropd_kernels.projection import HIDDEN_CHUNK_BYTES, chunk_rows
 
-    assert HIDDEN_CHUNK_BYTES == {"cuda": 256 * 2**20, "cpu": 64 * 2**20}
+    # 1 GiB on CUDA: on an H200, forward + backward at N=8192, V=128256, d=4096 took 60 ms against 72 ms
+    # with 256 MiB (each block reads and writes the fp32 [V, d] weight gradient once), for 0.6 GiB more
+    assert HIDDEN_CHUNK_BYTES == {"cuda": 2**30, "cpu": 64 * 2**20}
     assert chunk_rows(1000, None, torch.device("cpu")) == 64 * 2**20 // 4000
-    assert chunk_rows(1000, None, torch.device("cuda")) == 256 * 2**20 // 4000
+    assert chunk_rows(1000, None, torch.device("cuda")) == 2**30 // 4000
     assert chunk_rows(2**26, None, torch.device("cpu")) == 1  # a block budget smaller than one row
     assert chunk_rows(1000, 1, torch.device("cpu")) == 1 and chunk_rows(1000, 7, torch.device("cpu")) == 7
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match=rf"chunk_size={bad!r}: expected None or an integer >= 1"):
             chunk_rows(1000, bad, torch.device("cpu"))
+
+
+def test_the_weight_gradient_accumulates_in_place_without_a_temporary():
+    from tropd_kernels.projection import addmm_fp32_
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, 7, generator=g), torch.randn(7, 4, generator=g)
+    acc = torch.zeros(5, 4)
+    out = addmm_fp32_(acc, a, b)
+    assert out.data_ptr() == acc.data_ptr()
+    addmm_fp32_(acc, a, b.bfloat16())  # a bf16 operand with fp32 ones: made fp32, as matmul_operand does
+    torch.testing.assert_close(acc, a @ b + a @ b.bfloat16().float(), rtol=1e-6, atol=1e-6)
 
 
 def test_cpu_matmuls_take_fp32_operands_and_give_an_fp32_result():

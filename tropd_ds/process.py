@@ -39,6 +39,7 @@ def start_distributed(timeout_minutes: float = 240.0) -> torch.device:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(assign_device(os.environ, torch.cuda.device_count()))
+        avoid_cudnn_attention()
     with watch_extension_locks():  # the first CPU launch builds DeepSpeed's shm op under a file lock
         startup = timedelta(minutes=min(timeout_minutes, STARTUP_TIMEOUT_MINUTES))
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=startup)
@@ -46,6 +47,16 @@ def start_distributed(timeout_minutes: float = 240.0) -> torch.device:
     if cuda:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def avoid_cudnn_attention() -> None:
+    """Turn off cuDNN's attention kernel for this process. Since torch 2.11 it is scaled_dot_product_attention's
+    first choice on Hopper GPUs, and its backward returns NaN query gradients when a mask is passed (every
+    padded batch: transformers builds one), the sequence length is 64 mod 128 and some row's logsumexp is below
+    ln(FLT_MAX) = -88.7 (a left-padding row that sees no key has -inf; so can a "massive activation" head):
+    pytorch/pytorch#196678, open through 2.13. The GPU check met it on an H200 (step 1 skipped, NaN out of
+    ScaledDotProductCudnnAttentionBackward0). The memory-efficient and flash kernels take its place."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def set_collective_timeout(minutes: float) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import tropd_kernels as tk
 
-from . import collectives, faults
+from . import collectives, faults, nonfinite
 from .config import ModelConfig, OptimConfig
 from .models import VocabHeadModel, initialize, load_causal_lm, student_ds_config
 from .objectives import Objective, StepOptions
@@ -78,6 +78,7 @@ def update(
     token_count = per_micro_batch(float(collectives.all_reduce([float(tokens.targets.sum())])[0]), len(batches))
     stats = global_statistics(engine, objective, batches, teachers, step, total_steps, options)
     metrics = []
+    trace = nonfinite.tracer(engine, collectives.rank_world()[0])
     for rows, teacher in zip(batches, teachers):
         terms = engine(rows.input_ids, rows.attention_mask, rows.targets, teacher, options=options.kernel)
         sampled, prefix = rows.sampled[rows.targets], rows.prefix[rows.targets]
@@ -85,7 +86,11 @@ def update(
         if faults.active("nan_loss", step + 1, collectives.rank_world()[0]):
             out.loss = out.loss * float("nan")
             out.metrics["loss"] = float("nan")
+        if trace:
+            trace.step = step + 1
         engine.backward(out.loss)
+        if trace:
+            trace.after_backward(engine)
         engine.step()
         metrics.append(out.metrics)
     return metrics

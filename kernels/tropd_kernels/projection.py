@@ -10,7 +10,7 @@ from .contract import FLOAT_DTYPES, check_targets
 
 # One fp32 [chunk, V] block of logits in the _from_hidden variants: large on GPUs, where the matmul
 # needs big tiles to reach its throughput; smaller on CPUs, where it does not.
-HIDDEN_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 64 * 2**20}
+HIDDEN_CHUNK_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}
 
 
 def check_projection(hidden, weight, bias, targets) -> None:
@@ -45,6 +45,14 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype == torch.float32:
         return a @ b.float() if b.dtype != torch.float32 else a @ b
     return torch.mm(a, b.to(a.dtype), out_dtype=torch.float32)
+
+
+def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a @ b into the fp32 accumulator `acc` in place: no [V, d] temporary, one read and one write of
+    `acc` inside the matmul (CUDA bf16/fp16 operands through cuBLAS's fp32-output addmm)."""
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b.float() if b.dtype != torch.float32 else b)
+    return torch.addmm(acc, a, b.to(a.dtype), out_dtype=torch.float32, out=acc)
 
 
 def project(h: torch.Tensor, w_mm: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from ..contract import (
     check_logits_targets,
     check_teacher,
 )
-from ..projection import check_projection, chunk_rows, matmul_operand, mm_fp32, project
+from ..projection import addmm_fp32_, check_projection, chunk_rows, matmul_operand, mm_fp32, project
 from ..topk_fkl import student_terms
 
 
@@ -91,13 +91,14 @@ class _HiddenVocabReduce(torch.autograd.Function):
             g = vp.backend.backward(
                 logits, safe_lse[sl], gather_ids[sl], grad_lse[sl], grad_gathered[sl], vp.temperature, out=logits
             )
+            g_mm = g.to(w_mm.dtype) if need_h or need_w else None  # rounded once, for both products
             if need_h:
-                grad_h[sl] = mm_fp32(g.to(w_mm.dtype), w_mm)
+                grad_h[sl] = mm_fp32(g_mm, w_mm)
             if need_w:
-                grad_w += mm_fp32(g.t().to(w_mm.dtype), matmul_operand(hidden[sl]).to(w_mm.dtype))
+                addmm_fp32_(grad_w, g_mm.t(), matmul_operand(hidden[sl]))
             if grad_b is not None:
                 grad_b += g.sum(0)
-            del logits, g
+            del logits, g, g_mm
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
