@@ -647,8 +647,9 @@ scripts/gpu_wheels.sh
 
 Always run it right before the device call, even when `.whl/` exists: it starts afresh (`rm -rf .whl`), and a
 folder left by an earlier session may lack wheels the check needs (pydantic, without which DeepSpeed does
-not import). Give the machine back (`give_back`) as soon as the call returns: with its start-up the call uses
-about 10 of the 15 device minutes, so there is no room for a second full run.
+not import). Give the machine back (`give_back`) as soon as the call returns. On an H200 (2026-11-30) the check
+took 122 to 137 s and the whole call, the machine's start included, under 3 of the 15 device minutes: room
+for a second run after a fix, not for idling.
 
 Then one call of the device tool's `run`, with `carry: [".whl"]`, `timeout_s: 540` and this command:
 
