@@ -91,3 +91,14 @@ def test_rows_are_written_as_they_complete_and_a_budget_stops_the_run(tmp_path, 
     data = json.loads((tmp_path / "none/RESULTS.json").read_text())
     assert data["status"] == "budget" and data["rows"] == [] and len(data["not_run"]) == 2
     assert "2 measurements not run (budget spent)" in (tmp_path / "none/RESULTS.md").read_text()
+
+
+def test_bench_weight_grad_compares_both_accumulations_and_their_gradients(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "scripts/bench_weight_grad.py", "--out", str(tmp_path), "--n", "64", "--vocab", "3001"]
+    proc = subprocess.run(cmd + ["--d", "16"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "RESULTS.json").read_text())
+    assert [r["mode"] for r in result["rows"]] == ["before", "after"]
+    assert all(r["V"] == 3001 and r["peak_mib"] >= 0 for r in result["rows"])
+    assert result["max_relative_difference"] == {"hidden": 0.0, "weight": 0.0}
