@@ -95,10 +95,11 @@ def test_rows_are_written_as_they_complete_and_a_budget_stops_the_run(tmp_path, 
 
 def test_bench_weight_grad_compares_both_accumulations_and_their_gradients(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "scripts/bench_weight_grad.py", "--out", str(tmp_path), "--n", "64", "--vocab", "3001"]
+    # V = 200,000: 83 rows to a 64 MiB CPU block, so 200 rows take 3 blocks and the accumulation is exercised
+    cmd = [sys.executable, "scripts/bench_weight_grad.py", "--out", str(tmp_path), "--n", "200", "--vocab", "200000"]
     proc = subprocess.run(cmd + ["--d", "16"], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "RESULTS.json").read_text())
     assert [r["mode"] for r in result["rows"]] == ["before", "after"]
-    assert all(r["V"] == 3001 and r["peak_mib"] >= 0 for r in result["rows"])
+    assert all(r["V"] == 200000 and r["block_rows"] == 83 and r["peak_mib"] >= 0 for r in result["rows"])
     assert result["max_relative_difference"] == {"hidden": 0.0, "weight": 0.0}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import tropd_kernels as tk
+from kernel_cases import DEVICE
 
 
 def good():
@@ -156,16 +157,25 @@ def test_chunk_rows_follow_the_device_budget_or_the_callers_size():
             chunk_rows(1000, bad, torch.device("cpu"))
 
 
-def test_the_weight_gradient_accumulates_in_place_without_a_temporary():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_the_weight_gradient_accumulates_in_place_without_a_temporary(dtype):
+    """fp32 operands: `addmm_` (any device); bf16 / fp16 ones, which stay so only on CUDA (`matmul_operand`):
+    cuBLAS's fp32-output addmm into the accumulator."""
     from tropd_kernels.projection import addmm_fp32_
 
+    if dtype != torch.float32 and DEVICE != "cuda":
+        pytest.skip("bf16 / fp16 operands reach addmm_fp32_ on CUDA only")
     g = torch.Generator().manual_seed(3)
-    a, b = torch.randn(5, 7, generator=g), torch.randn(7, 4, generator=g)
-    acc = torch.zeros(5, 4)
+    a, b = (torch.randn(5, 7, generator=g) * 0.5).to(dtype), (torch.randn(7, 4, generator=g) * 0.5).to(dtype)
+    a, b = a.to(DEVICE), b.to(DEVICE)
+    acc = torch.ones(5, 4, device=DEVICE)
     out = addmm_fp32_(acc, a, b)
-    assert out.data_ptr() == acc.data_ptr()
-    addmm_fp32_(acc, a, b.bfloat16())  # a bf16 operand with fp32 ones: made fp32, as matmul_operand does
-    torch.testing.assert_close(acc, a @ b + a @ b.bfloat16().float(), rtol=1e-6, atol=1e-6)
+    assert out.data_ptr() == acc.data_ptr() and acc.dtype == torch.float32
+    addmm_fp32_(acc, a, b)
+    torch.testing.assert_close(acc, 1 + 2 * (a.double() @ b.double()).float(), rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:  # a bf16 second operand with fp32 ones is made fp32, as matmul_operand does
+        addmm_fp32_(acc, a, b.bfloat16())
+        torch.testing.assert_close(acc, 1 + 2 * a @ b + a @ b.bfloat16().float(), rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_matmuls_take_fp32_operands_and_give_an_fp32_result():

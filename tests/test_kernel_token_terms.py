@@ -147,7 +147,8 @@ def test_fkl_gradient_alone_matches_closed_form(backend):
     # about 2e-5 in the peaked row, where |z| / T reaches ~190) is that much relative error in p. The CPU
     # matches to 1e-5; the GPU's exp2 and FMA order need that margin (seen on an H200).
     condition = 2.0**-23 * float(student_logits[torch.isfinite(student_logits)].abs().max()) / temp
-    torch.testing.assert_close(z.grad, expected / temp, rtol=1e-5 + condition, atol=1e-6)
+    rtol = 1e-5 + (condition if z.is_cuda else 0.0)
+    torch.testing.assert_close(z.grad, expected / temp, rtol=rtol, atol=1e-6)
 
 
 def test_tail_mode_is_never_negative_and_paper_mode_can_be():
@@ -346,4 +347,4 @@ def test_the_bf16_operand_bound_admits_a_tensor_core_product_and_no_wrong_one():
         assert_grad_close(tensor_core, exact.float())  # half an ulp alone is too tight for it
     assert_grad_close(tensor_core, exact.float(), bound)
     with pytest.raises(AssertionError, match="off by more than half an ulp"):
-        assert_grad_close((tensor_core.float() * 1.05).bfloat16(), exact.float(), bound)
+        assert_grad_close((tensor_core.float() * 1.01).bfloat16(), exact.float(), bound)

@@ -1,10 +1,14 @@
 """Where a non-finite gradient starts: a diagnosis, off unless TROPD_DS_TRACE_NONFINITE=1.
 
-With it, the student's update runs under autograd's anomaly mode (a NaN made by a backward op raises, with
-the forward line that made the op) and every submodule's outputs carry a gradient hook: the first
-non-finite gradient of each backward is printed with the module that received it, in the order backward
-reaches them, and after each backward the parameters whose full gradient is non-finite are named (a
-collective under ZeRO-3: every rank runs it). Slow; for a run that skips steps for non-finite gradients."""
+With it, the process runs under autograd's anomaly mode and every submodule of the student carries hooks:
+- a NaN made by a backward op raises at once, naming the op and the forward line that made it: the run
+  stops there (with several ranks, the others wait in their next collective until its time-out);
+- an inf (which anomaly mode lets through) is printed at the first module whose output's gradient holds
+  it, once per backward, and after that backward the parameters whose full gradient is non-finite are
+  named (a collective under ZeRO-3: every rank runs it);
+- a non-finite forward output is printed with its module.
+The forward hooks run in generation too (a host sync per module per token): slow, for diagnosing a run
+that skips steps for non-finite gradients, not for training."""
 
 from __future__ import annotations
 

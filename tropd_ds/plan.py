@@ -6,7 +6,7 @@ and a step-time estimate split into rollout, teacher scoring and update, from st
 figures. Every figure is a formula over the model shapes printed with it, not a measurement.
 
 The rollout phase adds the prefill's working set to the gathered student and the KV cache; the update
-adds the lm_head weight gradient's fp32 temporaries to the activations and the loss path; host memory
+adds the lm_head weight gradient's fp32 accumulator and bf16 copy to the activations and the loss path; host memory
 keeps a reserve for the OS and page cache, each rank's own process and the checkpoints' staging
 (`Hardware`'s host_* fields), and a plan whose total with that reserve exceeds the host does not fit.
 
@@ -25,11 +25,13 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tropd_kernels.projection import HIDDEN_CHUNK_BYTES
+
 GiB = 2**30
 MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 SHIPPED = ("llama-3.1-8b", "llama-3.1-70b", "qwen2.5-7b", "qwen2.5-72b")
 CPU_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for host memory
-LOSS_CHUNK_BYTES = 256 * 2**20  # tropd_kernels' [chunk, V] block on CUDA (ops.HIDDEN_CHUNK_BYTES)
+LOSS_CHUNK_BYTES = HIDDEN_CHUNK_BYTES["cuda"]  # tropd_kernels' fp32 [chunk, V] block of logits on CUDA
 GPU_RESERVE = 0.9  # plan for 90% of the card: CUDA context, allocator fragmentation, NCCL buffers
 
 
@@ -245,11 +247,11 @@ def prefill_bytes(arch: Arch, rows: int, tokens: int) -> dict[str, int]:
     }
 
 
-def lm_head_grad_bytes(arch: Arch) -> int:
-    """The update's lm_head weight gradient in `token_terms_from_hidden`'s backward: an fp32 [V, d]
-    accumulator and each chunk's fresh fp32 [V, d] product added into it (cast to bf16 at the end, 6 V d,
-    below that peak)."""
-    return 2 * 4 * arch.vocab * arch.hidden
+def lm_head_grad_bytes(arch: Arch, weight_bytes: int = 2) -> int:
+    """The update's lm_head weight gradient in `token_terms_from_hidden`'s backward: one fp32 [V, d]
+    accumulator that each chunk's product is added into in place, and at the end its cast to the weight's
+    dtype (none for an fp32 weight): 6 V d bytes for a bf16 lm_head."""
+    return (4 + (weight_bytes if weight_bytes != 4 else 0)) * arch.vocab * arch.hidden
 
 
 def host_reserve(student: Arch, hw: Hardware) -> dict[str, float]:
@@ -336,7 +338,7 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
         "loss path (tropd_kernels)": loss_ours,
         # the backward casts each chunk's fp32 logit gradient to bf16 for its matmuls (half a [chunk, V] block)
         "logit gradient chunk (bf16 cast)": LOSS_CHUNK_BYTES // 2,
-        "lm_head weight grad (2 fp32 [V, d])": lm_head_grad_bytes(student) if head_trains else 0,
+        "lm_head weight grad (fp32 + bf16)": lm_head_grad_bytes(student) if head_trains else 0,
     }
     n_teacher = wl.teacher_micro_batch * seq
     teacher_ws = {
@@ -411,7 +413,7 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
             "loss_path_full_logits": round(loss_full / GiB, 2),
             "teacher_scoring_full_logits": round(teacher_full / GiB, 2),
             "prefill": {"rows": gen_batch, "tokens": pre_len, **gib(prefill)},
-            "lm_head_weight_gradient": round(update_ws["lm_head weight grad (2 fp32 [V, d])"] / GiB, 2),
+            "lm_head_weight_gradient": round(update_ws["lm_head weight grad (fp32 + bf16)"] / GiB, 2),
         },
         "host_gib_per_node": {
             **gib(host),

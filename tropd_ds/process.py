@@ -54,8 +54,12 @@ def avoid_cudnn_attention() -> None:
     first choice on Hopper GPUs, and its backward returns NaN query gradients when a mask is passed (every
     padded batch: transformers builds one), the sequence length is 64 mod 128 and some row's logsumexp is below
     ln(FLT_MAX) = -88.7 (a left-padding row that sees no key has -inf; so can a "massive activation" head):
-    pytorch/pytorch#196678, open through 2.13. The GPU check met it on an H200 (step 1 skipped, NaN out of
-    ScaledDotProductCudnnAttentionBackward0). The memory-efficient and flash kernels take its place."""
+    pytorch/pytorch#196678, reported on torch 2.11 to 2.13 (the versions this package is tested with), and
+    met by the GPU check on an H200 with torch 2.11 (step 1 skipped, NaN out of
+    ScaledDotProductCudnnAttentionBackward0). Re-enable it once the installed torch carries the fix. The
+    memory-efficient and flash kernels take its place, in generation and teacher scoring too (their speed
+    there not measured against cuDNN's). Only this process: code that calls tropd_kernels from its own
+    training loop sets the switch itself."""
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
