@@ -52,8 +52,12 @@ def test_the_tracer_names_the_first_module_a_non_finite_gradient_reaches(capsys)
         model[0].weight.zero_()
         model[0].bias.copy_(torch.tensor([0.0, 1.0, 2.0]))  # the first of sqrt's inputs is exactly 0
     tracer = nonfinite.Tracer(model, rank=0)
-    tracer.step = 7
-    model(torch.ones(2, 3)).sum().backward()
+    model(torch.ones(2, 3)).sum().backward()  # outside an update (generation, scoring): the hooks stay silent
+    assert capsys.readouterr().out == "" and not torch.is_anomaly_enabled()
+    with tracer.watching(7):
+        assert torch.is_anomaly_enabled()
+        model(torch.ones(2, 3)).sum().backward()
+    assert not torch.is_anomaly_enabled()
     out = capsys.readouterr().out
     # backward reaches the Linear after sqrt (finite), then sqrt's output (finite), then the first Linear's
     # output: the first non-finite gradient, inf * 0 -> the NaN / inf the run skipped for

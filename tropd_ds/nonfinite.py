@@ -1,17 +1,19 @@
 """Where a non-finite gradient starts: a diagnosis, off unless TROPD_DS_TRACE_NONFINITE=1.
 
-With it, the process runs under autograd's anomaly mode and every submodule of the student carries hooks:
+With it, each student update (its forwards and backwards, nothing else: generation and teacher scoring run
+as usual) runs under autograd's anomaly mode, and every submodule of the student carries hooks:
 - a NaN made by a backward op raises at once, naming the op and the forward line that made it: the run
   stops there (with several ranks, the others wait in their next collective until its time-out);
 - an inf (which anomaly mode lets through) is printed at the first module whose output's gradient holds
   it, once per backward, and after that backward the parameters whose full gradient is non-finite are
   named (a collective under ZeRO-3: every rank runs it);
 - a non-finite forward output is printed with its module.
-The forward hooks run in generation too (a host sync per module per token): slow, for diagnosing a run
-that skips steps for non-finite gradients, not for training."""
+A host sync per module per micro-batch: slow, for diagnosing a run that skips steps for non-finite
+gradients, not for training."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -47,14 +49,27 @@ class Tracer:
         self.rank = rank
         self.first: str | None = None
         self.step = 0
+        self.active = False  # the hooks look only while `watching`
         for name, sub in module.named_modules():
             sub.register_forward_hook(self._forward_hook(name or "<top>"))
+
+    @contextlib.contextmanager
+    def watching(self, step: int):
+        """Step `step`'s update: the hooks on, autograd's anomaly mode on."""
+        self.step, self.active = step, True
+        try:
+            with torch.autograd.detect_anomaly():
+                yield self
+        finally:
+            self.active = False
 
     def _say(self, text: str) -> None:
         print(f"[tropd-ds nonfinite] rank {self.rank} step {self.step}: {text}", flush=True)
 
     def _forward_hook(self, name: str):
         def hook(_module, _inputs, output):
+            if not self.active:
+                return
             for i, t in enumerate(_tensors(output)):
                 if not t.is_floating_point():
                     continue
@@ -93,6 +108,5 @@ def tracer(engine, rank: int) -> Tracer | None:
     if not enabled():
         return None
     if getattr(engine, "_nonfinite_tracer", None) is None:
-        torch.autograd.set_detect_anomaly(True)
         engine._nonfinite_tracer = Tracer(engine.module, rank)
     return engine._nonfinite_tracer

@@ -5,6 +5,8 @@ states), the objective over them, backward and the optimiser step, one micro-bat
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import tropd_kernels as tk
 
@@ -78,21 +80,22 @@ def update(
     token_count = per_micro_batch(float(collectives.all_reduce([float(tokens.targets.sum())])[0]), len(batches))
     stats = global_statistics(engine, objective, batches, teachers, step, total_steps, options)
     metrics = []
-    trace = nonfinite.tracer(engine, collectives.rank_world()[0])
-    for rows, teacher in zip(batches, teachers):
-        terms = engine(rows.input_ids, rows.attention_mask, rows.targets, teacher, options=options.kernel)
-        sampled, prefix = rows.sampled[rows.targets], rows.prefix[rows.targets]
-        out = objective(terms, teacher, sampled, prefix, step, total_steps, generator, token_count=token_count, **stats)
-        if faults.active("nan_loss", step + 1, collectives.rank_world()[0]):
-            out.loss = out.loss * float("nan")
-            out.metrics["loss"] = float("nan")
-        if trace:
-            trace.step = step + 1
-        engine.backward(out.loss)
-        if trace:
-            trace.after_backward(engine)
-        engine.step()
-        metrics.append(out.metrics)
+    trace = nonfinite.tracer(engine, collectives.rank_world()[0])  # None unless TROPD_DS_TRACE_NONFINITE is set
+    with trace.watching(step + 1) if trace else contextlib.nullcontext():
+        for rows, teacher in zip(batches, teachers):
+            terms = engine(rows.input_ids, rows.attention_mask, rows.targets, teacher, options=options.kernel)
+            sampled, prefix = rows.sampled[rows.targets], rows.prefix[rows.targets]
+            out = objective(
+                terms, teacher, sampled, prefix, step, total_steps, generator, token_count=token_count, **stats
+            )
+            if faults.active("nan_loss", step + 1, collectives.rank_world()[0]):
+                out.loss = out.loss * float("nan")
+                out.metrics["loss"] = float("nan")
+            engine.backward(out.loss)
+            if trace:
+                trace.after_backward(engine)
+            engine.step()
+            metrics.append(out.metrics)
     return metrics
 
 
