@@ -71,6 +71,33 @@ def test_guided_tropd_run_logs_every_metric_and_exports_a_loadable_student(full_
     assert sorted(p.name for p in (run_dir / "ckpt").glob("step*")) == ["step3", "step6"]
 
 
+def test_tropd_ds_export_writes_what_the_run_exported_in_the_runs_dtype(full_run, workspace, tmp_path, capsys):
+    """`tropd-ds export` of the fp32 run equals the run's own export bit for bit, although the student folder
+    it takes the model's config from was saved in bf16 (it used to follow that folder's dtype); --dtype
+    bfloat16 writes the run's weights cast to bf16."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tropd_ds import cli
+
+    bf16 = tmp_path / "student_bf16"
+    AutoModelForCausalLM.from_pretrained(workspace / "student").to(torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(workspace / "student").save_pretrained(bf16)
+    config = write_config(workspace, "full")  # the full run's config, as it was written
+    own = load_file(full_run[0] / "export/model.safetensors")
+    assert {t.dtype for t in own.values()} == {torch.float32}
+    for flags, dtype in (([], torch.float32), (["--dtype", "bfloat16"], torch.bfloat16)):
+        out = tmp_path / f"export_{dtype}"
+        code = cli.main(["export", "--config", str(config), "--set", f"student.path={bf16}", "--out", str(out), *flags])
+        assert code == 0, capsys.readouterr().err[-2000:]
+        written = load_file(out / "model.safetensors")
+        assert written.keys() == own.keys()
+        for name, tensor in own.items():
+            assert written[name].dtype == dtype and torch.equal(written[name], tensor.to(dtype)), name
+        assert json.loads((out / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+
+
 # Stopping and resuming: tests/test_reliability.py (a signal on either rank, a crash while saving, SIGKILL)
 # resumes checkpoints and compares every step with the uninterrupted run; tests/test_launchers.py stops
 # torchrun and accelerate runs with checkpoint.stop_after.

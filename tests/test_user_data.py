@@ -269,3 +269,33 @@ def test_eval_loads_the_model_in_its_saved_dtype_and_refuses_bad_arguments(works
         code = cli.main(base[1:] + extra)
         err = capsys.readouterr().err
         assert code == 2 and words in err, err[-2000:]
+
+
+def test_eval_refuses_an_interrupted_export_and_warns_of_a_pattern_that_matches_nothing(workspace, tmp_path, capsys):
+    """An export whose marker says it was interrupted is refused by its marker (it used to go on to a tokenizer
+    traceback); an answer pattern that matches no completion is warned about with a completion to compare."""
+    from tropd_ds import cli
+
+    folder = tmp_path / "export"
+    shutil.copytree(workspace / "student", folder)
+    data = str(workspace / "data/eval.jsonl")
+    base = ["eval", str(folder), "--data", data, "--max-prompts", "3", "--max-new-tokens", "6"]
+    (folder / "tropd_export.json").write_text('{"exported_from": "the end of training", "complete": false}')
+    assert cli.main(base) == 2
+    err = capsys.readouterr().err
+    assert "is an interrupted tropd-ds export" in err and "Export again" in err and "Traceback" not in err, err
+    (folder / "tropd_export.json").write_text('{"exported_from": "the end of training", "complete": true}')
+    assert cli.main(base + ["--answer-pattern", "ANSWER: ([0-9]+)"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["eval_accuracy"] == 0.0
+    assert "the answer pattern 'ANSWER: ([0-9]+)' matched none of the 3 completions" in err, err
+    assert "a completion reads '" in err
+    assert cli.main(base + ["--answer-pattern", "(.*)"]) == 0  # matches every completion
+    assert "matched none" not in capsys.readouterr().err
+    from tropd_ds.evaluation import unmatched_pattern_warning  # the same words in a run's held-out evaluation
+
+    assert unmatched_pattern_warning("x=(\\d)", 0, 4, "no\nanswer") == (
+        "warning: the answer pattern 'x=(\\\\d)' matched none of the 4 completions, so each was scored wrong; a "
+        "completion reads 'no\\nanswer'. Check the pattern against the model's answer format"
+    )
+    assert unmatched_pattern_warning("x=(\\d)", 1, 4, "x=1") is None and unmatched_pattern_warning("", 0, 4, "") is None

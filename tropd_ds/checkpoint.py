@@ -502,10 +502,12 @@ def export_from_checkpoint(
     tag: str | None = None,
     lora_settings: dict | None = None,
     adapter_only: bool = False,
+    dtype: str = "float32",
 ) -> str:
     """Consolidate a ZeRO checkpoint (any number of ranks) on the CPU, without engines, and save it
     with the student's config and tokenizer as a Hugging Face folder; a LoRA student's (`lora_settings`)
-    merged, or its adapter alone (`adapter_only`)."""
+    merged, or its adapter alone (`adapter_only`). The weights are written in `dtype`, the run's
+    student.dtype by default (what the run's own export holds), whatever the student folder was saved in."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -548,12 +550,19 @@ def export_from_checkpoint(
         from . import lora
 
         state = lora.merged_state(state, lora_settings)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_path))
+    import torch
+
+    target = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    # built in fp32 (the checkpoint's master weights), then cast once: from_config alone would follow the
+    # student folder's saved dtype, which need not be the run's
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_path), dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if "rotary" not in m]:
         raise ConfigError(
             f"checkpoint {tag} does not match the student at {student_path}: missing {missing}, unexpected {unexpected}"
         )
+    model = model.to(target)
+    model.config.dtype = dtype
     mark_export(out_dir, str(Path(ckpt_dir) / tag), complete=False)
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(student_path).save_pretrained(out_dir)

@@ -96,7 +96,14 @@ def _eval(argv) -> int:
 
     from .config import ConfigError, answer_pattern
     from .data import Columns, check_rows, check_template_kwargs, load_rows, prompt_ids
-    from .evaluation import avg_at_n, is_correct, resolve_checker, write_records
+    from .evaluation import (
+        avg_at_n,
+        extract_answer,
+        is_correct,
+        resolve_checker,
+        unmatched_pattern_warning,
+        write_records,
+    )
 
     try:
         base = adapter_base(args.model)  # a PEFT adapter folder (`tropd-ds export --adapter-only`): its base model
@@ -104,6 +111,7 @@ def _eval(argv) -> int:
             raise ConfigError(
                 f"{args.model!r} is not a model folder (no config.json) nor a PEFT adapter (no adapter_config.json)"
             )
+        refuse_incomplete_export(args.model)
         columns = Columns(prompt=args.prompt_column, answer=args.answer_column, messages=args.messages_column)
         rows = load_rows(args.data, what="--data", columns=columns)
         if "answer" not in rows.column_names:
@@ -172,6 +180,12 @@ def _eval(argv) -> int:
                  "correct": verdicts}
             )  # fmt: skip
     accuracy, stderr = avg_at_n([sum(r["correct"]) / len(r["correct"]) for r in records])
+    if pattern is not None:
+        texts = [t for r in records for t in r["completions"]]
+        matched = sum(extract_answer(t, pattern) is not None for t in texts)
+        warning = unmatched_pattern_warning(args.answer_pattern, matched, len(texts), texts[0] if texts else None)
+        if warning:
+            print(f"tropd-ds eval: {warning}", file=sys.stderr)
     result = {
         "model": args.model,
         "data": args.data,
@@ -216,6 +230,29 @@ class RealTokensOnly:
         return LogitsProcessorList([cls(vocab)])
 
 
+def refuse_incomplete_export(folder: str) -> None:
+    """A tropd-ds export whose marker says it was interrupted (tropd_export.json, "complete": false) is
+    refused: its weights or tokenizer files may be missing or cut short."""
+    from .checkpoint import EXPORT_MARK
+    from .config import ConfigError
+
+    mark = Path(folder) / EXPORT_MARK
+    if not mark.is_file():
+        return
+    try:
+        info = json.loads(mark.read_text())
+        complete = info.get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        info, complete = {}, False
+    if not complete:
+        source = info.get("exported_from", "?") if isinstance(info, dict) else "?"
+        raise ConfigError(
+            f"{folder!r} is an interrupted tropd-ds export ({mark} does not say complete: true; exported from "
+            f"{source}): its files may be missing or cut short. Export again (`tropd-ds export --config <the run's "
+            "config> --out <folder>`) and evaluate that"
+        )
+
+
 def adapter_base(folder: str) -> str | None:
     """The base model of a PEFT adapter folder (its adapter_config.json), or None for another folder."""
     from .config import ConfigError
@@ -252,6 +289,12 @@ def _export(argv) -> int:
         action="store_true",
         help="a LoRA run: write the adapter alone (PEFT's adapter_config.json + adapter_model.safetensors)",
     )
+    ap.add_argument(
+        "--dtype",
+        default="run",
+        choices=("run", "float32", "bfloat16", "float16"),
+        help="the weights' dtype; run (default): the run's student.dtype, as the run's own export",
+    )
     args = ap.parse_args(argv)
     from .checkpoint import check_export_target, export_from_checkpoint
     from .config import ConfigError, check_outside_models, load_config
@@ -263,8 +306,9 @@ def _export(argv) -> int:
         check_outside_models(cfg, "--out", args.out)
         check_export_target(args.out, args.force)
         path = export_from_checkpoint(
-            cfg.checkpoint.dir, cfg.student.path, args.out, args.tag, cfg.student.lora, args.adapter_only
-        )
+            cfg.checkpoint.dir, cfg.student.path, args.out, args.tag, cfg.student.lora, args.adapter_only,
+            cfg.student.dtype if args.dtype == "run" else args.dtype,
+        )  # fmt: skip
     except ConfigError as exc:
         print(f"tropd-ds export: {exc}", file=sys.stderr)
         return 2

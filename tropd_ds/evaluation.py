@@ -74,6 +74,18 @@ def is_correct(completion: str, answer: str, checker: str = "exact", pattern: re
     return equivalent(answer, completion)
 
 
+def unmatched_pattern_warning(pattern_text: str, matched: int, completions: int, example: str | None) -> str | None:
+    """A warning when an answer pattern was given and matched none of the completions: every one was then
+    scored wrong, which says more about the pattern than the model."""
+    if not pattern_text or matched or not completions:
+        return None
+    shown = (example or "")[:200]  # shown with repr: newlines as \n
+    return (
+        f"warning: the answer pattern {pattern_text!r} matched none of the {completions} completions, so each was "
+        f"scored wrong; a completion reads {shown!r}. Check the pattern against the model's answer format"
+    )
+
+
 def avg_at_n(per_prompt: list[float]) -> tuple[float, float]:
     """Mean over prompts of each prompt's fraction of correct samples, and its standard error."""
     if not per_prompt:
@@ -115,8 +127,9 @@ def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64,
     sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n_samples_per_prompt=cfg.samples
     )
-    # correct, completions, completion tokens, prompts, sum and sum of squares of per-prompt accuracies
-    correct = torch.zeros(6, dtype=torch.float64)
+    # correct, completions, completion tokens, prompts, sum and sum of squares of per-prompt accuracies,
+    # completions the answer pattern matched
+    correct = torch.zeros(7, dtype=torch.float64)
     examples, records = (
         [],
         [{"index": r["index"], "answer": r["answer"], "completions": [], "correct": []} for r in mine],
@@ -136,6 +149,7 @@ def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64,
             text = tokenizer.decode(completion, skip_special_tokens=True)
             ok = is_correct(text, mine[pos]["answer"], checker, pattern)
             correct[:3] += torch.tensor([float(ok), 1.0, float(completion.numel())], dtype=torch.float64)
+            correct[6] += float(pattern is not None and extract_answer(text, pattern) is not None)
             records[pos]["completions"].append(text)
             records[pos]["correct"].append(ok)
             if len(examples) < 3:
@@ -144,7 +158,7 @@ def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64,
     records = records[:counted]
     for r in records:
         p = sum(r["correct"]) / max(len(r["correct"]), 1)
-        correct[3:] += torch.tensor([1.0, p, p * p], dtype=torch.float64)
+        correct[3:6] += torch.tensor([1.0, p, p * p], dtype=torch.float64)
     correct = collectives.all_reduce(correct)
     prompts, total, squares = float(correct[3]), float(correct[4]), float(correct[5])
     mean = total / max(prompts, 1.0)
@@ -158,6 +172,7 @@ def evaluate(rollout_engine, tokenizer, rows, cfg, device, batch_size: int = 64,
         "eval_response_tokens": float(correct[2] / max(correct[1], 1.0)),
         "eval_examples": examples,
         "eval_records": records,
+        "eval_pattern_matches": int(correct[6]),  # completions with an answer-pattern match (0 without a pattern)
     }
 
 
@@ -195,6 +210,12 @@ class Schedule:
         # each rank's share of the prompts: logs/eval/step<N>-rank<r>.jsonl
         write_records(Path(self.cfg.logging.dir) / "eval" / f"step{step}-rank{rank}.jsonl", result.pop("eval_records"))
         examples = result.pop("eval_examples")
+        warning = unmatched_pattern_warning(
+            self.cfg.eval.answer_pattern, result.pop("eval_pattern_matches"), result["eval_completions"],
+            examples[0]["completion"] if examples else None,
+        )  # fmt: skip
+        if warning:
+            self.log(f"step {step}: {warning}")
         self.metrics.write(step, result | {"eval_examples": examples})
         self.accuracies.append((step, result["eval_accuracy"]))
         self.log(
