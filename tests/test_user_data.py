@@ -299,3 +299,49 @@ def test_eval_refuses_an_interrupted_export_and_warns_of_a_pattern_that_matches_
         "completion reads 'no\\nanswer'. Check the pattern against the model's answer format"
     )
     assert unmatched_pattern_warning("x=(\\d)", 1, 4, "x=1") is None and unmatched_pattern_warning("", 0, 4, "") is None
+
+
+def test_held_out_means_held_out_splits_are_chosen_explicitly_and_shared_prompts_warned(workspace, tmp_path, capsys):
+    """A folder with train.jsonl and test.jsonl as the evaluation set used to be read with data.split = train:
+    held-out accuracy measured on training rows. Now data with several splits needs data.eval_split (or
+    `tropd-ds eval --split`), the evaluation split is chosen apart from the training one (a DatasetDict's
+    train_sft with a file evaluation set), and prompts shared by both sets are counted and warned about."""
+    import datasets
+
+    from tropd_ds import cli
+    from tropd_ds.data import load_rows
+    from tropd_ds.preflight import validate_before_engines
+
+    train = [json.loads(x) for x in (workspace / "data/train.jsonl").read_text().splitlines()][:16]
+    held = [json.loads(x) for x in (workspace / "data/eval.jsonl").read_text().splitlines()][:6]
+    folder = tmp_path / "both"
+    folder.mkdir()
+    write_rows(folder / "train.jsonl", train)
+    write_rows(folder / "test.jsonl", held)
+    with pytest.raises(ConfigError, match=r"has splits \['train', 'test'\]: set data.eval_split to the one to use"):
+        load_rows(str(folder), None, "data.eval_path", split_key="data.eval_split")
+    assert load_rows(str(folder), "test")["prompt"] == [r["prompt"] for r in held]
+    assert load_rows(str(folder / "test.jsonl"), None)["prompt"] == [r["prompt"] for r in held]  # a file: one split
+
+    config = write_config(workspace, "held_out", data={"eval_path": str(folder)})
+    with pytest.raises(ConfigError, match=r"data.eval_path='.*both' has splits \['train', 'test'\]: set data.eval_"):
+        validate_before_engines(load_config(config), world=1)
+    prepared = validate_before_engines(load_config(config, ["data.eval_split=test"]), world=1)
+    assert prepared.eval_rows["prompt"] == [r["prompt"] for r in held]
+    assert "held-out prompts" not in capsys.readouterr().out  # the demo's sets share no prompt
+
+    sft = tmp_path / "sft"  # a DatasetDict whose splits are not called train, with a file evaluation set
+    splits = {"train_sft": datasets.Dataset.from_list(train), "test_sft": datasets.Dataset.from_list(held)}
+    datasets.DatasetDict(splits).save_to_disk(str(sft))
+    leaky = write_rows(tmp_path / "leaky.jsonl", held[:4] + train[:2])  # 2 training prompts in the held-out set
+    overrides = [f"data.path={sft}", "data.split=train_sft", f"data.eval_path={leaky}"]
+    prepared = validate_before_engines(load_config(config, overrides), world=1)
+    assert len(prepared.train_rows) == 16 and len(prepared.eval_rows) == 6
+    out = capsys.readouterr().out
+    assert "warning: 2 of the 6 held-out prompts (data.eval_path) are also training prompts (data.path)" in out, out
+
+    base = ["eval", str(workspace / "student"), "--data", str(folder), "--max-prompts", "2", "--max-new-tokens", "4"]
+    assert cli.main(base) == 2
+    assert "--data='" in (err := capsys.readouterr().err) and "set --split to the one to use" in err, err
+    assert cli.main(base + ["--split", "test"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_prompts"] == 2

@@ -28,6 +28,11 @@ def _eval(argv) -> int:
     ap.add_argument(
         "--data", required=True, help="prompts with an answer column (JSON/JSONL/Parquet/Arrow or a saved folder)"
     )
+    ap.add_argument(
+        "--split",
+        default=None,
+        help="the split of --data to evaluate (default: its only split; data with several splits needs this)",
+    )
     ap.add_argument("--max-prompts", type=int, default=500)
     ap.add_argument("--samples", type=int, default=1, help="n of avg@n (n > 1 needs --temperature > 0)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -113,7 +118,7 @@ def _eval(argv) -> int:
             )
         refuse_incomplete_export(args.model)
         columns = Columns(prompt=args.prompt_column, answer=args.answer_column, messages=args.messages_column)
-        rows = load_rows(args.data, what="--data", columns=columns)
+        rows = load_rows(args.data, args.split, "--data", columns, "--split")
         if "answer" not in rows.column_names:
             raise ConfigError(
                 f"--data {args.data!r} has columns {rows.column_names}: an answer column {args.answer_column!r} "

@@ -44,6 +44,7 @@ class DataConfig:
     path: str = ""  # JSON/JSONL/Parquet/Arrow file or a folder saved by `datasets`
     split: str = "train"  # a split of a saved DatasetDict folder or a hub data set (a file holds only train)
     eval_path: str = ""  # held-out prompts with an `answer` column (optional)
+    eval_split: str = ""  # the split of eval_path to evaluate on; "" = its only split (several: set this)
     max_prompt_tokens: int = 256  # prompt tokens kept per row (see long_prompts)
     long_prompts: str = "truncate"  # truncate (keep the end) | skip
     shuffle_seed: int = 0  # seed of the per-epoch prompt order

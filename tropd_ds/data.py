@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,17 @@ class Columns:
         return getattr(self, canonical)
 
 
-def load_rows(path: str, split: str = "train", what: str = "data.path", columns: Columns | None = None):
+def load_rows(
+    path: str,
+    split: str | None = "train",
+    what: str = "data.path",
+    columns: Columns | None = None,
+    split_key: str = "data.split",
+):
     """A `datasets.Dataset` from a local file, a folder saved by `datasets`, or a hub name, with its columns
-    renamed to prompt / answer / teacher_response (see Columns)."""
+    renamed to prompt / answer / teacher_response (see Columns). `split` None: the data's only split; data
+    with several splits (a folder with train.jsonl and test.jsonl, a DatasetDict) is refused, naming them,
+    so that evaluation never reads a training split by default (`split_key` is the setting that chooses)."""
     import datasets
 
     p = Path(path)
@@ -49,15 +58,15 @@ def load_rows(path: str, split: str = "train", what: str = "data.path", columns:
             if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
                 ds = datasets.load_from_disk(str(p))
             else:
-                ds = datasets.load_dataset(str(p), split=split)
+                ds = datasets.load_dataset(str(p), split=split)  # split None: a DatasetDict of every split
         except Exception as exc:  # datasets raises many kinds of errors for folders it cannot read
             raise ConfigError(
                 f"{what}={path!r} could not be read as a data set: {type(exc).__name__}: {str(exc)[:300]}"
             ) from exc
     elif p.is_file():
-        if split != "train":
+        if split not in ("train", None):
             raise ConfigError(
-                f"data.split={split!r} with the file {what}={path!r}: a file holds one split, 'train'; data.split "
+                f"{split_key}={split!r} with the file {what}={path!r}: a file holds one split, 'train'; {split_key} "
                 "chooses among the splits of a saved DatasetDict folder or a hub data set"
             )
         builder = BUILDERS.get(p.suffix)
@@ -74,12 +83,31 @@ def load_rows(path: str, split: str = "train", what: str = "data.path", columns:
     else:
         raise ConfigError(f"{what}={path!r} does not exist: expected a data file, a saved dataset folder or a hub name")
     if isinstance(ds, datasets.DatasetDict):
+        if split is None and len(ds) == 1:
+            split = next(iter(ds))
+        elif split is None:
+            raise ConfigError(
+                f"{what}={path!r} has splits {list(ds)}: set {split_key} to the one to use (a held-out split, "
+                "never the training one by default)"
+            )
         if split not in ds:
-            raise ConfigError(f"{what}={path!r} has splits {list(ds)}: data.split={split!r} is not one of them")
+            raise ConfigError(f"{what}={path!r} has splits {list(ds)}: {split_key}={split!r} is not one of them")
         ds = ds[split]
     if len(ds) == 0:
         raise ConfigError(f"{what}={path!r} has no rows: expected at least one prompt")
     return canonical_columns(ds, columns or Columns(), f"{what}={path!r}")
+
+
+def shared_prompts(train_rows, eval_rows) -> int:
+    """How many evaluation rows have a prompt that is also a training prompt (the same text or messages)."""
+    held = {json.dumps(p, sort_keys=True, default=str) for p in eval_rows["prompt"]}
+    seen: set[str] = set()
+    for start in range(0, len(train_rows), 10_000):  # batches: a large training set is never all in memory
+        for p in train_rows[start : start + 10_000]["prompt"]:
+            key = json.dumps(p, sort_keys=True, default=str)
+            if key in held:
+                seen.add(key)
+    return sum(json.dumps(p, sort_keys=True, default=str) in seen for p in eval_rows["prompt"])
 
 
 def canonical_columns(ds, columns: Columns, what: str):

@@ -14,7 +14,7 @@ import tropd_kernels as tk
 
 from . import collectives
 from .config import ConfigError, RunConfig, micro_batches_per_rank, read_ds_config
-from .data import Columns, check_rows, check_template_kwargs, encode_prompt, load_rows
+from .data import Columns, check_rows, check_template_kwargs, encode_prompt, load_rows, shared_prompts
 from .extras import require
 from .models import (
     check_ds_config,
@@ -56,7 +56,9 @@ def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: b
     train_rows = load_rows(cfg.data.path, cfg.data.split, "data.path", columns)
     eval_rows = None
     if cfg.data.eval_path:
-        eval_rows = load_rows(cfg.data.eval_path, cfg.data.split, "data.eval_path", columns)
+        eval_rows = load_rows(
+            cfg.data.eval_path, cfg.data.eval_split or None, "data.eval_path", columns, "data.eval_split"
+        )
         if "answer" not in eval_rows.column_names:
             raise ConfigError(
                 f"data.eval_path={cfg.data.eval_path!r} has columns {eval_rows.column_names}: evaluation needs an "
@@ -87,6 +89,12 @@ def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: b
             train_rows, tokenizer, "data.path", d.max_prompt_tokens, d.long_prompts, d.chat_template, **options
         )
         if eval_rows is not None:
+            shared = shared_prompts(train_rows, eval_rows)
+            if shared:
+                warnings.append(
+                    f"warning: {shared} of the {len(eval_rows)} held-out prompts (data.eval_path) are also training "
+                    "prompts (data.path): accuracy on them is not held-out accuracy; remove them from one of the sets"
+                )
             warnings += check_rows(
                 eval_rows, tokenizer, "data.eval_path", d.max_prompt_tokens, d.long_prompts, d.chat_template, True,
                 **options,
