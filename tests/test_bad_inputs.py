@@ -337,6 +337,64 @@ def test_overwrite_deletes_another_runs_checkpoints_only_when_asked(workspace, t
     checkpoint.release_lock(cfg.checkpoint.dir)
 
 
+def test_resume_refuses_what_changed_and_logs_what_may_change(workspace, tmp_path, monkeypatch, capsys):
+    """A resume used to ignore a new optim.lr (DeepSpeed restores the scheduler's base rates), replaced teacher
+    weights, an edited data file and a damaged run.json. Now every setting that changes what the run computes
+    and the content of both models and the data are the run's identity; eval, logging, checkpoint cadence,
+    memory settings and optim.steps upward may change and are logged."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    ckpt, teacher, data = tmp_path / "ckpt", tmp_path / "teacher", tmp_path / "train.jsonl"
+    shutil.copytree(workspace / "teacher", teacher)
+    shutil.copy(workspace / "data/train.jsonl", data)
+    config = write_config(
+        workspace, "changed", checkpoint={"dir": str(ckpt)}, data={"path": str(data)}, teacher={"path": str(teacher)}
+    )
+
+    def refused(*overrides: str) -> str:
+        assert command.prepare(["--config", str(config), *[a for o in overrides for a in ("--set", o)]]) == 2
+        assert (ckpt / "step3").is_dir()  # nothing deleted
+        return capsys.readouterr().err
+
+    fake_checkpoint(ckpt, identity=identity_of(config))
+    for override, words in (
+        ("optim.lr=2e-3", "optim.lr: 0.001 -> 0.002"),
+        ("optim.steps=4", "optim.steps: 6 -> 4"),
+        ("optim.warmup_steps=2", "optim.warmup_steps: 0 -> 2"),
+        ("rollout.max_new_tokens=8", "rollout.max_new_tokens: 12 -> 8"),
+        ("optim.weight_decay=0.1", "optim.weight_decay: 0.0 -> 0.1"),
+    ):
+        err = refused(override)
+        assert words in err and "holds checkpoints of a run with another config" in err, err
+    cfg, _ = command.prepare(["--config", str(config), "--set", "eval.every=2", "--set", "optim.steps=10",
+                              "--set", "rollout.micro_batch_size=2"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "resuming with settings changed that a resume may change: rollout.micro_batch_size: 0 -> 2; " in out, out
+    assert "eval.every: 0 -> 2" in out and "optim.steps: 6 -> 10 (the schedule stretches)" in out
+    checkpoint.release_lock(cfg.checkpoint.dir)
+    assert json.loads((ckpt / "run.json").read_text())["optim.steps"] == 10  # the latest launch's settings
+
+    (ckpt / "run.json").write_text(json.dumps(identity_of(config)))
+    with open(data, "a") as f:  # a data file edited in place
+        f.write(json.dumps({"prompt": "1+1=", "answer": "2", "teacher_response": "2"}) + "\n")
+    assert f"the content of data.path ({data}) has changed" in refused()
+    shutil.copy(workspace / "data/train.jsonl", data)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    replaced = AutoModelForCausalLM.from_pretrained(teacher)  # new weights of the same shapes at the same path
+    with torch.no_grad():
+        next(replaced.parameters()).add_(1.0)
+    replaced.save_pretrained(teacher)
+    assert f"the content of teacher.path ({teacher}) has changed" in refused()
+
+    (ckpt / "run.json").write_text(json.dumps(identity_of(config))[:40])  # cut short
+    err = refused()
+    assert "run.json is damaged (JSONDecodeError" in err and "checkpoint.overwrite=true" in err, err
+    (ckpt / "run.json").unlink()
+    assert "holds checkpoints (step3) but no run.json" in refused()
+
+
 def test_a_prompt_stream_that_can_never_fill_a_step_ends_with_an_error(workspace, tmp_path):
     from transformers import AutoTokenizer
 

@@ -307,30 +307,128 @@ def resume(engine, ckpt_dir: str, log=print) -> dict | None:
 # ----------------------------------------------------------------------------- a run owns its folders
 
 
+# Settings a resumed run may change: they change how the run is watched, saved or fitted into memory, not
+# what it computes (a section name covers all of its fields). Everything else is the run's identity.
+SAFE_ON_RESUME = (
+    "eval",
+    "logging",
+    "checkpoint",
+    "collective_timeout_minutes",
+    "data.eval_path",
+    "data.eval_split",
+    "student.ds_config",
+    "teacher.ds_config",
+    "student.gradient_checkpointing",
+    "student.gather_params",
+    "teacher.gather_params",
+    "teacher.micro_batch_size",
+    "rollout.gather_params",
+    "rollout.micro_batch_size",
+    "optim.max_bad_steps",
+)
+FINGERPRINTED = ("student.path", "teacher.path", "data.path")  # their content, not only their names
+
+
+def _settings(cfg: RunConfig) -> dict:
+    """Every setting as "section.field" -> value (dict-valued fields kept whole)."""
+    from .config import to_dict
+
+    out = {}
+    for section, value in to_dict(cfg).items():
+        if isinstance(value, dict) and section not in ("seed", "collective_timeout_minutes"):
+            out |= {f"{section}.{name}": v for name, v in value.items()}
+        else:
+            out[section] = value
+    return out
+
+
+def _safe(key: str) -> bool:
+    return any(key == s or key.startswith(s + ".") for s in SAFE_ON_RESUME)
+
+
+def fingerprint(path: str) -> str:
+    """A content fingerprint of a file or folder (a hub id: the id): every file's name and size, and the
+    SHA-256 of each file's content, whole up to 64 MiB and sampled beyond (its first and last MiB and 16
+    blocks of 64 KiB spread over it): a model's weights replaced at the same path, or a data file edited in
+    place, change it; reading a 140 GB teacher to tell does not happen."""
+    root = Path(path)
+    if not root.exists():
+        return f"not a local path: {path}"
+    files = sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file())
+    whole = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        whole.update(f"{file.relative_to(root) if file != root else file.name}:{size}:".encode())
+        with open(file, "rb") as f:
+            if size <= 64 << 20:
+                whole.update(f.read())
+                continue
+            offsets = [0, size - (1 << 20)] + [size * i // 17 for i in range(1, 17)]
+            for offset in offsets:
+                f.seek(offset)
+                whole.update(f.read(1 << 20 if offset in (0, size - (1 << 20)) else 64 << 10))
+    return whole.hexdigest()
+
+
 def run_identity(cfg: RunConfig, world: int) -> dict:
-    """What must not change between a checkpoint and the run that resumes it (name -> value)."""
-    return {
-        "student.path": cfg.student.path,
-        "student.dtype": cfg.student.dtype,
-        "student.lora": cfg.student.lora,
-        "teacher.path": cfg.teacher.path,
-        "objective.name": cfg.objective.name,
-        "objective.options": cfg.objective.options,
-        "data.path": cfg.data.path,
-        "data.shuffle_seed": cfg.data.shuffle_seed,
-        "rollout.prompts_per_step": cfg.rollout.prompts_per_step,
-        "rollout.samples_per_prompt": cfg.rollout.samples_per_prompt,
-        "seed": cfg.seed,
-        "ranks": world,
-    }
+    """What must not change between a checkpoint and the run that resumes it (name -> value): every setting
+    that changes what the run computes, the number of ranks, and the content fingerprints of both models and
+    the training data. "safe" holds the settings that may change (logged when they do)."""
+    settings = _settings(cfg)
+    identity = {key: value for key, value in settings.items() if not _safe(key)}
+    identity["ranks"] = world
+    identity["fingerprints"] = {key: fingerprint(settings[key]) for key in FINGERPRINTED}
+    identity["safe"] = {key: value for key, value in settings.items() if _safe(key)}
+    return identity
 
 
 def identity_changes(old: dict, new: dict) -> list[str]:
+    """What changed that may not (keys missing from an older run.json are not compared); optim.steps may
+    only grow."""
     changes = []
     for key, value in new.items():
-        if key in old and json.dumps(old[key], sort_keys=True) != json.dumps(value, sort_keys=True):
+        if key in ("safe", "fingerprints") or key not in old:
+            continue
+        if key == "optim.steps" and isinstance(old[key], int) and value >= old[key]:
+            continue
+        if json.dumps(old[key], sort_keys=True, default=str) != json.dumps(value, sort_keys=True, default=str):
             changes.append(f"{key}: {old[key]!r} -> {value!r}")
+    for key, value in new.get("fingerprints", {}).items():
+        before = old.get("fingerprints", {}).get(key)
+        if before is not None and before != value:
+            changes.append(f"the content of {key} ({new.get(key)}) has changed since the checkpoints were written")
     return changes
+
+
+def safe_changes(old: dict, new: dict) -> list[str]:
+    """Changed settings that a resumed run may change (logged), optim.steps upward among them."""
+    changes = [
+        f"{key}: {old['safe'][key]!r} -> {value!r}"
+        for key, value in new.get("safe", {}).items()
+        if key in old.get("safe", {}) and json.dumps(old["safe"][key], default=str) != json.dumps(value, default=str)
+    ]
+    if isinstance(old.get("optim.steps"), int) and new["optim.steps"] > old["optim.steps"]:
+        changes.append(f"optim.steps: {old['optim.steps']} -> {new['optim.steps']} (the schedule stretches)")
+    return changes
+
+
+def read_identity(root: Path) -> dict | None:
+    """The run.json of a checkpoint folder; None when there is none; a damaged one is an error."""
+    path = root / IDENTITY
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or "ranks" not in data:
+            raise ValueError("not a run identity (no 'ranks')")
+        return data
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{path} is damaged ({type(exc).__name__}: {str(exc)[:120]}): it records what the checkpoints in "
+            f"{root} were trained with, and without it a resume cannot tell whether this config matches them. "
+            "Restore it from a backup, or set checkpoint.overwrite=true (deletes those checkpoints) or choose "
+            "another checkpoint.dir to start afresh"
+        ) from exc
 
 
 def _folder_has_checkpoints(root: Path) -> list[str]:
@@ -393,11 +491,19 @@ def claim(cfg: RunConfig, world: int, rank: int, log=print) -> None:
     found = _folder_has_checkpoints(root)
     new = run_identity(cfg, world)
     old = None
-    if (root / IDENTITY).is_file():
+    if found and cfg.checkpoint.resume and not cfg.checkpoint.overwrite:
+        old = read_identity(root)
+        if old is None:
+            raise ConfigError(
+                f"checkpoint.dir={str(root)!r} holds checkpoints ({', '.join(found[:3])}) but no {IDENTITY}, the "
+                "record of what they were trained with: a resume cannot tell whether this config matches them. Set "
+                "checkpoint.overwrite=true (deletes them) or choose another checkpoint.dir to start afresh"
+            )
+    elif (root / IDENTITY).is_file():
         try:
-            old = json.loads((root / IDENTITY).read_text())
-        except (OSError, ValueError):
-            old = None
+            old = read_identity(root)
+        except ConfigError:
+            old = None  # overwritten below, or no checkpoints to protect
     if found and not cfg.checkpoint.resume and not cfg.checkpoint.overwrite:
         raise ConfigError(
             f"checkpoint.dir={str(root)!r} holds another run's checkpoints ({', '.join(found[:3])}) and "
@@ -419,6 +525,9 @@ def claim(cfg: RunConfig, world: int, rank: int, log=print) -> None:
                 f"{note}. Resume with the same values, choose another checkpoint.dir, or set "
                 "checkpoint.overwrite=true to delete those checkpoints and start afresh"
             )
+        changed = safe_changes(old, new)
+        if changed and rank == 0:
+            log(f"resuming with settings changed that a resume may change: {'; '.join(changed)}")
     check_export_target(cfg.checkpoint.export_dir, cfg.checkpoint.overwrite, "checkpoint.export_dir")
     for key, folder in (("checkpoint.dir", root), ("logging.dir", Path(cfg.logging.dir))):
         check_writable(folder, key)
