@@ -322,6 +322,110 @@ def test_a_live_lock_is_refused_and_a_dead_ones_lock_replaced(workspace, tmp_pat
     checkpoint.release_lock(cfg.checkpoint.dir)
 
 
+def _claim(root: str, start: float, queue) -> None:
+    import time
+
+    from tropd_ds.config import ConfigError as Refused
+
+    time.sleep(max(0.0, start - time.time()))  # both processes claim at the same instant
+    try:
+        checkpoint.take_lock(Path(root), log=lambda msg: None)
+        queue.put("won")
+        time.sleep(1.0)  # hold the lock while the other decides
+    except Refused as exc:
+        queue.put(f"refused: {exc}")
+    except Exception as exc:  # noqa: BLE001  (what the test is about: no other way out)
+        queue.put(f"crashed: {type(exc).__name__}: {exc}")
+
+
+def test_two_runs_replacing_a_stale_lock_at_once_give_one_winner_and_one_clear_refusal(tmp_path):
+    """The lock used to be checked and then written under a shared temporary name: two claims of a stale lock
+    at the same instant both passed, and one died on the other's temporary file. Now it is taken with O_EXCL."""
+    import multiprocessing
+    import socket
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for trial in range(6):
+        root = tmp_path / f"ckpt{trial}"
+        root.mkdir()
+        stale = {"host": socket.gethostname(), "pid": int(dead.stdout), "started": 1.0}
+        if trial % 2:  # and with no lock at all
+            (root / "run.lock").write_text(json.dumps(stale))
+        queue = ctx.Queue()
+        start = time.time() + 3.0
+        procs = [ctx.Process(target=_claim, args=(str(root), start, queue)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        results = sorted(queue.get(timeout=60) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+        assert results[0].startswith("refused: checkpoint.dir=") and results[1] == "won", results
+        assert not [p.name for p in root.iterdir() if p.name != "run.lock"]  # no temporary files left behind
+
+
+def test_a_run_owns_its_logging_and_export_folders_and_may_nest_them(workspace, tmp_path, monkeypatch, capsys):
+    """A second run with its own checkpoint.dir but the first run's logging.dir or export_dir used to overwrite
+    the first run's export and interleave two runs in one metrics.jsonl; a run whose checkpoint and logging
+    folders lie inside its export folder could not resume itself. A user's file where the run keeps its
+    resolved config is never written over."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    logs, export = tmp_path / "logs", tmp_path / "export"
+
+    def prepare(name: str, **checkpoint_and_logging):
+        sections = {
+            "checkpoint": {"dir": str(tmp_path / name), "export_dir": str(export)},
+            "logging": {"dir": str(logs)},
+        }
+        for key, value in checkpoint_and_logging.items():
+            section, field = key.split("__")
+            sections[section][field] = str(value)
+        result = command.prepare(["--config", str(write_config(workspace, f"owns_{name}", **sections))])
+        if not isinstance(result, int):
+            checkpoint.release_lock(result[0].checkpoint.dir)
+        return result
+
+    assert not isinstance(prepare("first"), int)
+    owner = json.loads((logs / "tropd_run.json").read_text())["checkpoint_dir"]
+    assert owner == os.path.realpath(tmp_path / "first") == json.loads((export / "tropd_run.json").read_text())[
+        "checkpoint_dir"]  # fmt: skip
+    assert not isinstance(prepare("first"), int)  # the same run again: its own folders
+    for key, value, words in (
+        ("checkpoint__export_dir", tmp_path / "export2", f"logging.dir={str(logs)!r} belongs to another run"),
+        ("logging__dir", tmp_path / "logs2", f"checkpoint.export_dir={str(export)!r} belongs to another run"),
+    ):
+        assert prepare("second", **{key: value}) == 2
+        err = capsys.readouterr().err
+        assert words in err and f"the one whose checkpoints are in {owner!r}" in err, err
+    assert not isinstance(prepare("second", checkpoint__overwrite="true"), int)  # taken over when asked
+    assert json.loads((logs / "tropd_run.json").read_text())["checkpoint_dir"] == os.path.realpath(tmp_path / "second")
+
+    def layout(run: Path) -> dict:
+        return dict(checkpoint__dir=run / "ckpt", logging__dir=run / "logs", checkpoint__export_dir=run / "export")
+
+    assert not isinstance(prepare("whole", **layout(tmp_path / "whole")), int)
+    shutil.copytree(tmp_path / "whole", tmp_path / "moved")  # a run folder moved or copied whole: the same run
+    assert not isinstance(prepare("moved", **layout(tmp_path / "moved")), int), capsys.readouterr().err
+
+    nest = tmp_path / "nest"  # checkpoints and logs inside the export folder, with a checkpoint to resume
+    cfg_nest = dict(checkpoint__dir=nest / "ckpt", checkpoint__export_dir=nest, logging__dir=nest / "logs")
+    assert not isinstance(prepare("nest", **cfg_nest), int)
+    fake_checkpoint(nest / "ckpt", identity=json.loads((nest / "ckpt/run.json").read_text()))
+    assert not isinstance(prepare("nest", **cfg_nest), int), capsys.readouterr().err
+    (nest / "notes.txt").write_text("the user's own file")  # but not a file of the user's
+    assert prepare("nest", **cfg_nest) == 2 and "is not empty (notes.txt)" in capsys.readouterr().err
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "resolved_config.json").write_text('{"my": "notes"}')
+    assert prepare("third", logging__dir=mine, checkpoint__export_dir=tmp_path / "export3") == 2
+    err = capsys.readouterr().err
+    assert "holds resolved_config.json, which is not a resolved config tropd-ds wrote" in err, err
+    assert (mine / "resolved_config.json").read_text() == '{"my": "notes"}'
+
+
 def test_overwrite_deletes_another_runs_checkpoints_only_when_asked(workspace, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)

@@ -83,7 +83,9 @@ except ConfigError as exc:
 """
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    vocab, rows, columns = proc.stdout.splitlines()[0].split(" ", 2)
+    printed = [line for line in proc.stdout.splitlines() if not line.startswith("[tropd-ds] ")]
+    assert "[tropd-ds] warning: 8 of the 8 held-out prompts (data.eval_path) are also training" in proc.stdout
+    vocab, rows, columns = printed[0].split(" ", 2)
     assert (vocab, rows, columns) == (str(len(tok)), "8", "['prompt', 'answer']")  # all 8 rows of the cached set
     assert (
         "ERROR student.path='tiny-org/absent' is not a local folder" in proc.stdout

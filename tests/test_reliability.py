@@ -162,7 +162,7 @@ def test_a_signal_on_either_rank_saves_a_checkpoint_exits_cleanly_and_the_same_c
     assert len({r["lr"] for r in records(workspace / name) if "loss" in r}) == 6  # the schedule decays every step
     assert checkpoint.verify(workspace / name / "ckpt/step6") is None  # checkpoint.every 0: the end still saves
     assert json.loads((workspace / name / "export/tropd_export.json").read_text())["complete"] is True
-    launches = sorted(p.name for p in (workspace / name / "logs").glob("config.*.json"))
+    launches = sorted(p.name for p in (workspace / name / "logs").glob("resolved_config.*.json"))
     assert len(launches) == 3, launches  # each launch's resolved config is kept
 
 

@@ -27,6 +27,8 @@ INCOMPLETE = ".incomplete-"
 MANIFEST = "manifest.json"
 IDENTITY = "run.json"  # what the checkpoints in a folder were trained with
 LOCK = "run.lock"  # the run that owns the folder now
+OWNER = "tropd_run.json"  # in logging.dir and export_dir: the run (its checkpoint.dir) whose files these are
+RESOLVED_CONFIG = "resolved_config"  # logging.dir/resolved_config.json: the latest launch's resolved config
 EXPORT_MARK = "tropd_export.json"  # a folder tropd-ds exported (and may replace)
 
 
@@ -69,7 +71,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a name of this process's own: no two writers share one
     with tmp.open("w") as f:
         f.write(text)
         f.flush()
@@ -448,30 +450,127 @@ def _process_start(pid: int) -> float | None:
         return None
 
 
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Write `path` only if it does not exist, atomically (O_EXCL): of two processes, exactly one wins."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
 def take_lock(root: Path, log=print) -> None:
-    """Rank 0 marks `root` as this run's; a live owner is refused, a dead one's lock replaced."""
+    """Rank 0 marks `root` as this run's; a live owner is refused, a dead one's lock replaced. Taken with
+    O_EXCL: of two runs claiming at the same moment (a stale lock replaced by both), one wins and the other
+    is refused."""
     import socket
 
     lock = root / LOCK
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
-    if lock.is_file():
+    root.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        if _create_exclusive(lock, json.dumps(me)):
+            return
         try:
-            owner = json.loads(lock.read_text())
+            text = lock.read_text()
+            owner = json.loads(text)
+        except FileNotFoundError:
+            continue  # released between our attempt and our read: try again
         except (OSError, ValueError):
+            text, owner = None, {}
+        if not isinstance(owner, dict):
             owner = {}
+        if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
+            return  # this process holds it already
         started = _process_start(int(owner.get("pid", -1)))  # None once that process has ended
         same_process = started is not None and abs(started - float(owner.get("started") or 0)) < 1.0
         alive = owner.get("host") != me["host"] or same_process
-        if alive and owner.get("pid") != me["pid"]:
+        if alive and text is not None:
             where = "on this machine" if owner.get("host") == me["host"] else f"on host {owner.get('host')!r}"
             raise ConfigError(
                 f"checkpoint.dir={str(root)!r} is in use by another run (pid {owner.get('pid')} {where}; {lock}): two "
                 "runs in one folder delete each other's checkpoints. Stop that run or choose another checkpoint.dir"
                 + ("" if owner.get("host") == me["host"] else "; if that run has ended, remove the lock file")
             )
+        # a dead owner's lock: moved aside under this process's own name, and deleted only if it is still the
+        # stale one (another claimant may have replaced it in between: then it goes back and that one wins)
+        aside = root / f".{LOCK}.{os.getpid()}.stale"
+        try:
+            os.replace(lock, aside)
+        except FileNotFoundError:
+            continue
+        if aside.read_text() != text:
+            try:
+                os.link(aside, lock)  # put the live claimant's lock back (fails if yet another took the name)
+            finally:
+                aside.unlink(missing_ok=True)
+            continue
+        aside.unlink(missing_ok=True)
         log(f"removed a stale lock of pid {owner.get('pid')} (that process has ended) from {root}")
-    root.mkdir(parents=True, exist_ok=True)
-    _write_atomic(lock, json.dumps(me))
+    raise ConfigError(
+        f"checkpoint.dir={str(root)!r}: another run claimed {lock} at the same moment as this one; it owns the folder"
+    )
+
+
+def _owned_by(folder: Path, owner: dict, cfg: RunConfig) -> bool:
+    """Whether an owner record names this run's checkpoint folder: by its absolute path, or by its path relative
+    to `folder` (a run folder moved or copied whole is still the same run)."""
+    mine = os.path.realpath(cfg.checkpoint.dir)
+    relative = owner.get("checkpoint_dir_relative")
+    return owner.get("checkpoint_dir") == mine or (
+        isinstance(relative, str) and os.path.realpath(folder / relative) == mine
+    )
+
+
+def check_owner(folder: Path, key: str, cfg: RunConfig) -> None:
+    """`folder` (logging.dir, checkpoint.export_dir) is not another run's: its tropd_run.json, when there is
+    one, names this run's checkpoint folder (checkpoint.overwrite=true takes it over)."""
+    owner_file = folder / OWNER
+    if not owner_file.is_file() or cfg.checkpoint.overwrite:
+        return
+    try:
+        owner = json.loads(owner_file.read_text())
+        if not isinstance(owner, dict):
+            raise ValueError
+    except (OSError, ValueError):
+        return  # not a record this code wrote: rewritten below
+    if not _owned_by(folder, owner, cfg):
+        raise ConfigError(
+            f"{key}={str(folder)!r} belongs to another run, the one whose checkpoints are in "
+            f"{owner.get('checkpoint_dir')!r} ({owner_file}): two runs there would overwrite each other's files and "
+            f"interleave their records. Choose another {key}, or set checkpoint.overwrite=true to take it over"
+        )
+
+
+def mark_owner(folder: Path, key: str, cfg: RunConfig) -> None:
+    """Rank 0: `folder` is this run's from now on (atomically: a run that claims it at the same moment is refused)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt = os.path.realpath(cfg.checkpoint.dir)
+    text = json.dumps({"checkpoint_dir": ckpt, "checkpoint_dir_relative": os.path.relpath(ckpt, folder.resolve())})
+    if not _create_exclusive(folder / OWNER, text):
+        check_owner(folder, key, cfg)  # another run's, created since our check: refused
+        _write_atomic(folder / OWNER, text)
+
+
+def check_resolved_config_name(folder: Path) -> None:
+    """The run writes its resolved config as logging.dir/resolved_config.json: a file of that name that is not
+    one (the user's own) is never written over."""
+    path = folder / f"{RESOLVED_CONFIG}.json"
+    if not path.is_file():
+        return
+    try:
+        ours = "resumed_at_step" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise ConfigError(
+            f"logging.dir={str(folder)!r} holds {path.name}, which is not a resolved config tropd-ds wrote: the run "
+            "would write over it. Choose another logging.dir or move that file"
+        )
 
 
 def release_lock(root: str) -> None:
@@ -528,12 +627,19 @@ def claim(cfg: RunConfig, world: int, rank: int, log=print) -> None:
         changed = safe_changes(old, new)
         if changed and rank == 0:
             log(f"resuming with settings changed that a resume may change: {'; '.join(changed)}")
-    check_export_target(cfg.checkpoint.export_dir, cfg.checkpoint.overwrite, "checkpoint.export_dir")
+    own = (root, Path(cfg.logging.dir))  # this run's own folders may lie inside its export folder
+    check_export_target(cfg.checkpoint.export_dir, cfg.checkpoint.overwrite, "checkpoint.export_dir", own)
+    outputs = (("logging.dir", Path(cfg.logging.dir)), ("checkpoint.export_dir", Path(cfg.checkpoint.export_dir)))
+    for key, folder in outputs:
+        check_owner(folder, key, cfg)
+    check_resolved_config_name(Path(cfg.logging.dir))
     for key, folder in (("checkpoint.dir", root), ("logging.dir", Path(cfg.logging.dir))):
         check_writable(folder, key)
     if rank != 0:
         return
     take_lock(root, log)
+    for key, folder in outputs:
+        mark_owner(folder, key, cfg)
     if found and (cfg.checkpoint.overwrite and (not cfg.checkpoint.resume or (old and identity_changes(old, new)))):
         log(f"checkpoint.overwrite=true: deleting {', '.join(found)} in {root}")
         for name in {*found, "latest"}:
@@ -553,13 +659,16 @@ def check_writable(folder: Path, key: str) -> None:
         raise ConfigError(f"{key}={str(folder)!r} cannot be written ({probe_root} is not writable by this user)")
 
 
-def check_export_target(out: str, force: bool, what: str = "--out") -> None:
-    """An export goes into a new or empty folder, or replaces an earlier export; anything else needs force."""
+def check_export_target(out: str, force: bool, what: str = "--out", own: tuple[Path, ...] = ()) -> None:
+    """An export goes into a new or empty folder, or replaces an earlier export; anything else needs force.
+    The run's `own` folders (checkpoints, logs) and its owner file may lie inside it."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what}={out!r} is a file: expected a folder for the exported model")
-    if path.is_dir() and any(path.iterdir()) and not (path / EXPORT_MARK).is_file() and not force:
-        names = sorted(p.name for p in path.iterdir())
+    mine = {os.path.realpath(p) for p in own}
+    others = [p for p in path.iterdir() if p.name != OWNER and os.path.realpath(p) not in mine] if path.is_dir() else []
+    if others and not (path / EXPORT_MARK).is_file() and not force:
+        names = sorted(p.name for p in others)
         flag = "--force" if what == "--out" else "checkpoint.overwrite=true"
         raise ConfigError(
             f"{what}={out!r} is not empty ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) and is not an "

@@ -152,13 +152,14 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
     # what ran: the resolved config and the code's commit, with the first step of each launch and in the trackers
     version = code_version() if rank == 0 else {}
     run_info = {"run_config": to_dict(cfg), **version}
-    if rank == 0:  # each launch's resolved config is kept: config.json is the latest, config.<time>.json each one
+    if rank == 0:  # each launch's resolved config is kept: resolved_config.json the latest, .<time>-step<N> each
         metrics.describe_run(start_step, run_info)
         logs = Path(cfg.logging.dir)
         logs.mkdir(parents=True, exist_ok=True)
         text = json.dumps(dict(to_dict(cfg), resumed_at_step=start_step, **version), indent=2, default=str)
-        (logs / f"config.{time.strftime('%Y%m%d-%H%M%S')}-step{start_step}.json").write_text(text)
-        (logs / "config.json").write_text(text)
+        name = checkpoint.RESOLVED_CONFIG
+        (logs / f"{name}.{time.strftime('%Y%m%d-%H%M%S')}-step{start_step}.json").write_text(text)
+        (logs / f"{name}.json").write_text(text)
 
     total = cfg.optim.steps
     held_out = evaluation.Schedule(t.roll_out.student, prepared, cfg, device, metrics, log)
