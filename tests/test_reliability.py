@@ -42,10 +42,10 @@ def _release_shm_of_started_runs():
         release_shm(port)
 
 
-def start(config: Path, env: dict | None = None, overrides: list[str] = ()) -> subprocess.Popen:
+def start(config: Path, env: dict | None = None, overrides: list[str] = (), cli: bool = False) -> subprocess.Popen:
     PORTS.append(free_port())
     cmd = [
-        *launcher(PORTS[-1]),
+        *launcher(PORTS[-1], cli=cli),
         "--module",
         "tropd_ds.train",
         "--config",
@@ -123,11 +123,14 @@ def test_a_crash_while_saving_then_a_sigkill_of_one_rank_cost_only_the_steps_sin
     assert steps.count(4) == 2 and 5 in steps, steps  # steps 4-5 (6) of the first launch, step 4 of the second
 
 
-def test_a_signal_on_either_rank_saves_a_checkpoint_exits_cleanly_and_the_same_command_resumes(
+def test_a_signal_to_the_launcher_or_either_rank_saves_a_checkpoint_and_the_same_command_resumes(
     workspace, full_run, capsys, monkeypatch
 ):
-    """SIGTERM on rank 1, then (in the resumed launch) SIGINT on rank 0, each while that rank is held before the
-    next step (the hold ends when the signal arrives); a third launch finishes: every step equals the
+    """SIGTERM to the `deepspeed` command (what `timeout`, a scheduler or Ctrl-C on a wrapper sends; it ends the
+    launcher at once and used to leave its ranks training on, orphaned), then SIGTERM on rank 1 before step 5,
+    then SIGINT on rank 0 during the final evaluation (after the final checkpoint), each while a rank is held:
+    the ranks that lost their launcher stop after the step with a checkpoint, the rank signal stops both after
+    the step, and the interrupted evaluation runs on the next launch, which exports. Every step equals the
     uninterrupted run's. Along the chain, the run owns its checkpoint folder: a second run on it is refused
     while the first runs, and so are a fresh start or another objective on its checkpoints; with
     checkpoint.every 0 the end still leaves a verified checkpoint of the last step before the export."""
@@ -135,21 +138,37 @@ def test_a_signal_on_either_rank_saves_a_checkpoint_exits_cleanly_and_the_same_c
     monkeypatch.setenv("RANK", "0")
     name = "signalled"
     config = write_config(workspace, name, checkpoint={"every": 0})
-    for sig, rank, step in ((signal.SIGTERM, 1, 3), (signal.SIGINT, 0, 5)):
+    # 1. the launcher command signalled while rank 1 is held before step 3 (15 s, then step 3 runs)
+    proc = start(config, {"TROPD_DS_FAULT": "stall@3:r1", "TROPD_DS_STALL_S": "15"}, cli=True)
+    wait_for_step(workspace / name, proc, 2)
+    err = refused(config, [], capsys)  # a second run on the same folder while this one is running
+    assert "is in use by another run" in err, err
+    ranks = [rank_pid(proc, r) for r in (0, 1)]
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)  # the ranks keep the output pipe open until they end
+    assert psutil.wait_procs([psutil.Process(p) for p in ranks if psutil.pid_exists(p)], timeout=300)[1] == []
+    assert "stopping after step 3 (the loss of the launcher); checkpoint saved" in out, out[-3000:]
+    # 2. SIGTERM on rank 1 before step 5; 3. SIGINT on rank 0 during the final evaluation ("step 7")
+    for sig, rank, step in ((signal.SIGTERM, 1, 5), (signal.SIGINT, 0, 7)):
         proc = start(config, {"TROPD_DS_FAULT": f"stall@{step}:r{rank}", "TROPD_DS_STALL_S": "60"})
         wait_for_step(workspace / name, proc, step - 1)
-        if step == 3:  # a second run on the same folder while this one is running
-            err = refused(config, [], capsys)
-            assert "is in use by another run" in err, err[-3000:]
-            assert proc.poll() is None
+        if step == 7:  # held after the final checkpoint, before the final evaluation
+            deadline = time.time() + 300
+            while not (workspace / name / "ckpt/step6/manifest.json").is_file():
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.2)
+            time.sleep(1.0)
         os.kill(rank_pid(proc, rank), sig)
         out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-3000:]
         saved = sorted(p.name for p in (workspace / name / "ckpt").glob("step*"))
-        assert saved == ["step3", "step5"][: 1 + (step == 5)], saved
-        why = sig.name if rank == 0 else "a signal on another rank"  # rank 0 does the logging
-        assert f"stopping after step {step} ({why}); checkpoint saved" in out, out[-3000:]
-        assert step == 3 or "at step 3" in out
+        if step == 5:
+            assert proc.returncode == 0, out[-3000:]
+            assert saved == ["step3", "step5"], saved
+            assert "stopping after step 5 (a signal on another rank); checkpoint saved" in out, out[-3000:]
+            assert "at step 3" in out
+        else:  # after the final checkpoint nothing is lost: rank 0 ends at once, the launcher ends rank 1
+            assert proc.returncode != 0 and "SIGINT during the final evaluation: stopping now" in out, out[-3000:]
+            assert saved == ["step5", "step6"] and not (workspace / name / "export/model.safetensors").exists()
         for overrides, words in (
             (["checkpoint.resume=false"], "holds another run's checkpoints"),
             (["objective.name=opd", "objective.options={}"], "objective.name: 'tropd' -> 'opd'"),
@@ -157,13 +176,15 @@ def test_a_signal_on_either_rank_saves_a_checkpoint_exits_cleanly_and_the_same_c
             err = refused(config, overrides, capsys)
             assert words in err and "Traceback" not in err, err[-3000:]
             assert sorted(p.name for p in (workspace / name / "ckpt").glob("step*")) == saved  # nothing deleted
-    launch(config)
+    relaunch = launch(config)
+    assert "resumed from" in relaunch.stdout and "at step 6" in relaunch.stdout
+    assert "step 6: held-out accuracy" in relaunch.stdout  # the interrupted evaluation, run now
     assert_same_steps(workspace / name, full_run[0], range(1, 7))
     assert len({r["lr"] for r in records(workspace / name) if "loss" in r}) == 6  # the schedule decays every step
     assert checkpoint.verify(workspace / name / "ckpt/step6") is None  # checkpoint.every 0: the end still saves
     assert json.loads((workspace / name / "export/tropd_export.json").read_text())["complete"] is True
     launches = sorted(p.name for p in (workspace / name / "logs").glob("resolved_config.*.json"))
-    assert len(launches) == 3, launches  # each launch's resolved config is kept
+    assert len(launches) == 4, launches  # each launch's resolved config is kept
 
 
 def test_when_one_rank_dies_while_saving_the_others_remove_the_partial_folder(workspace):
@@ -423,7 +444,7 @@ def refused(config: Path, overrides: list[str], capsys) -> str:
 
 
 # A run owning its checkpoint folder, and the verified checkpoint at the end with checkpoint.every 0: along the
-# signal chain above (test_a_signal_on_either_rank_saves_a_checkpoint_exits_cleanly_and_the_same_command_resumes).
+# signal chain above (test_a_signal_to_the_launcher_or_either_rank_saves_a_checkpoint_and_the_same_command_resumes).
 
 
 def test_an_export_that_fails_on_rank_0_ends_every_rank_and_names_the_intact_checkpoint(workspace):

@@ -4,6 +4,7 @@ step otherwise, and a second signal that ends the process at once by that signal
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -49,3 +50,79 @@ def test_a_signal_after_an_unsaved_step_is_recorded_and_a_second_one_ends_the_pr
     twice = run(sig, can_leave=False, second=True)
     assert twice.returncode == -int(sig), twice.stdout + twice.stderr  # killed by the signal itself, not exit 1
     assert "survived" not in twice.stdout
+
+
+def test_a_signal_after_the_run_has_finished_stops_nothing_and_exits_0():
+    """A SIGTERM in the second after a finished run used to report the completed run as killed (128 + 15)."""
+    code = SCRIPT.replace("stop.can_leave_now = {can_leave}", "stop.finished = True").format(
+        sig=int(signal.SIGTERM), second=False
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SIGTERM after the run had finished: nothing to stop" in proc.stdout and "survived" not in proc.stdout
+
+
+LAUNCHED = textwrap.dedent(
+    """
+    import os, sys, time
+    from tropd_ds.process import StopRequest
+    stop = StopRequest()
+    stop.can_leave_now = False
+    print("watching", [pid for pid, _ in stop.launchers], "agreed", stop.agreed(), flush=True)
+    parent = os.getppid()
+    open(sys.argv[1], "w").close()  # ready: the launcher ends now
+    deadline = time.time() + 30
+    while os.getppid() == parent and time.time() < deadline:
+        time.sleep(0.05)
+    print("agreed", stop.agreed(), "because", stop.reason(), flush=True)
+    """
+)
+
+
+def test_a_rank_whose_launcher_has_ended_stops_at_the_next_step_boundary(tmp_path):
+    """SIGTERM to the `deepspeed` command ends it at once (on one node it forwards no signal) and used to leave
+    its ranks training to the end, orphaned: now a rank watches the launcher processes above it (by command
+    line: not a shell or scheduler, which may end on purpose) and agrees to stop when one has gone."""
+    ready = tmp_path / "ready"
+    launcher_stand_in = textwrap.dedent(
+        f"""
+        # a stand-in for the deepspeed launcher: starts the rank, then ends
+        import os, subprocess, sys, time
+        rank = subprocess.Popen([sys.executable, "-c", {LAUNCHED!r}, {str(ready)!r}])
+        while not os.path.exists({str(ready)!r}):
+            time.sleep(0.05)
+        """
+    )
+    # the rank inherits the output pipe: run() returns once the rank, too, has ended
+    proc = subprocess.run([sys.executable, "-c", launcher_stand_in], capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    watching, agreed = proc.stdout.splitlines()[-2:]
+    assert watching.endswith("] agreed False") and watching != "watching [] agreed False", proc.stdout
+    assert agreed == "agreed True because the loss of the launcher", proc.stdout + proc.stderr
+
+
+def test_launcher_processes_are_the_launchers_above_a_rank_and_their_end_is_seen():
+    from tropd_ds.process import launcher_gone, launcher_processes
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "# deepspeed.launcher.launch stand-in\nimport subprocess, sys, time\n"
+         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\nprint(p.pid, flush=True)\n"
+         "time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        rank = int(child.stdout.readline())
+        watched = launcher_processes(rank)
+        assert [pid for pid, _ in watched] == [child.pid]  # the stand-in; not pytest, which launched no rank
+        assert not launcher_gone(watched)
+        child.kill()
+        child.wait()
+        assert launcher_gone(watched)
+        assert launcher_gone([(os.getpid(), 12.0)])  # a pid that now belongs to another process: gone
+        assert not launcher_gone([(os.getpid(), __import__("psutil").Process().create_time())])
+    finally:
+        child.kill()
+        import psutil
+
+        if psutil.pid_exists(rank):
+            psutil.Process(rank).kill()

@@ -395,3 +395,38 @@ def test_ppo_clip_is_refused_before_any_engine(workspace):
         validate_before_engines(
             load_config(write_config(workspace, "ppo"), ["objective.name=opd", "objective.options={ppo_clip: 0.2}"])
         )
+
+
+def test_an_export_that_meets_a_rotating_checkpoint_takes_the_newest_again(full_run, workspace, tmp_path, monkeypatch):
+    """`tropd-ds export` while a run rotates its checkpoints used to die on a vanished step folder: the newest
+    checkpoint is deleted while DeepSpeed reads it (the deletion runs inside the real reader, which then fails
+    as it would); the export takes the new newest, or, for a checkpoint named with --tag, says what happened."""
+    import shutil
+
+    import deepspeed.utils.zero_to_fp32 as zero_to_fp32
+
+    from tropd_ds import checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(full_run[0] / "ckpt", ckpt)
+    real = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint
+    seen = []
+
+    def rotated_while_read(folder, tag=None, **kwargs):
+        seen.append(tag)
+        if tag == "step6":  # the run's keep_last rotation deletes it just as the reader starts
+            shutil.rmtree(Path(folder) / tag)
+        return real(folder, tag=tag, **kwargs)
+
+    monkeypatch.setattr(zero_to_fp32, "get_fp32_state_dict_from_zero_checkpoint", rotated_while_read)
+    said = []
+    source = checkpoint.export_from_checkpoint(
+        str(ckpt), str(workspace / "student"), str(tmp_path / "a"), log=said.append
+    )
+    assert source == str(ckpt / "step3") and seen == ["step6", "step3"]
+    assert said == ["checkpoint step6 went away while it was being read (a running run's rotation?): trying the newest "
+                    "again"]  # fmt: skip
+    assert (tmp_path / "a/model.safetensors").is_file()
+    shutil.copytree(full_run[0] / "ckpt/step6", ckpt / "step6")
+    with pytest.raises(ConfigError, match=r"checkpoint step6 in .* was deleted while it was being read"):
+        checkpoint.export_from_checkpoint(str(ckpt), str(workspace / "student"), str(tmp_path / "b"), tag="step6")

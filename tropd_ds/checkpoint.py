@@ -721,6 +721,7 @@ def export_from_checkpoint(
     lora_settings: dict | None = None,
     adapter_only: bool = False,
     dtype: str = "float32",
+    log=print,
 ) -> str:
     """Consolidate a ZeRO checkpoint (any number of ranks) on the CPU, without engines, and save it
     with the student's config and tokenizer as a Hugging Face folder; a LoRA student's (`lora_settings`)
@@ -729,23 +730,45 @@ def export_from_checkpoint(
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if tag is None:
-        found = complete_checkpoints(ckpt_dir)
-        if not found:
+    named = tag is not None
+    for _ in range(3):  # a running run's rotation (checkpoint.keep_last) may delete the newest under us
+        if not named:
+            found = complete_checkpoints(ckpt_dir)
+            if not found:
+                raise ConfigError(
+                    f"checkpoint.dir={ckpt_dir!r} has no complete checkpoint (stepN folder with a {MANIFEST}) to export"
+                )
+            tag = found[0].name
+        if not (Path(ckpt_dir) / tag).is_dir():
+            tags = sorted(p.name for p in Path(ckpt_dir).glob("step*"))
+            raise ConfigError(f"checkpoint tag {tag!r} is not in {ckpt_dir!r}: available {tags}")
+        problem = verify(Path(ckpt_dir) / tag) if (Path(ckpt_dir) / tag / MANIFEST).is_file() else f"no {MANIFEST}"
+        if problem is not None and (Path(ckpt_dir) / tag).is_dir():
             raise ConfigError(
-                f"checkpoint.dir={ckpt_dir!r} has no complete checkpoint (stepN folder with a {MANIFEST}) to export"
+                f"checkpoint {tag} in {ckpt_dir!r} fails its check ({problem}): nothing was exported; name an intact "
+                "one with --tag"
             )
-        tag = found[0].name
-    if not (Path(ckpt_dir) / tag).is_dir():
-        tags = sorted(p.name for p in Path(ckpt_dir).glob("step*"))
-        raise ConfigError(f"checkpoint tag {tag!r} is not in {ckpt_dir!r}: available {tags}")
-    problem = verify(Path(ckpt_dir) / tag) if (Path(ckpt_dir) / tag / MANIFEST).is_file() else f"no {MANIFEST}"
-    if problem is not None:
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag) if problem is None else None
+        except (OSError, ValueError) as exc:
+            if (Path(ckpt_dir) / tag).is_dir():
+                raise ConfigError(
+                    f"reading checkpoint {tag} in {ckpt_dir!r} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            state = None
+        if state is not None:
+            break
+        if named:
+            raise ConfigError(
+                f"checkpoint {tag} in {ckpt_dir!r} was deleted while it was being read (a running run rotates its "
+                "oldest checkpoints away, checkpoint.keep_last): nothing was exported; name a newer one with --tag"
+            )
+        log(f"checkpoint {tag} went away while it was being read (a running run's rotation?): trying the newest again")
+    else:
         raise ConfigError(
-            f"checkpoint {tag} in {ckpt_dir!r} fails its check ({problem}): nothing was exported; name an intact one "
-            "with --tag"
+            f"the newest checkpoint in {ckpt_dir!r} went away 3 times while it was being read (a running run rotating "
+            "its checkpoints): export after that run, or with --tag a checkpoint it keeps"
         )
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     state = {k.removeprefix("lm."): v for k, v in state.items()}
     has_adapters = any(".lora_A." in k for k in state)
     if has_adapters != bool(lora_settings):

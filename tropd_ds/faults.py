@@ -8,7 +8,7 @@ TROPD_DS_FAULT is a comma-separated list of KIND@STEP[:rRANK]:
                       rank 0's first file write inside DeepSpeed's save_checkpoint raises ENOSPC
                       (the other ranks go on to DeepSpeed's closing barrier)
   stall@2:r1          rank 1 sleeps TROPD_DS_STALL_S seconds (default 60) before step 2's rollout, or
-                      until a signal reaches it
+                      until a signal reaches it; stall@<optim.steps + 1> holds it before the final evaluation
 """
 
 from __future__ import annotations

@@ -162,11 +162,20 @@ class StopRequest:
     def __init__(self):
         self.signal_name: str | None = None
         self.can_leave_now = True
+        self.finished = False  # the run has ended (exported): a signal now stops nothing
         self.phase = "set-up"
+        self.launchers = launcher_processes()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, signum, frame):  # noqa: ARG002
+        if self.finished:
+            if os.environ.get("RANK", "0") == "0":
+                print(
+                    f"[tropd-ds] {signal.Signals(signum).name} after the run had finished: nothing to stop", flush=True
+                )
+            release_cpu_shm_buffers()
+            exit_without_teardown(0)
         if self.signal_name is not None:  # a second signal: give up at once
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
@@ -184,11 +193,52 @@ class StopRequest:
             exit_without_teardown(128 + signum)
 
     def agreed(self) -> bool:
-        """A collective: True on every rank when any rank was signalled."""
+        """A collective: True on every rank when any rank was signalled or has lost its launcher."""
+        if self.signal_name is None and self.launchers and launcher_gone(self.launchers):
+            self.signal_name = "the loss of the launcher"  # SIGTERM to the `deepspeed` command ends it, not us
         return float(collectives.all_reduce([1.0 if self.signal_name else 0.0])[0]) > 0
 
     def reason(self) -> str:
         return self.signal_name or "a signal on another rank"
+
+
+LAUNCHER_WORDS = ("deepspeed", "torchrun", "torch.distributed.run", "torch.distributed.launch", "accelerate")
+
+
+def launcher_processes(pid: int | None = None) -> list[tuple[int, float]]:
+    """(pid, start time) of the launcher processes above this one: the parents whose command line is a
+    launcher's (the `deepspeed` command and its per-node launch.py, torchrun, accelerate), nearest first;
+    nothing else (a shell or a scheduler above the launcher is not watched: it may end on purpose)."""
+    import psutil
+
+    out = []
+    try:
+        proc = psutil.Process(pid or os.getpid()).parent()
+        while proc is not None and proc.pid > 1:
+            words = " ".join(proc.cmdline())
+            if not any(w in words for w in LAUNCHER_WORDS):
+                break
+            out.append((proc.pid, proc.create_time()))
+            proc = proc.parent()
+    except (psutil.Error, OSError):
+        pass
+    return out
+
+
+def launcher_gone(launchers: list[tuple[int, float]]) -> bool:
+    """Whether any of these launcher processes has ended (a zombie, or a pid reused by a new process, counts)."""
+    import psutil
+
+    for pid, started in launchers:
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - started) > 1.0 or proc.status() == psutil.STATUS_ZOMBIE:
+                return True  # another process under that pid, or one that has ended and awaits its parent
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return True
+        except psutil.Error:
+            continue
+    return False
 
 
 def leave_now(code: int, message: str) -> None:

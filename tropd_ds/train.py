@@ -230,7 +230,8 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
         log(f"error: the final checkpoint {final} fails its check ({problem}); nothing was exported")
         return 3
     stop.phase = "the final evaluation"
-    if start_step < total:
+    faults.stall(total + 1, rank, lambda: stop.signal_name is not None)  # tests: "stall@<steps + 1>" holds it here
+    if start_step < total or not final_evaluation_done(cfg, total):  # one a signal interrupted runs on relaunch
         held_out.evaluate(total)
     stop.phase = "the export"
     try:
@@ -243,7 +244,18 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
         return 3
     log(f"exported the student to {cfg.checkpoint.export_dir}")
     held_out.summary()
+    stop.finished = True  # a signal from here on stops nothing: the run is complete
     return 0
+
+
+def final_evaluation_done(cfg: RunConfig, total: int) -> bool:
+    """Whether every rank wrote its records of the evaluation after the last step (a collective: the same
+    answer on every rank). Without data.eval_path there is nothing to do."""
+    if not cfg.data.eval_path:
+        return True
+    rank = collectives.rank_world()[0]
+    mine = (Path(cfg.logging.dir) / "eval" / f"step{total}-rank{rank}.jsonl").is_file()
+    return float(collectives.all_reduce([0.0 if mine else 1.0], op="max")[0]) == 0
 
 
 def save(t: Trainer, done: int, progress) -> bool:
