@@ -58,6 +58,72 @@ def _monitor_without_package(ws, tmp, config):
     return config, [f"student.ds_config={path}"], ['"wandb": {"enabled": true}', "pip install 'tropd-ds[wandb]'"]
 
 
+def _student_copy(ws, tmp, edit) -> Path:
+    """A copy of the workspace student with `edit(folder)` applied: the teacher stays as it is."""
+    folder = tmp / "student_copy"
+    shutil.copytree(ws / "student", folder)
+    edit(folder)
+    return folder
+
+
+def _edit_json(folder: Path, name: str, **changes) -> None:
+    data = json.loads((folder / name).read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    (folder / name).write_text(json.dumps(data))
+
+
+def _no_end_token(ws, tmp, config):
+    def edit(folder):
+        _edit_json(folder, "tokenizer_config.json", eos_token=None)
+        _edit_json(folder, "generation_config.json", eos_token_id=None)
+        _edit_json(folder, "config.json", eos_token_id=None)
+
+    teacher = _student_copy(ws, tmp, edit).rename(tmp / "teacher_copy")  # both models lack one
+    shutil.copytree(teacher, tmp / "student_copy")
+    for name in ("config.json", "model.safetensors"):  # the teacher keeps its own weights and shape
+        shutil.copy(ws / "teacher" / name, teacher / name)
+    _edit_json(teacher, "config.json", eos_token_id=None)
+    overrides = [f"student.path={tmp / 'student_copy'}", f"teacher.path={teacher}"]
+    return config, overrides, ["no end-of-sequence token", "set eos_token in tokenizer_config.json"]
+
+
+def _no_tokenizer_files(ws, tmp, config):
+    folder = _student_copy(ws, tmp, lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")])
+    return config, [f"student.path={folder}"], ["has no tokenizer files", "tokenizer.save_pretrained(folder)"]
+
+
+def _template(source: str, words: list[str]):
+    def case(ws, tmp, config):
+        folder = _student_copy(ws, tmp, lambda f: _edit_json(f, "tokenizer_config.json", chat_template=source))
+        teacher = tmp / "teacher_copy"
+        shutil.copytree(ws / "teacher", teacher)
+        _edit_json(teacher, "tokenizer_config.json", chat_template=source)
+        return config, [f"student.path={folder}", f"teacher.path={teacher}", "data.chat_template=true"], words
+
+    return case
+
+
+def _missing_shard(ws, tmp, config):
+    def edit(folder):
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+        shards = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(shards))
+
+    folder = _student_copy(ws, tmp, edit)
+    return config, [f"student.path={folder}"], ["model.safetensors.index.json names 2 weight files and 1 are missing",
+                                                 "model-00002-of-00002.safetensors"]  # fmt: skip
+
+
+def _not_utf8(ws, tmp, config):
+    path = tmp / "latin1.jsonl"
+    path.write_bytes('{"prompt": "1+2="}\n{"prompt": "caf\u00e9 4+1="}\n'.encode("latin-1"))
+    return config, [f"data.path={path}", "rollout.guidance=false"], ["line 2 (column 16) is not UTF-8", "0xe9"]
+
+
 # Each case: name -> function(workspace, tmp, config) returning (config path, overrides, words of the error).
 def _yaml_syntax(ws, tmp, config):
     bad = tmp / "run.yaml"
@@ -177,6 +243,19 @@ CASES = {
         ["are the same folder"],
     ),
     "truncated weights": _truncated_weights,
+    "no end-of-sequence token": _no_end_token,
+    "no tokenizer files": _no_tokenizer_files,
+    "chat template with a syntax error": _template(
+        "{% for m in messages %}{{ m.content }", ["data.path row 0: the tokenizer's chat template fails", "unexpected"]
+    ),
+    "chat template that raises": _template(
+        "{{ raise_exception('no system turn') }}", ["TemplateError: no system turn", "data.chat_template=false"]
+    ),
+    "chat template that renders nothing": _template(
+        "{% if false %}x{% endif %}", ["data.path row 0: the prompt renders to no tokens through the chat template"]
+    ),
+    "a missing weight shard": _missing_shard,
+    "a row that is not UTF-8": _not_utf8,
     "invalid model config": _invalid_model_config,
     "embedding shape": _embedding_shape,
     "null prompt": _rows([{"prompt": "1+2="}, {"prompt": None}], ["data.path row 1", "prompt=None"]),
@@ -538,6 +617,9 @@ def test_unknown_characters_are_a_warning_with_counts(workspace, tmp_path, monke
         (["export", "--config", "CONFIG", "--out", "FILE"], "is a file"),
         (["export", "--config", "CONFIG", "--out", "USERDIR"], "is not empty (notes.txt)"),
         (["export", "--config", "CONFIG", "--out", "MODEL"], "the student's model folder"),
+        (["export", "--config", "CONFIG", "--out", "DANGLING"], "is a link to"),
+        (["config", "--dump", "--config", "USERDIR"], "is a folder: expected a YAML or JSON run config file"),
+        (["train"], "no --config given: pass a run config"),
     ],
 )
 def test_command_arguments_are_range_checked(workspace, tmp_path, capsys, argv, words):
@@ -552,7 +634,9 @@ def test_command_arguments_are_range_checked(workspace, tmp_path, capsys, argv, 
         "FILE": tmp_path / "file",
         "USERDIR": tmp_path / "user",
         "MISSING": tmp_path / "missing",
+        "DANGLING": tmp_path / "dangling",
     }
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     code = cli.main([str(names.get(a, a)) for a in argv])
     err = capsys.readouterr().err
     assert code == 2 and words in err, err

@@ -96,6 +96,12 @@ def test_tropd_ds_export_writes_what_the_run_exported_in_the_runs_dtype(full_run
         for name, tensor in own.items():
             assert written[name].dtype == dtype and torch.equal(written[name], tensor.to(dtype)), name
         assert json.loads((out / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    # a student of another size (the teacher's folder) is named, not a traceback from load_state_dict
+    out = tmp_path / "other_size"
+    assert cli.main(["export", "--config", str(config), "--set", f"student.path={workspace / 'teacher'}", "--out",
+                     str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "checkpoint step6 does not match the student at" in err and "size mismatch" in err, err
 
 
 # Stopping and resuming: tests/test_reliability.py (a signal on either rank, a crash while saving, SIGKILL)

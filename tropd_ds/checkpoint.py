@@ -663,6 +663,8 @@ def check_export_target(out: str, force: bool, what: str = "--out", own: tuple[P
     """An export goes into a new or empty folder, or replaces an earlier export; anything else needs force.
     The run's `own` folders (checkpoints, logs) and its owner file may lie inside it."""
     path = Path(out)
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"{what}={out!r} is a link to {os.readlink(path)!r}, which does not exist: expected a folder")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what}={out!r} is a file: expected a folder for the exported model")
     mine = {os.path.realpath(p) for p in own}
@@ -797,7 +799,13 @@ def export_from_checkpoint(
     # built in fp32 (the checkpoint's master weights), then cast once: from_config alone would follow the
     # student folder's saved dtype, which need not be the run's
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_path), dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ: a student of another size
+        raise ConfigError(
+            f"checkpoint {tag} does not match the student at {student_path} ({str(exc).strip().splitlines()[-1][:300]}"
+            "): export with the config of the run that wrote it"
+        ) from exc
     if unexpected or [m for m in missing if "rotary" not in m]:
         raise ConfigError(
             f"checkpoint {tag} does not match the student at {student_path}: missing {missing}, unexpected {unexpected}"

@@ -317,6 +317,14 @@ def _export(argv) -> int:
     except ConfigError as exc:
         print(f"tropd-ds export: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a folder that cannot be written: the checkpoint itself is untouched
+        print(
+            f"tropd-ds export: writing {args.out} failed ({type(exc).__name__}: {exc}); the checkpoint is untouched; "
+            f"{args.out} holds a partial export (its tropd_export.json says complete: false): free space and run the "
+            "same command again",
+            file=sys.stderr,
+        )
+        return 3
     print(f"exported {path} to {args.out}")
     return 0
 

@@ -58,6 +58,11 @@ def prepare(argv=None) -> tuple[RunConfig, Prepared] | int:
     in the configuration (printed)."""
     args = parse_args(argv)
     try:
+        if args.config is None and not args.overrides:
+            raise ConfigError(
+                "no --config given: pass a run config (configs/demo.yaml is one; `tropd-ds config --list` lists every "
+                "field), or give every setting with --set"
+            )
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             from .dry_run import dry_run

@@ -336,6 +336,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     base = Path.cwd()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a folder: expected a YAML or JSON run config file")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         data = parse_file(path) or {}

@@ -74,6 +74,8 @@ def load_rows(
             raise ConfigError(f"{what}={path!r}: unknown file type {p.suffix!r}; expected one of {', '.join(BUILDERS)}")
         if p.stat().st_size == 0:
             raise ConfigError(f"{what}={path!r} is empty: expected at least one row with a 'prompt'")
+        if builder in ("json", "csv"):
+            check_utf8(p, what)
         try:
             ds = datasets.load_dataset(builder, data_files=str(p), split="train")
         except Exception as exc:  # datasets raises many kinds of errors for unreadable files
@@ -96,6 +98,33 @@ def load_rows(
     if len(ds) == 0:
         raise ConfigError(f"{what}={path!r} has no rows: expected at least one prompt")
     return canonical_columns(ds, columns or Columns(), f"{what}={path!r}")
+
+
+def check_utf8(path: Path, what: str) -> None:
+    """A text data file is UTF-8 throughout (Arrow keeps the bytes as they are, and the first read of a bad row
+    fails deep in pyarrow): decoded in 1 MiB blocks, and on a failure scanned again line by line to name the
+    first bad byte by line and column."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+        return
+    except UnicodeDecodeError:
+        pass
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(
+                    f"{what}={str(path)!r} line {number} (column {exc.start + 1}) is not UTF-8 text (byte "
+                    f"0x{line[exc.start]:02x}): save the file as UTF-8"
+                ) from None
+    raise ConfigError(f"{what}={str(path)!r} is not UTF-8 text (it ends inside a character): save the file as UTF-8")
 
 
 def shared_prompts(train_rows, eval_rows) -> int:
@@ -451,7 +480,21 @@ def check_rows(
             raise ConfigError(
                 f"{what} row {i}: {name('answer')} is {row.get('answer')!r}: every held-out row needs an answer"
             )
-        ids = prompt_ids(tokenizer, prompt, chat_template, template_kwargs)
+        try:
+            ids = prompt_ids(tokenizer, prompt, chat_template, template_kwargs)
+        except Exception as exc:  # jinja2's TemplateSyntaxError / TemplateError (raise_exception), and the like
+            raise ConfigError(
+                f"{what} row {i}: the tokenizer's chat template fails on it ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}): fix the template ({tokenizer.name_or_path}, "
+                "tokenizer_config.json 'chat_template' or chat_template.jinja) or the row, or set data.chat_template="
+                "false for plain string prompts"
+            ) from exc
+        if not ids:
+            raise ConfigError(
+                f"{what} row {i}: the prompt renders to no tokens"
+                + (" through the chat template" if chat_template or isinstance(prompt, list) else "")
+                + ": a rollout needs at least one prompt token"
+            )
         usable += len(ids) <= max_prompt_tokens or long_prompts != "skip"
         if unk is not None:
             bad = sum(t == unk for t in ids)

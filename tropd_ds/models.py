@@ -7,6 +7,7 @@ The phase modules own their forwards: `scoring.TeacherScorer` and `update.Studen
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -45,7 +46,6 @@ def check_model_folder(cfg: ModelConfig, role: str, weights: bool = True) -> Non
 
 def read_model_config(folder: Path, role: str) -> dict:
     """config.json as a dict; a syntax error names the file, line and column."""
-    import json
 
     where = f"{role}.path={str(folder)!r}"
     try:
@@ -66,6 +66,18 @@ def check_model_files(folder: Path, role: str) -> None:
 
     where = f"{role}.path={str(folder)!r}"
     config = read_model_config(folder, role)
+    for index in sorted(folder.glob("*.index.json")):  # a sharded checkpoint: every shard it names is there
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise ConfigError(f"{where}: {index.name} cannot be read as a shard index ({type(exc).__name__})") from exc
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise ConfigError(
+                f"{where}: {index.name} names {len(shards)} weight files and {len(missing)} are missing "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): an interrupted download? Download "
+                "the model again"
+            )
 
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     vocab, hidden = text.get("vocab_size"), text.get("hidden_size")
@@ -119,12 +131,11 @@ def load_tokenizers_and_check(student: ModelConfig, teacher: ModelConfig, weight
 
     Returns the shared tokenizer and the number of real vocabulary rows; rows past it (padding
     of an embedding table) are masked out by the caller."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     check_model_folder(student, "student", weights)
     check_model_folder(teacher, "teacher", weights)
-    tok_s = AutoTokenizer.from_pretrained(student.path)
-    tok_t = AutoTokenizer.from_pretrained(teacher.path)
+    tok_s, tok_t = load_tokenizer(student.path, "student"), load_tokenizer(teacher.path, "teacher")
     if tok_s.get_vocab() != tok_t.get_vocab():
         only_s = len(set(tok_s.get_vocab()) - set(tok_t.get_vocab()))
         only_t = len(set(tok_t.get_vocab()) - set(tok_s.get_vocab()))
@@ -144,9 +155,55 @@ def load_tokenizers_and_check(student: ModelConfig, teacher: ModelConfig, weight
     for role, cfg in (("student", student), ("teacher", teacher)):
         if weights and Path(cfg.path).is_dir():
             check_model_files(Path(cfg.path), role)
+    check_end_token(tok_s, student.path, teacher.path)
     if tok_s.pad_token_id is None:
         tok_s.pad_token = tok_s.eos_token
     return tok_s, n_tokens
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(path: str, role: str):
+    """The model folder's tokenizer; a folder without tokenizer files, or files the tokenizer cannot read,
+    named before any engine (transformers' own error speaks of slow-tokenizer conversion)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{role}.path={path!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): copy the model's "
+            "tokenizer into the folder (tokenizer.save_pretrained(folder))"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises ValueError, OSError, JSON errors... for unreadable files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(
+            f"{role}.path={path!r}: its tokenizer cannot be loaded ({type(exc).__name__}: {first[:300]}): check the "
+            "tokenizer files in the folder"
+        ) from exc
+
+
+def check_end_token(tokenizer, *paths: str) -> None:
+    """A response ends at an end-of-sequence token: the tokenizer's, or one named by either model's
+    generation_config.json / config.json. Without one no rollout could end (found here, not after the engines)."""
+    from transformers import GenerationConfig
+
+    if tokenizer.eos_token_id is not None:
+        return
+    for path in paths:
+        try:
+            if GenerationConfig.from_pretrained(path).eos_token_id is not None:
+                return
+        except Exception:  # no generation_config.json: transformers builds none
+            pass
+        if Path(path).is_dir() and read_model_config(Path(path), "model").get("eos_token_id") is not None:
+            return
+    raise ConfigError(
+        f"no end-of-sequence token: the tokenizer of {paths[0]!r} has no eos_token, and neither model's "
+        "generation_config.json nor config.json names an eos_token_id: set eos_token in tokenizer_config.json"
+    )
 
 
 def load_causal_lm(cfg: ModelConfig, ds_config: dict):
