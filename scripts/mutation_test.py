@@ -69,6 +69,7 @@ TESTS = [
     "tests/test_bad_inputs.py",
     "tests/test_config_checks.py",
     "tests/test_config_docs.py",
+    "tests/test_exact_refusals.py",
 ]
 # Left out: the Triton interpreter's cases (minutes per mutant; the torch backend's cases check the same
 # contract code) and the rehearsals (launches, whose child processes mutmut cannot see into).

@@ -708,7 +708,8 @@ def test_load_config_without_a_file_resolves_against_the_working_directory(tmp_p
 def test_load_config_of_a_missing_file_or_a_folder_is_refused(tmp_path, name):
     (tmp_path / "folder").mkdir()
     path = tmp_path / name
-    assert refusal(load_config, path) == f"config file {str(path)!r} does not exist"
+    what = "does not exist" if name == "missing.yaml" else "is a folder: expected a YAML or JSON run config file"
+    assert refusal(load_config, path) == f"config file {str(path)!r} {what}"
 
 
 def test_load_config_reads_json_by_its_suffix(tmp_path):

@@ -325,6 +325,10 @@ def parse_file(path: Path):
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        position = getattr(exc, "position", None)  # a ReaderError (a character YAML does not allow): no mark
+        if mark is None and isinstance(position, int):
+            line = text.count("\n", 0, position) + 1
+            where = f"{path}:{line}:{position - (text.rfind(chr(10), 0, position) + 1) + 1}"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         context = getattr(exc, "context", None)
         raise ConfigError(f"{where}: YAML syntax error: {problem}{f' ({context})' if context else ''}") from exc
