@@ -380,3 +380,46 @@ def test_a_clean_generation_config_is_neutral_apart_from_temperature_and_top_p()
         SamplingConfig(max_new_tokens=99, temperature=0.0, top_p=0.5), 3, PAD, (EOS,)
     )
     assert (greedy.do_sample, greedy.temperature, greedy.top_p) == (False, 1.0, 1.0)
+
+
+def _tiny_gpt2(path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(11)
+    config = GPT2Config(vocab_size=len(TOK), n_positions=96, n_embd=32, n_layer=2, n_head=2, pad_token_id=PAD,
+                        eos_token_id=EOS, bos_token_id=BOS)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(path)
+
+
+@pytest.mark.parametrize("arch", ["ending_llama", "llama", "gpt2"])
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8), (0.0, 1.0)], ids=["t1", "t0.7_p0.8", "greedy"])
+def test_asking_whether_all_rows_ended_every_16_tokens_gives_the_tokens_of_asking_every_token(
+    tmp_path, arch, temperature, top_p
+):
+    """The decode loop asks the device whether every row has ended only every `check_every` tokens (16 on CUDA:
+    each question is a host sync that drains an eager decode's launch queue); finished rows are fed pads in
+    between and the trailing pad columns cut. Same seed: the same tokens, masks and width as asking every token,
+    with and without teacher prefixes (row budgets), for rows that end early (a model that often draws the end
+    token) and rows that run to their budget (rotary and absolute positions)."""
+    if arch == "ending_llama":
+        build_biased_llama(tmp_path / "m", TOK, {EOS: 1.0, SEMI: 0.5})
+    elif arch == "llama":
+        build_llama(tmp_path / "m", TOK, hidden=32, layers=2, heads=2, mlp=64, seed=11)
+    else:
+        _tiny_gpt2(tmp_path / "m")
+    lm = load(tmp_path / "m")
+    ps = prompts()
+    prefixes = [[], TOK("3")["input_ids"], [], TOK("7;4;1")["input_ids"], [], TOK("1;")["input_ids"] + [EOS], [], []]
+    sampling = SamplingConfig(max_new_tokens=40, temperature=temperature, top_p=top_p)
+    runs = {}
+    for every in (1, 16, 5):
+        torch.manual_seed(4)
+        runs[every] = rollout.sample(engine_for(lm, check_every=every), ps, prefixes, sampling, "cpu")
+    for every in (16, 5):
+        for field in ("input_ids", "attention_mask", "sampled", "prefix"):
+            assert torch.equal(getattr(runs[every], field), getattr(runs[1], field)), (every, field)
+    lengths = runs[1].sampled.sum(1).tolist()
+    if arch == "ending_llama" and temperature > 0:  # rows end at different points, between the checks
+        assert len(set(lengths)) > 3 and max(lengths) < 40, lengths
+    with pytest.raises(ValueError, match=r"check_every=0: expected None or a number of tokens >= 1"):
+        engine_for(lm, check_every=0)

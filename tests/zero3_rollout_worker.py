@@ -50,6 +50,12 @@ def one_run(model_dir: str, gather: bool, rank: int, world: int) -> dict:
     tokens = rollout.sample(ro, prompts, [[]] * MB, SamplingConfig(max_new_tokens=NEW), torch.device("cpu"))
     after = hooks()
     offload.pre_sub_module_forward_function = original
+    # the same draws when the loop asks whether every row ended only every 5 tokens (on 2 ranks decoding
+    # layer by layer, the ranks agree at each check)
+    sparse = rollout.GenerateRollout(engine, tok.pad_token_id, ro.end_ids, gather=gather, check_every=5)
+    torch.manual_seed(100 + rank)
+    checked = rollout.sample(sparse, prompts, [[]] * MB, SamplingConfig(max_new_tokens=NEW), torch.device("cpu"))
+    same_every_5 = all(torch.equal(getattr(checked, f), getattr(tokens, f)) for f in ("input_ids", "attention_mask"))
     targets = tokens.input_ids[:, 1:][tokens.sampled]
     teacher = tk.teacher_topk(
         torch.randn(len(targets), len(tok), generator=torch.Generator().manual_seed(rank)) * 2, targets, 4
@@ -72,6 +78,7 @@ def one_run(model_dir: str, gather: bool, rank: int, world: int) -> dict:
         "hooks_restored": before == after,
         "hooks": sum(len(pre) + len(post) for _, pre, post in before),
         "hook_calls_while_generating": len(calls),
+        "same_when_checked_every_5_tokens": same_every_5,
         "params": params,
     }
 
@@ -114,6 +121,7 @@ def main(model_dir: str, plain_dir: str, out: str) -> None:
                     "hooks_restored",
                     "hooks",
                     "hook_calls_while_generating",
+                    "same_when_checked_every_5_tokens",
                 )
             }
             for k, v in runs.items()

@@ -197,9 +197,21 @@ class GenerateRollout(RolloutEngine):
 
     name = "generate"
 
-    def __init__(self, engine, pad_id: int, end_ids, gather: bool, micro_batch: int = 0, vocab: int | None = None):
+    def __init__(
+        self,
+        engine,
+        pad_id: int,
+        end_ids,
+        gather: bool,
+        micro_batch: int = 0,
+        vocab: int | None = None,
+        check_every: int | None = None,
+    ):
         self.engine, self.pad_id, self.end_ids = engine, pad_id, tuple(end_ids)
         self.gather, self.micro_batch = gather, micro_batch
+        if check_every is not None and (isinstance(check_every, bool) or int(check_every) < 1):
+            raise ValueError(f"check_every={check_every!r}: expected None or a number of tokens >= 1")
+        self.check_every = check_every
         module = getattr(engine, "module", engine)
         self.lm = getattr(module, "lm", module)  # tropd-ds wraps the causal LM; plain modules work too
         self.vocab = vocab if vocab is not None else getattr(module, "n_tokens", None)
@@ -247,13 +259,19 @@ class GenerateRollout(RolloutEngine):
         """Sampling with the model's KV cache: one forward for the prompts, then one per token, drawing
         from softmax(logits / T) (argmax at T = 0) with torch.multinomial on the float32 logits, as
         transformers' `generate` does, without its logits processors and per-token bookkeeping. Left
-        padding is positioned by the attention mask. A row is done at an end token or its budget; the
-        loop ends when every row is (layer by layer on several ranks, when every rank's rows are: each
-        forward is then a ZeRO-3 collective, so a finished rank keeps feeding pads until all have finished)."""
+        padding is positioned by the attention mask. A row is done at an end token or its budget.
+
+        Whether every row is done is asked of the device only every `check_every` tokens (default 16 on
+        CUDA, where each such question drains the launch queue of an eager decode, and 1 elsewhere, where it
+        costs nothing): in between, finished rows are fed pads, and the columns after the last row ended are
+        cut off, so the tokens and the width are those of a loop that asks every token. On several ranks
+        decoding layer by layer each forward is a ZeRO-3 collective: the ranks agree at each check, and a rank
+        whose rows are done keeps feeding pads (drawing nothing) until all are."""
         from transformers import DynamicCache
 
         rows = ids.shape[0]
         end = torch.as_tensor(self.end_ids, device=ids.device)
+        every = self.check_every or (16 if ids.device.type == "cuda" else 1)
         cache = DynamicCache(config=self.lm.config)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache_kw = {self.cache_keyword: cache}
@@ -261,7 +279,10 @@ class GenerateRollout(RolloutEngine):
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kw
         )
         done = budgets <= 0
-        busy = not bool(done.all())  # this rank still has a row to decode (one device sync per token)
+        limit = int(budgets.max()) if rows else 0  # no row decodes past its budget: the loop's last token
+        if self.synced:
+            limit = int(collectives.all_reduce([float(limit)], op="max")[0])
+        busy = not bool(done.all())  # this rank still has a row to decode
         generated = []
         while True:
             if not busy:  # only keeping other ranks company: draw nothing, so the RNG is as unsynced
@@ -278,17 +299,24 @@ class GenerateRollout(RolloutEngine):
                 token = torch.where(done, self.pad_id, token)
             generated.append(token)
             done = done | torch.isin(token, end) | (budgets <= len(generated))
-            busy = not bool(done.all())
-            if not (
-                collectives.all_reduce([float(busy)], op="max")[0] > 0 if self.synced else busy
-            ):  # once per token on every rank
+            if len(generated) >= limit:  # every row's budget is spent: known on the host, no question asked
                 break
+            if len(generated) % every == 0:
+                busy = not bool(done.all())  # the device is asked (a sync), every `every` tokens
+                if not (collectives.all_reduce([float(busy)], op="max")[0] > 0 if self.synced else busy):
+                    break
             mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
             positions = positions[:, -1:] + 1
             out = self.lm(
                 input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **cache_kw
             )
-        return torch.cat([ids, torch.stack(generated, 1)], 1)
+        new = torch.stack(generated, 1)
+        if every > 1:  # the pad columns after the last row ended (on every rank, when ranks decode together)
+            used = int(response_keep(new, self.end_ids, budgets).sum(1).max()) if rows else 0
+            if self.synced:
+                used = int(collectives.all_reduce([float(used)], op="max")[0])
+            new = new[:, : max(1, used)]
+        return torch.cat([ids, new], 1)
 
     def sync_weights(self, step: int) -> None:  # noqa: ARG002  (the rollout uses the training weights in place)
         return None
