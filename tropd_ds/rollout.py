@@ -45,13 +45,35 @@ class RolloutTokens:
     def __post_init__(self):
         self.targets = self.sampled | self.prefix
 
-    def rows(self, start: int, count: int) -> RolloutTokens:
-        """Rows start .. start + count - 1 (a micro-batch)."""
+    def rows(self, start: int, count: int, trim: bool = True) -> RolloutTokens:
+        """Rows start .. start + count - 1 (a micro-batch), without the columns that are padding in every one
+        of them (`trim`)."""
         sl = slice(start, start + count)
-        return RolloutTokens(self.input_ids[sl], self.attention_mask[sl], self.sampled[sl], self.prefix[sl])
+        part = RolloutTokens(self.input_ids[sl], self.attention_mask[sl], self.sampled[sl], self.prefix[sl])
+        return part.trimmed() if trim else part
 
-    def micro_batches(self, size: int) -> list[RolloutTokens]:
-        return [self.rows(start, size) for start in range(0, self.input_ids.shape[0], size)]
+    def select(self, order: torch.Tensor) -> RolloutTokens:
+        """These rows in another order (`order`: row indices)."""
+        return RolloutTokens(self.input_ids[order], self.attention_mask[order], self.sampled[order], self.prefix[order])
+
+    def trimmed(self) -> RolloutTokens:
+        """Without the leading and trailing columns that are padding in every row: a forward over them costs
+        as much as over real tokens and changes nothing (positions come from the attention mask, left padding
+        takes none; a target needs an attended position). One host sync."""
+        used = self.attention_mask.any(0)
+        if bool(used.all()):
+            return self
+        columns = used.nonzero().flatten().tolist()
+        first, last = columns[0], columns[-1]
+        return RolloutTokens(
+            self.input_ids[:, first : last + 1],
+            self.attention_mask[:, first : last + 1],
+            self.sampled[:, first:last],
+            self.prefix[:, first:last],
+        )
+
+    def micro_batches(self, size: int, trim: bool = True) -> list[RolloutTokens]:
+        return [self.rows(start, size, trim) for start in range(0, self.input_ids.shape[0], size)]
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,22 +48,35 @@ def score(
     micro_batch: int,
     student_micro_batch: int,
     gather: bool = False,
+    trim: bool = True,
 ) -> list[tk.TeacherTopK]:
     """The teacher's TeacherTopK (top `options.k`) of every response target, run `micro_batch` rollouts at a
     time and returned per student micro-batch of `student_micro_batch` rollouts (in row order), as the update
     consumes it.
 
     `gather`: the whole teacher is gathered once for all micro-batches and run without ZeRO-3's
-    per-module hooks (teacher.gather_params); otherwise ZeRO-3 gathers it layer by layer."""
+    per-module hooks (teacher.gather_params); otherwise ZeRO-3 gathers it layer by layer. The teacher's
+    micro-batches group rollouts of like length and, with `trim`, leave out the columns that are padding in
+    every row of one (`trim=False`: every micro-batch at the full width, in row order, for comparisons)."""
+    n = tokens.input_ids.shape[0]
+    # rollouts of like length share a teacher micro-batch (fewer pad columns to score); the teacher's results
+    # do not depend on the company a row keeps, so this changes nothing but the time
+    grouped = trim and micro_batch < n
+    order = torch.argsort(tokens.attention_mask.sum(1), descending=True, stable=True) if grouped else None
+    ordered = tokens.select(order) if grouped else tokens
     parts = []
     whole = hook_free_gathered(teacher) if gather and zero3_offload(teacher) is not None else contextlib.nullcontext()
     with whole:
-        for rows in tokens.micro_batches(micro_batch):
+        for rows in ordered.micro_batches(micro_batch, trim):
             parts.append(
                 teacher(rows.input_ids, rows.attention_mask, rows.targets, options.k, options.kernel.temperature)
             )
-    if micro_batch == student_micro_batch:
+    if micro_batch == student_micro_batch and not grouped:
         return parts
     joined = [torch.cat(field) for field in zip(*parts)]
-    counts = [int(rows.targets.sum()) for rows in tokens.micro_batches(student_micro_batch)]
+    if grouped:  # back to the rollouts' own order, row by row
+        per_row = [torch.split(t, ordered.targets.sum(1).tolist()) for t in joined]
+        back = torch.argsort(order).tolist()
+        joined = [torch.cat([rows[i] for i in back]) for rows in per_row]
+    counts = [int(rows.targets.sum()) for rows in tokens.micro_batches(student_micro_batch, trim=False)]
     return [tk.TeacherTopK(*fields) for fields in zip(*(torch.split(t, counts) for t in joined))]
