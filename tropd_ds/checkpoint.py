@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -446,7 +447,7 @@ def _process_start(pid: int) -> float | None:
 
     try:
         return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, ValueError):  # ValueError: pid <= 0
         return None
 
 
@@ -477,19 +478,22 @@ def take_lock(root: Path, log=print) -> None:
             return
         try:
             text = lock.read_text()
-            owner = json.loads(text)
+            if not text:  # a claimant between its O_EXCL create and its write: read again once it has written
+                time.sleep(0.2)
+                text = lock.read_text()
+            owner = json.loads(text)  # still empty: a claimant that died mid-write, a stale lock
         except FileNotFoundError:
             continue  # released between our attempt and our read: try again
         except (OSError, ValueError):
-            text, owner = None, {}
+            owner = {}
         if not isinstance(owner, dict):
             owner = {}
         if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
             return  # this process holds it already
         started = _process_start(int(owner.get("pid", -1)))  # None once that process has ended
         same_process = started is not None and abs(started - float(owner.get("started") or 0)) < 1.0
-        alive = owner.get("host") != me["host"] or same_process
-        if alive and text is not None:
+        alive = bool(owner) and (owner.get("host") != me["host"] or same_process)  # unreadable: stale
+        if alive:
             where = "on this machine" if owner.get("host") == me["host"] else f"on host {owner.get('host')!r}"
             raise ConfigError(
                 f"checkpoint.dir={str(root)!r} is in use by another run (pid {owner.get('pid')} {where}; {lock}): two "
