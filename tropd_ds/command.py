@@ -4,6 +4,7 @@ the run config, and the pre-flight checks, or the dry run."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -47,10 +48,32 @@ def parse_args(argv=None):
     ap.add_argument(
         "--world-size", type=int, default=None, help="ranks the dry run plans for (default: WORLD_SIZE, or 1)"
     )
-    ap.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU for the dry run's memory plan")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=local_rank, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    ap.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU for the dry run's memory plan (80)")
+    ap.add_argument("--local_rank", "--local-rank", type=str, default=None, help=argparse.SUPPRESS)  # the launcher's
+    args = ap.parse_args(argv)
+    args.gpu_mem_given = args.gpu_mem is not None
+    if args.gpu_mem is None:
+        args.gpu_mem = 80.0
+    return args
+
+
+def launch_environment() -> tuple[int, int]:
+    """WORLD_SIZE and RANK as the launcher set them (1 and 0 without one), checked."""
+    values = {}
+    for name, default, low in (("WORLD_SIZE", "1", 1), ("RANK", "0", 0), ("LOCAL_RANK", "0", 0)):
+        text = os.environ.get(name, default)
+        try:
+            values[name] = int(text)
+        except ValueError:
+            values[name] = None
+        if values[name] is None or values[name] < low:
+            raise ConfigError(
+                f"the environment variable {name}={text!r}: expected an integer >= {low} (a launcher sets it; unset it "
+                "to run one process)"
+            )
+    if values["RANK"] >= values["WORLD_SIZE"]:
+        raise ConfigError(f"RANK={values['RANK']} with WORLD_SIZE={values['WORLD_SIZE']}: expected RANK < WORLD_SIZE")
+    return values["WORLD_SIZE"], values["RANK"]
 
 
 def prepare(argv=None) -> tuple[RunConfig, Prepared] | int:
@@ -63,19 +86,25 @@ def prepare(argv=None) -> tuple[RunConfig, Prepared] | int:
                 "no --config given: pass a run config (configs/demo.yaml is one; `tropd-ds config --list` lists every "
                 "field), or give every setting with --set"
             )
+        world, rank = launch_environment()
+        if not args.dry_run and (args.world_size is not None or args.gpu_mem_given):
+            flag = "--world-size" if args.world_size is not None else "--gpu-mem"
+            raise ConfigError(f"{flag} applies to --dry-run only: a run takes its ranks from the launcher")
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             from .dry_run import dry_run
 
-            world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+            world = args.world_size if args.world_size is not None else world
             if world < 1:
                 raise ConfigError(f"--world-size={world}: expected an integer >= 1")
+            if not math.isfinite(args.gpu_mem) or args.gpu_mem <= 0:
+                raise ConfigError(f"--gpu-mem={args.gpu_mem}: expected GiB per GPU, a number > 0")
             for line in dry_run(cfg, world, args.gpu_mem):
                 print(line, flush=True)
             return 0
-        prepared = validate_before_engines(cfg)
+        prepared = validate_before_engines(cfg, world)
         # the checkpoint folder is this run's, not locked by another, and every output folder is writable
-        checkpoint.claim(cfg, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), _log)
+        checkpoint.claim(cfg, world, rank, _log)
         return cfg, prepared
     except ConfigError as exc:
         print(f"tropd-ds: configuration error: {exc}", file=sys.stderr)

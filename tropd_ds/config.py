@@ -289,6 +289,11 @@ def _build(cls, data: dict, prefix: str):
     kwargs = {}
     for key, value in data.items():
         where = f"{prefix}{key}"
+        if not isinstance(key, str):
+            raise ConfigError(
+                f"config key {key!r} ({type(key).__name__}) in {prefix.removesuffix('.') or 'the top level'}: expected "
+                f"a name, one of {', '.join(names)}"
+            )
         if key not in names:
             raise ConfigError(f"unknown config key {where!r}{_suggest(key, names)}")
         tp = hints[key]
@@ -312,6 +317,41 @@ def _parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def _unique_json_keys(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(f"the key {key!r} appears twice in one object: the second would silently win")
+        seen[key] = value
+    return seen
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    keys = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden, that is its use
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in keys:
+            mark = key_node.start_mark
+            raise DuplicateKey(
+                f"line {mark.line + 1}: the key {key!r} appears twice in one mapping: the second would silently win"
+            )
+        keys.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
 def parse_file(path: Path):
     """A YAML or JSON file's content; a syntax error names the file, line and column."""
     try:
@@ -319,7 +359,13 @@ def parse_file(path: Path):
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from exc
     try:
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return (
+            json.loads(text, object_pairs_hook=_unique_json_keys)
+            if path.suffix == ".json"
+            else yaml.load(text, Loader=_UniqueKeyLoader)
+        )
+    except DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: JSON syntax error: {exc.msg}") from exc
     except yaml.YAMLError as exc:
@@ -340,11 +386,20 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     base = Path.cwd()
     if path is not None:
         path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"config file {str(path)!r} is a folder: expected a YAML or JSON run config file")
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = parse_file(path) or {}
+        try:
+            if path.is_dir():
+                raise ConfigError(f"config file {str(path)!r} is a folder: expected a YAML or JSON run config file")
+            if path.exists() and not path.is_file():
+                raise ConfigError(f"config file {str(path)!r} is not a regular file (a pipe or a device?)")
+            if not path.is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+        except OSError as exc:  # a name too long, a loop of links
+            raise ConfigError(f"config file {str(path)!r} cannot be used: {exc.strerror or exc}") from exc
+        data = parse_file(path)
+        if data is None:  # an empty file
+            data = {}
+        if not isinstance(data, dict):
+            _build(RunConfig, data, "")  # the refusal of a config that is not a mapping
         base = path.resolve().parent
     for item in overrides:
         keys, value = _parse_override(item)
@@ -353,13 +408,25 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {k!r} is not a section")
-        node[keys[-1]] = value
+        if len(keys) == 1 and isinstance(value, dict) and isinstance(node.get(keys[0]), dict):
+            node[keys[0]] = {**node[keys[0]], **value}  # `--set optim={lr: 2e-3}` sets those keys of the section
+        else:
+            node[keys[-1]] = value
     cfg = _build(RunConfig, data, "")
     for section, name in PATH_FIELDS:
         sub = getattr(cfg, section)
         value = getattr(sub, name)
+        if value.startswith("~"):  # the user's home folder, as a shell would read it
+            value = os.path.expanduser(value)
+            setattr(sub, name, value)
         if value and not Path(value).is_absolute() and not ((section, name) in HUB_FIELDS and is_hub_id(value, base)):
             setattr(sub, name, str((base / value).resolve()))
+    for section, name in PATH_FIELDS:
+        value = getattr(getattr(cfg, section), name)
+        if value and any(len(part.encode()) > 255 for part in Path(value).parts):
+            raise ConfigError(
+                f"{section}.{name}={value!r}: a part of the path is longer than 255 bytes (a file name's limit)"
+            )
     for (section, name), (lo, lo_in, hi, hi_in) in RANGES.items():
         value = getattr(getattr(cfg, section), name)
         bad = (
