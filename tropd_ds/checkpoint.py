@@ -486,13 +486,16 @@ def take_lock(root: Path, log=print) -> None:
             continue  # released between our attempt and our read: try again
         except (OSError, ValueError):
             owner = {}
-        if not isinstance(owner, dict):
-            owner = {}
+        if not isinstance(owner, dict) or not owner:
+            raise ConfigError(
+                f"checkpoint.dir={str(root)!r}: its lock {lock} is empty or unreadable (a run that died while taking "
+                "it, or one taking it now): if no run is using this folder, delete the file and start again"
+            )
         if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
             return  # this process holds it already
         started = _process_start(int(owner.get("pid", -1)))  # None once that process has ended
         same_process = started is not None and abs(started - float(owner.get("started") or 0)) < 1.0
-        alive = bool(owner) and (owner.get("host") != me["host"] or same_process)  # unreadable: stale
+        alive = owner.get("host") != me["host"] or same_process
         if alive:
             where = "on this machine" if owner.get("host") == me["host"] else f"on host {owner.get('host')!r}"
             raise ConfigError(
@@ -631,6 +634,16 @@ def claim(cfg: RunConfig, world: int, rank: int, log=print) -> None:
         changed = safe_changes(old, new)
         if changed and rank == 0:
             log(f"resuming with settings changed that a resume may change: {'; '.join(changed)}")
+    logs = Path(cfg.logging.dir)
+    for path in (root / IDENTITY, root / LOCK, logs / OWNER, Path(cfg.checkpoint.export_dir) / OWNER,
+                 logs / f"{RESOLVED_CONFIG}.json", logs / "metrics.jsonl"):  # fmt: skip
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{path} is a folder: the run writes a file of that name there; move the folder away")
+    if (logs / "metrics.jsonl").is_file() and not (logs / OWNER).is_file() and not found:
+        raise ConfigError(
+            f"logging.dir={str(logs)!r} holds a metrics.jsonl that no tropd-ds run of these checkpoints wrote (no "
+            f"{OWNER}): the run would append its records to it. Choose another logging.dir or move the file"
+        )
     own = (root, Path(cfg.logging.dir))  # this run's own folders may lie inside its export folder
     check_export_target(cfg.checkpoint.export_dir, cfg.checkpoint.overwrite, "checkpoint.export_dir", own)
     outputs = (("logging.dir", Path(cfg.logging.dir)), ("checkpoint.export_dir", Path(cfg.checkpoint.export_dir)))
@@ -654,6 +667,11 @@ def claim(cfg: RunConfig, world: int, rank: int, log=print) -> None:
 
 def check_writable(folder: Path, key: str) -> None:
     """`folder` exists or can be made, and a file can be written there (found now, not at the first save)."""
+    if folder.is_symlink() and not folder.exists():
+        raise ConfigError(
+            f"{key}={str(folder)!r} is a link to {os.readlink(folder)!r}, which does not resolve to a folder (it does "
+            "not exist, or the link points at itself): expected a folder"
+        )
     probe_root = folder
     while not probe_root.exists() and probe_root != probe_root.parent:
         probe_root = probe_root.parent
@@ -667,6 +685,8 @@ def check_export_target(out: str, force: bool, what: str = "--out", own: tuple[P
     """An export goes into a new or empty folder, or replaces an earlier export; anything else needs force.
     The run's `own` folders (checkpoints, logs) and its owner file may lie inside it."""
     path = Path(out)
+    if any(len(part.encode()) > 255 for part in path.parts):
+        raise ConfigError(f"{what}={out!r}: a part of the path is too long (over 255 bytes, a file name's limit)")
     if path.is_symlink() and not path.exists():
         raise ConfigError(f"{what}={out!r} is a link to {os.readlink(path)!r}, which does not exist: expected a folder")
     if path.exists() and not path.is_dir():
@@ -737,6 +757,8 @@ def export_from_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     named = tag is not None
+    if named and not tag.strip():
+        raise ConfigError("--tag is empty: expected a checkpoint tag such as step200, or no --tag for the newest")
     for _ in range(3):  # a running run's rotation (checkpoint.keep_last) may delete the newest under us
         if not named:
             found = complete_checkpoints(ckpt_dir)

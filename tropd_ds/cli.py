@@ -82,6 +82,20 @@ def _eval(argv) -> int:
     for flag, path in (("--out", args.out), ("--records", args.records)):
         if path and Path(path).is_dir():
             problems.append(f"{flag}={path!r} is a folder: expected a file")
+        elif path:
+            parent = Path(path).parent
+            while not parent.exists() and parent != parent.parent:
+                parent = parent.parent
+            if not parent.is_dir():
+                problems.append(f"{flag}={path!r} lies under {str(parent)!r}, which is a file: expected a folder there")
+            elif flag == "--out" and not Path(path).parent.exists():  # --records makes its folders
+                problems.append(f"{flag}={path!r}: the folder {str(Path(path).parent)!r} does not exist; make it first")
+    outputs = {flag: path for flag, path in (("--out", args.out), ("--records", args.records)) if path}
+    if len(outputs) == 2 and Path(args.out).resolve() == Path(args.records).resolve():
+        problems.append(f"--out and --records are the same file ({args.out!r}): the records would overwrite the result")
+    for flag, path in outputs.items():
+        if Path(path).resolve() == Path(args.data).resolve():
+            problems.append(f"{flag}={path!r} is the --data file: it would be written over; choose another file")
     try:
         template_kwargs = json.loads(args.chat_template_kwargs)
         if not isinstance(template_kwargs, dict):
@@ -100,7 +114,7 @@ def _eval(argv) -> int:
     import torch
 
     from .config import ConfigError, answer_pattern
-    from .data import Columns, check_rows, check_template_kwargs, load_rows, prompt_ids
+    from .data import Columns, answer_text, check_rows, check_template_kwargs, load_rows, prompt_ids
     from .evaluation import (
         avg_at_n,
         extract_answer,
@@ -117,7 +131,9 @@ def _eval(argv) -> int:
                 f"{args.model!r} is not a model folder (no config.json) nor a PEFT adapter (no adapter_config.json)"
             )
         refuse_incomplete_export(args.model)
-        columns = Columns(prompt=args.prompt_column, answer=args.answer_column, messages=args.messages_column)
+        columns = Columns(
+            prompt=args.prompt_column, answer=args.answer_column, messages=args.messages_column, flags=True
+        )
         rows = load_rows(args.data, args.split, "--data", columns, "--split")
         if "answer" not in rows.column_names:
             raise ConfigError(
@@ -148,6 +164,19 @@ def _eval(argv) -> int:
         return 2
     for line in warnings:
         print(f"tropd-ds eval: {line}", file=sys.stderr)
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(base or args.model)
+    text_config = getattr(model_config, "text_config", None) or model_config
+    positions = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    longest = max(len(prompt_ids(tok, rows[i]["prompt"], args.chat_template, template_kwargs)) for i in range(n))
+    if positions and longest + args.max_new_tokens > positions:
+        print(
+            f"tropd-ds eval: the longest prompt ({longest} tokens) plus --max-new-tokens={args.max_new_tokens} exceeds "
+            f"the model's {positions} positions (max_position_embeddings): lower --max-new-tokens or --max-prompts",
+            file=sys.stderr,
+        )
+        return 2
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)  # auto: as saved (config.json dtype)
     model = AutoModelForCausalLM.from_pretrained(base or args.model, dtype=dtype, device_map={"": device})
     if base is not None:  # the adapter on its base, merged for generation
@@ -181,7 +210,7 @@ def _eval(argv) -> int:
             verdicts = [is_correct(t, row["answer"], checker, pattern) for t in completions]
             prompt = row["prompt"]
             records.append(
-                {"index": start + i, "prompt": prompt, "answer": str(row["answer"]), "completions": completions,
+                {"index": start + i, "prompt": prompt, "answer": answer_text(row["answer"]), "completions": completions,
                  "correct": verdicts}
             )  # fmt: skip
     accuracy, stderr = avg_at_n([sum(r["correct"]) / len(r["correct"]) for r in records])
@@ -344,6 +373,10 @@ def _config(argv) -> int:
     args = ap.parse_args(argv)
     from .config import ConfigError, describe_fields, load_config, to_dict
 
+    if args.list and (args.config is not None or args.overrides):
+        print("tropd-ds config: --list describes every field and takes no --config or --set (use --dump for a "
+              "resolved config)", file=sys.stderr)  # fmt: skip
+        return 2
     if args.list:
         fields = describe_fields()
         if args.json:
@@ -373,9 +406,13 @@ COMMANDS = ("train", "plan", "eval", "export", "config")
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"tropd-ds: unknown command {argv[0]!r}: expected one of {', '.join(COMMANDS)} (tropd-ds --help)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     command, rest = argv[0], argv[1:]
     if command == "train":
         from .train import main as train_main

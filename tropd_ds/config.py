@@ -291,8 +291,8 @@ def _build(cls, data: dict, prefix: str):
         where = f"{prefix}{key}"
         if not isinstance(key, str):
             raise ConfigError(
-                f"config key {key!r} ({type(key).__name__}) in {prefix.removesuffix('.') or 'the top level'}: expected "
-                f"a name, one of {', '.join(names)}"
+                f"unknown config key {key!r} ({type(key).__name__}) in {prefix.removesuffix('.') or 'the top level'}: "
+                f"expected a name, one of {', '.join(names)}"
             )
         if key not in names:
             raise ConfigError(f"unknown config key {where!r}{_suggest(key, names)}")
@@ -425,7 +425,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         value = getattr(getattr(cfg, section), name)
         if value and any(len(part.encode()) > 255 for part in Path(value).parts):
             raise ConfigError(
-                f"{section}.{name}={value!r}: a part of the path is longer than 255 bytes (a file name's limit)"
+                f"{section}.{name}={value!r}: a part of the path is too long (over 255 bytes, a file name's limit)"
             )
     for (section, name), (lo, lo_in, hi, hi_in) in RANGES.items():
         value = getattr(getattr(cfg, section), name)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,9 @@ class Columns:
     answer: str = "answer"
     teacher_response: str = "teacher_response"
     messages: str = "messages"
+    # how messages name the setting of each column: False, the run config's (data.prompt_column); True, the
+    # command-line flags of `tropd-ds eval` (--prompt-column)
+    flags: bool = False
 
     @classmethod
     def of(cls, data_cfg) -> Columns:
@@ -33,6 +39,10 @@ class Columns:
     def source(self, canonical: str) -> str:
         """The data set's own name of a canonical column (what messages about its rows call it)."""
         return getattr(self, canonical)
+
+    def setting(self, canonical: str) -> str:
+        """The name of the setting that chooses a canonical column: data.prompt_column, or --prompt-column."""
+        return f"--{canonical.replace('_', '-')}-column" if self.flags else f"data.{canonical}_column"
 
 
 def load_rows(
@@ -76,9 +86,16 @@ def load_rows(
             raise ConfigError(f"{what}={path!r} is empty: expected at least one row with a 'prompt'")
         if builder in ("json", "csv"):
             check_utf8(p, what)
+        options = {}
+        if builder == "csv":  # every cell as text: a response "3" stays "3", not the int 3
+            options["features"] = csv_text_features(p)
         try:
-            ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+            with quiet_builders():
+                ds = datasets.load_dataset(builder, data_files=str(p), split="train", **options)
         except Exception as exc:  # datasets raises many kinds of errors for unreadable files
+            where = json_syntax_error(p) if builder == "json" else None
+            if where:
+                raise ConfigError(f"{what}={path!r} {where}") from None
             raise ConfigError(f"{what}={path!r} could not be read as {builder}: {type(exc).__name__}: {exc}") from exc
     elif looks_like_hub_id(path) and not p.exists():
         ds = load_hub_dataset(path, split, what)
@@ -97,7 +114,129 @@ def load_rows(
         ds = ds[split]
     if len(ds) == 0:
         raise ConfigError(f"{what}={path!r} has no rows: expected at least one prompt")
-    return canonical_columns(ds, columns or Columns(), f"{what}={path!r}")
+    columns = columns or Columns()
+    ds = canonical_columns(ds, columns, f"{what}={path!r}")
+    return answers_as_text(ds, p if p.is_file() and BUILDERS.get(p.suffix) == "json" else None, what, columns)
+
+
+@contextlib.contextmanager
+def quiet_builders():
+    """datasets' file builders without their error log ("Failed to load JSON from file ... row 1"): a file they
+    cannot read becomes one ConfigError that says where and why."""
+    logger = logging.getLogger("datasets.packaged_modules")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def answer_text(value) -> str:
+    """A reference answer as text: a number as it is written, 3 and not 3.0 (`datasets` reads a column that
+    mixes 3 and 4.5 as floats)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return str(value)
+
+
+def answers_as_text(ds, json_file: Path | None, what: str, columns: Columns):
+    """`ds` with a float answer column as text (see answer_text). A NaN or infinite answer is refused by row;
+    an integer past float64's 53 bits (a 30-digit answer) is read again, exactly, from `json_file`, and
+    refused where there is none (its digits are lost: quote answers as strings)."""
+    import datasets
+
+    feature = ds.features.get("answer")
+    if not (isinstance(feature, datasets.Value) and feature.dtype.startswith("float")):
+        return ds
+    values = ds["answer"]
+    name = columns.source("answer")
+    lossy = None
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        if not math.isfinite(v):
+            raise ConfigError(f"{what} row {i}: {name}={v!r} (float): expected a finite number or a string")
+        if lossy is None and v.is_integer() and abs(v) >= 2**53:
+            lossy = i
+    texts = [None if v is None else answer_text(v) for v in values]
+    if lossy is not None:
+        exact = json_answers(json_file, name, len(values)) if json_file is not None else None
+        if exact is None:
+            raise ConfigError(
+                f"{what} row {lossy}: {name}={values[lossy]!r}: an integer too large for a float64, its digits are "
+                'lost when read as a number: write the answers as strings ("123456789012345678901234567890")'
+            )
+        texts = [None if v is None else answer_text(v) for v in exact]
+    return ds.remove_columns("answer").add_column("answer", texts, feature=datasets.Value("string"))
+
+
+def json_answers(path: Path, key: str, rows: int) -> list | None:
+    """The `key` of every row of a JSON Lines file, or of a JSON file holding a list of rows, as Python's json
+    reads it (integers exact); None when the file's rows do not line up with the `rows` datasets read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    if isinstance(records, dict):  # one row
+        records = [records]
+    if not isinstance(records, list) or len(records) != rows or not all(isinstance(r, dict) for r in records):
+        return None
+    return [r.get(key) for r in records]
+
+
+def json_syntax_error(path: Path) -> str | None:
+    """Where a JSON / JSON Lines file that datasets could not read breaks: its first line that is not JSON
+    (the line, column and json's reason), or None when every line reads. Only called after datasets failed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    if path.suffix == ".json":  # one document, unless its first line is a whole row (JSON Lines in a .json file)
+        try:
+            json.loads(first)
+            one_document = False
+        except json.JSONDecodeError:
+            one_document = True
+        if one_document:
+            try:
+                json.loads(text)
+                return None
+            except json.JSONDecodeError as exc:
+                return f"line {exc.lineno} (column {exc.colno}) is not JSON: {exc.msg}: expected a JSON list of rows"
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as exc:
+            shown = line if len(line) <= 80 else line[:77] + "..."
+            return (
+                f"line {number} (column {exc.colno}) is not JSON: {exc.msg} in {shown!r}: expected one JSON object "
+                "per line"
+            )
+    return None
+
+
+def csv_text_features(path: Path):
+    """`datasets` features reading every column of a CSV file as text (None when pandas cannot read its header:
+    datasets then reports the problem)."""
+    import datasets
+    import pandas as pd
+
+    try:
+        names = list(pd.read_csv(path, nrows=0).columns)
+    except Exception:  # an unreadable header: load_dataset says why
+        return None
+    if not names or len(set(map(str, names))) != len(names):
+        return None
+    return datasets.Features({str(n): datasets.Value("string") for n in names})
 
 
 def check_utf8(path: Path, what: str) -> None:
@@ -144,8 +283,8 @@ def canonical_columns(ds, columns: Columns, what: str):
     names = ds.column_names
     if columns.prompt not in names and columns.messages not in names:
         raise ConfigError(
-            f"{what} has columns {names}: expected a prompt column {columns.prompt!r} (data.prompt_column) or a "
-            f"conversation column {columns.messages!r} (data.messages_column)"
+            f"{what} has columns {names}: expected a prompt column {columns.prompt!r} ({columns.setting('prompt')}) "
+            f"or a conversation column {columns.messages!r} ({columns.setting('messages')})"
         )
     # a column configured under another name that the data lacks is missing, even if one is called by the
     # canonical name (which the user chose not to use)
@@ -317,7 +456,7 @@ def encode_prompt(
     if response:
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     answer = row.get("answer")
-    return Prompt(index, ids, response_ids, None if answer is None else str(answer), truncated)
+    return Prompt(index, ids, response_ids, None if answer is None else answer_text(answer), truncated)
 
 
 class PromptStream:
@@ -455,7 +594,7 @@ def check_rows(
                     f"{what} row {i}: prompt is a list of chat messages but the tokenizer has no chat template: "
                     "use a tokenizer with one (tokenizer_config.json 'chat_template'), or plain string prompts"
                 )
-        elif not isinstance(prompt, str) or not prompt:
+        elif not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError(
                 f"{what} row {i}: {name('prompt')}={prompt!r} ({type(prompt).__name__}): expected a non-empty string "
                 "or a list of chat messages"
@@ -475,6 +614,10 @@ def check_rows(
         if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
             raise ConfigError(
                 f"{what} row {i}: {name('answer')}={answer!r} ({type(answer).__name__}): expected a string or a number"
+            )
+        if isinstance(answer, float) and not math.isfinite(answer):
+            raise ConfigError(
+                f"{what} row {i}: {name('answer')}={answer!r} (float): expected a finite number or a string"
             )
         if need_answer and (answer is None or str(answer).strip() == ""):
             raise ConfigError(

@@ -16,7 +16,7 @@ import torch
 
 from . import collectives
 from .config import answer_pattern
-from .data import encode_prompt
+from .data import answer_text, encode_prompt
 from .rollout import left_pad
 
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -52,7 +52,7 @@ def equivalent(answer: str, completion: str) -> bool:
     """math-verify's verdict: the completion's final answer equals the reference mathematically."""
     from math_verify import parse, verify
 
-    text = str(answer).strip()
+    text = answer_text(answer).strip()
     try:
         # a bare reference answer is read as LaTeX math: as plain text, "2(x+1)" would parse as just 2
         gold = parse(text if "$" in text or "\\boxed" in text else f"${text}$") or parse(text)
@@ -65,7 +65,7 @@ def is_correct(completion: str, answer: str, checker: str = "exact", pattern: re
     """Exact match of the extracted answer; with checker 'math_verify', math-verify for what it misses (on the
     whole completion, or on the pattern's answer alone when a pattern is given: no match, no credit)."""
     got = extract_answer(completion, pattern)
-    if got is not None and got == str(answer).strip().replace(",", ""):
+    if got is not None and got == answer_text(answer).strip().replace(",", ""):
         return True
     if checker != "math_verify":
         return False
@@ -105,7 +105,7 @@ def held_out_set(
     out = []
     for i in range(min(len(rows), max_prompts)):
         prompt = encode_prompt(tokenizer, rows[i], i, max_prompt_tokens, "truncate", chat_template, template_kwargs)
-        out.append({"index": i, "ids": prompt.ids, "answer": str(rows[i]["answer"])})
+        out.append({"index": i, "ids": prompt.ids, "answer": answer_text(rows[i]["answer"])})
     return out
 
 

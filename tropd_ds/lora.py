@@ -82,10 +82,24 @@ def check(student_path: str, lora: dict) -> int:
     from .extras import require
 
     require("peft", "student.lora")
-    settings(lora)
-    with torch.device("meta"):
+    r = settings(lora)["r"]
+    with torch.device("meta"):  # the adapters too: a huge r allocates nothing here
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_path))
-    adapted = apply(model, lora)
+        adapted = apply(model, lora)
+    shapes = {
+        name: tuple(module.base_layer.weight.shape)
+        for name, module in adapted.named_modules()
+        if hasattr(module, "lora_A") and getattr(module, "base_layer", None) is not None
+    }
+    if shapes:
+        smallest = min(shapes, key=lambda name: min(shapes[name]))
+        bound = min(shapes[smallest])
+        if r > bound:
+            raise ConfigError(
+                f"student.lora.r={r}: expected an integer in [1, {bound}], at most the smallest dimension of the "
+                f"weights it adapts ({smallest!r} is {' x '.join(map(str, shapes[smallest]))}): an adapter's rank "
+                "cannot exceed its weight's"
+            )
     return sum(p.numel() for p in adapted.parameters() if p.requires_grad)
 
 

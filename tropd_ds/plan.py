@@ -69,6 +69,30 @@ class Arch:
         return max(self.vocab * h, h * self.intermediate, h * q + (q if self.qkv_bias else 0))
 
 
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def read_model_config(path: Path) -> dict:
+    """A model's config.json as a dict, or a ValueError naming the file (and the line and column of a syntax
+    error)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"model config {str(path)!r} cannot be read: {exc}") from exc
+    try:
+        c = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"model config {str(path)!r} line {exc.lineno} column {exc.colno}: JSON syntax error: {exc.msg}"
+        ) from exc
+    if not isinstance(c, dict):
+        raise ValueError(
+            f"model config {str(path)!r} holds a {type(c).__name__}: expected a JSON object of the model's settings "
+            "(hidden_size, num_attention_heads, ...)"
+        )
+    return c
+
+
 def load_arch(spec: str) -> Arch:
     """A shipped name (see SHIPPED), a model folder, or a config.json path."""
     path = Path(spec)
@@ -77,7 +101,7 @@ def load_arch(spec: str) -> Arch:
     elif path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        c = json.loads(path.read_text())
+        c = read_model_config(path)
     elif spec.count("/") != 1 or spec.startswith((".", "/", "~")):
         raise ValueError(
             f"model {spec!r}: expected one of {', '.join(SHIPPED)}, a model folder, a config.json file or a hub id "
@@ -94,23 +118,39 @@ def load_arch(spec: str) -> Arch:
                 f"id ({exc})"
             ) from exc
     c = c.get("text_config", c)
-    missing = [
-        k
-        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-        if k not in c
-    ]
+    if not isinstance(c, dict):
+        raise ValueError(f"model config {str(path)!r}: text_config is a {type(c).__name__}: expected a JSON object")
+    missing = [k for k in SHAPE_KEYS if k not in c]
     if missing:
         raise ValueError(
             f"model config {str(path)!r} lacks {', '.join(missing)}: expected a decoder-only (Llama-family) config"
         )
+    for key in (*SHAPE_KEYS, "num_key_value_heads", "head_dim"):
+        value = c.get(key)
+        if key in SHAPE_KEYS or value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"model config {str(path)!r}: {key}={value!r} ({type(value).__name__}): expected a positive integer"
+                )
     heads = c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise ValueError(
+            f"model config {str(path)!r}: num_attention_heads={heads} is not a multiple of num_key_value_heads="
+            f"{kv_heads}: expected whole groups of query heads per key/value head"
+        )
+    if not c.get("head_dim") and c["hidden_size"] % heads:
+        raise ValueError(
+            f"model config {str(path)!r}: hidden_size={c['hidden_size']} is not a multiple of num_attention_heads="
+            f"{heads} and there is no head_dim: expected hidden_size divisible by the heads, or a head_dim"
+        )
     return Arch(
         name=spec if spec in SHIPPED else str(path.parent.name),
         hidden=c["hidden_size"],
         intermediate=c["intermediate_size"],
         layers=c["num_hidden_layers"],
         heads=heads,
-        kv_heads=c.get("num_key_value_heads") or heads,
+        kv_heads=kv_heads,
         head_dim=c.get("head_dim") or c["hidden_size"] // heads,
         vocab=c["vocab_size"],
         tied=bool(c.get("tie_word_embeddings", False)),
@@ -448,17 +488,48 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     }
 
 
+def ds_config_path(path: str, key: str) -> str:
+    """A DeepSpeed config path that names a readable file, or a ConfigError naming the setting."""
+    from .config import ConfigError
+
+    if not str(path).strip():
+        raise ConfigError(f"{key} is empty: expected a DeepSpeed JSON config file")
+    try:
+        p = Path(path)
+        if p.is_file():
+            return path
+        state = "is a folder" if p.is_dir() else "does not exist"
+    except OSError as exc:  # a name too long, a link loop ...
+        state = f"cannot be read ({exc.strerror or exc})"
+    raise ConfigError(f"{key}={str(path)!r} {state}: expected a DeepSpeed JSON config file")
+
+
+def ds_mapping(config: dict, key: str, where: str) -> dict:
+    """config[key] when it is a mapping ({} when absent), or a ConfigError naming the file and the key."""
+    from .config import ConfigError
+
+    value = config.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{where}: {key}={value!r} ({type(value).__name__}): expected a mapping (a JSON object) of its settings"
+        )
+    return value
+
+
 def workload_from_run_config(cfg) -> tuple[str, str, Workload]:
     """Student and teacher folders and the workload of a run config (tropd_ds.config.RunConfig)."""
     from .config import read_ds_config
     from .objectives import loss_fn
 
-    s_ds, t_ds = read_ds_config(cfg.student.ds_config), read_ds_config(cfg.teacher.ds_config)
-    s_zero, t_zero = s_ds.get("zero_optimization", {}), t_ds.get("zero_optimization", {})
-    opt_dev = s_zero.get("offload_optimizer", {}).get("device", "none")
-    par_dev = s_zero.get("offload_param", {}).get("device", "none")
+    s_ds = read_ds_config(ds_config_path(cfg.student.ds_config, "student.ds_config"))
+    t_ds = read_ds_config(ds_config_path(cfg.teacher.ds_config, "teacher.ds_config"))
+    s_zero = ds_mapping(s_ds, "zero_optimization", f"student.ds_config={cfg.student.ds_config!r}")
+    t_zero = ds_mapping(t_ds, "zero_optimization", f"teacher.ds_config={cfg.teacher.ds_config!r}")
+    s_where = f"student.ds_config={cfg.student.ds_config!r}: zero_optimization"
+    opt_dev = ds_mapping(s_zero, "offload_optimizer", s_where).get("device", "none")
+    par_dev = ds_mapping(s_zero, "offload_param", s_where).get("device", "none")
     student_offload = "none" if opt_dev == "none" else ("optimizer+params" if par_dev != "none" else "optimizer")
-    t_off = t_zero.get("offload_param", {})
+    t_off = ds_mapping(t_zero, "offload_param", f"teacher.ds_config={cfg.teacher.ds_config!r}: zero_optimization")
     wl = Workload(
         prompt_len=cfg.data.max_prompt_tokens,
         response_len=cfg.rollout.max_new_tokens,  # teacher prefix plus continuation never exceed it (rollout.sample)
@@ -593,6 +664,19 @@ def check_figures(hw: Hardware, wl: Workload) -> None:
         raise ValueError(f"--k={wl.k}: expected an integer")
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_bool(text: str) -> bool:
+    """A boolean flag's value: true/false, 1/0, yes/no or on/off (any case); anything else is refused."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="tropd-ds plan",
@@ -610,7 +694,7 @@ def main(argv=None) -> int:
     for f in Workload.__dataclass_fields__.values():
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            ap.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes", "on"), default=None, metavar="BOOL")
+            ap.add_argument(flag, type=parse_bool, default=None, metavar="BOOL")
         elif f.name in ("student_offload", "teacher_offload"):
             ap.add_argument(
                 flag, default=None, choices=STUDENT_OFFLOADS if f.name == "student_offload" else TEACHER_OFFLOADS
@@ -621,6 +705,11 @@ def main(argv=None) -> int:
         ap.add_argument("--" + f.name.replace("_", "-"), type=float if f.type == "float" else int, default=f.default)
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
+    if args.overrides and not args.config:
+        ap.error(
+            f"--set {args.overrides[0]!r} without --config: --set overrides a run-config field; give --config, or "
+            "set the figure with its own flag (see --help)"
+        )
     try:
         student, teacher, wl = args.student, args.teacher, Workload()
         if args.config:
