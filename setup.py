@@ -25,6 +25,7 @@ setup(
         "psutil>=5.9,<8",  # imported directly (locks, stale build locks), not only through deepspeed
         "jinja2>=3.1,<4",  # reading which keywords a chat template uses
         "huggingface_hub>=1.0,<3",  # hub data sets offline from the cache
+        "pandas>=2,<4",  # reading a CSV file's header to read every column as text
     ],
     # Optional features; each names its extra when it is asked for and missing (tropd_ds.extras).
     extras_require={

@@ -162,3 +162,36 @@ def test_kernel_options_hold_the_checked_temperature_and_the_jsd_floor_refusal_w
     with pytest.raises(ValueError) as err:
         tk.KernelOptions(divergence="jsd", logprob_floor=-5.0)
     assert str(err.value).endswith("(the JSD is bounded by log 2 without it); expected logprob_floor=None")
+
+
+def test_a_temperature_of_exactly_two_scales_the_logits_on_the_torch_backend():
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(5, 11, generator=g) * 3, torch.randint(0, 11, (5,), generator=g)
+    teacher = tk.teacher_topk(torch.randn(5, 11, generator=g), targets, 4, temperature=2.0, backend="torch")
+    got = tk.token_terms(logits, targets, teacher, temperature=2.0, backend="torch")
+    want = tk.token_terms_oracle(logits.double(), targets, teacher, temperature=2.0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+    want_lp = (logits.double() / 2.0).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(got.logprob.double(), want_lp, rtol=1e-5, atol=1e-6)
+
+
+def test_the_target_checks_run_on_a_single_row():
+    with pytest.raises(ValueError) as err:
+        tk.teacher_topk(torch.zeros(1, 3), torch.tensor([5]), 1)
+    assert str(err.value) == "targets contains 5: expected ids in [0, 3) or -100 (ignored)"
+
+
+def test_the_teachers_from_hidden_pass_defaults_to_t1_takes_k_up_to_v_and_reads_target_id_0():
+    """From hidden states [N, d] and a weight [V, d] with d < k <= V, a target of id 0 among the rows: the same
+    TeacherTopK as the logits pass at its default temperature 1."""
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(4, 3, generator=g), torch.randn(11, 3, generator=g)
+    targets = torch.tensor([0, 5, 0, 10])
+    got = tk.teacher_topk_from_hidden(hidden, weight, targets, 6)  # k = 6 > d = 3
+    want = tk.teacher_topk(hidden @ weight.T, targets, 6)
+    assert torch.equal(got.ids, want.ids)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    row0 = (hidden[0] @ weight.T).log_softmax(-1)[0]
+    assert got.target_logprob[0].item() == pytest.approx(row0.item(), rel=1e-5)

@@ -297,6 +297,7 @@ def test_rollout_metrics_count_lengths_ends_and_sampled_pads_by_hand():
     none = rollout.RolloutTokens(ids, torch.ones_like(ids), torch.zeros_like(sampled), prefix)
     assert rollout.rollout_metrics(none, (EOS,), PAD)["sampled_pad_fraction"] == 0.0
     assert rollout.rollout_metrics(tokens.rows(0, 1), (EOS,), PAD)["ended_fraction"] == 1.0  # 1 of 1 rows
+    assert rollout.rollout_metrics(tokens, (EOS, 6), PAD)["ended_fraction"] == pytest.approx(2 / 3)  # 2 of 3 rows
 
 
 def test_prefixes_are_the_teacher_responses_first_l_tokens_with_l_drawn_uniformly():
