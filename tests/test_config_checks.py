@@ -1121,6 +1121,37 @@ def test_load_config_accepts_gathering_the_teacher(tmp_path):
     assert load(tmp_path, {"teacher.gather_params": True}).teacher.gather_params is True
 
 
+def test_gather_params_default_to_auto_and_accept_true_false_or_auto(tmp_path):
+    cfg = load(tmp_path, {})
+    assert cfg.teacher.gather_params == "auto" and cfg.rollout.gather_params == "auto"
+    assert load(tmp_path, {"rollout.gather_params": "false"}).rollout.gather_params is False  # --set's text
+    assert load(tmp_path, {"teacher.gather_params": "True"}).teacher.gather_params is True
+    for value in ("sometimes", 1, 0.5):
+        assert load_refusal(tmp_path, {"teacher.gather_params": value}) == (
+            f"teacher.gather_params={value!r}: expected true, false or auto"
+        )
+
+
+def test_the_gather_rule_and_the_runs_decision_on_a_module():
+    """gather_params auto: the whole model gathered when its weights take at most half of the free memory, on
+    every rank alike (here one process, a plain module: its full size)."""
+    import torch
+
+    from tropd_ds.config import gather_fits
+    from tropd_ds.process import gather_decision
+
+    assert gather_fits(50, 100) and not gather_fits(51, 100)
+    module = torch.nn.Linear(1000, 1000)  # 4 MB of fp32 weights
+
+    class Engine:
+        pass
+
+    engine = Engine()
+    engine.module = module
+    fits, why = gather_decision(engine, torch.device("cpu"))
+    assert fits and why.startswith("the model's 0.00 GiB against ") and why.endswith(": gathered whole, hook-free")
+
+
 def test_load_config_refuses_lora_on_the_teacher(tmp_path):
     assert load_refusal(tmp_path, {"teacher.lora": {"r": 4}}) == (
         "teacher.lora={'r': 4}: the teacher is frozen; LoRA applies to the student only"

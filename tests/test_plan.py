@@ -118,6 +118,13 @@ def test_a_gathered_teacher_is_planned_whole_on_each_gpu_while_scoring():
     added = gathered["gpu_gib"]["phases"]["teacher scoring"]["gathered teacher (bf16)"]
     assert added == pytest.approx(2 * teacher.params() / 2**30, abs=0.01)  # the whole bf16 teacher
     assert not gathered["fits"]  # 131 GiB of teacher on an 80 GiB GPU: the 70B presets stream it
+    # gather_params auto (the default) follows the run's rule: whole when the bf16 weights take at most half a GPU
+    auto = P.Workload()
+    P.plan(student, teacher, hw, auto)
+    assert auto.gather_for_generation is True and auto.teacher_gathered is False  # 15 GiB of 40; 131 of 40
+    big = P.Workload()
+    P.plan(student, teacher, P.Hardware(gpu_mem_gib=300.0), big)
+    assert big.teacher_gathered is True  # 131 GiB of 150
 
 
 def test_a_lora_student_is_planned_with_its_adapters_trained_and_its_base_frozen():

@@ -45,6 +45,11 @@ STEP_KEYS = {
 def test_guided_tropd_run_logs_every_metric_and_exports_a_loadable_student(full_run):
     run_dir, proc = full_run
     assert "offload_param=cpu" in proc.stdout  # the teacher engine runs with its parameters offloaded
+    # gather_params auto (the default), decided per model and logged: tiny models are gathered whole
+    for where in ("rollout", "teacher"):
+        assert f"[tropd-ds] {where}.gather_params=auto: the model's 0.00 GiB against " in proc.stdout, proc.stdout
+    assert proc.stdout.count(": gathered whole, hook-free") == 2
+    assert "generation with all parameters gathered; teacher scoring with all parameters gathered" in proc.stdout
     steps = [r for r in records(run_dir) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     for r in steps:

@@ -24,6 +24,15 @@ class ConfigError(ValueError):
     """A configuration problem found before any engine starts."""
 
 
+GATHER_FRACTION = 0.5  # gather_params auto: a whole model gathered when it takes at most this much of free memory
+
+
+def gather_fits(need_bytes: float, free_bytes: float) -> bool:
+    """The rule of `gather_params: auto`, the run's and the planner's: gather when the whole model's weights take
+    at most GATHER_FRACTION of the device's free memory (room left for activations, the KV cache, the rest)."""
+    return need_bytes <= GATHER_FRACTION * free_bytes
+
+
 @dataclass
 class ModelConfig:
     path: str = ""  # a Hugging Face model folder
@@ -33,7 +42,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # student only: recompute each layer in backward
     # teacher only: score with the whole teacher gathered once per step and ZeRO-3's per-module hooks off
     # (fast; the teacher must fit on one device). False: ZeRO-3 gathers (or fetches from offload) layer by layer.
-    gather_params: bool = False
+    # auto: gathered when its weights take at most half of a device's free memory (logged at the start)
+    gather_params: bool | str = "auto"
     # student only: LoRA adapters {r, alpha (default 2 r), dropout, target_modules (default all-linear)}; the
     # base stays frozen (the `peft` extra). {} = train every parameter.
     lora: dict = field(default_factory=dict)
@@ -63,7 +73,7 @@ class RolloutConfig:
     max_new_tokens: int = 64  # the whole response: teacher prefix plus the student's continuation
     temperature: float = 1.0  # sampling temperature; objective.temperature must equal it
     top_p: float = 1.0  # < 1 only for objectives without a log-ratio (fkl_topk, jsd)
-    gather_params: bool = True  # gather the whole student for generation; else layer by layer
+    gather_params: bool | str = "auto"  # gather the student for generation; false: layer by layer; auto: if it fits
     micro_batch_size: int = 0  # sequences generated at once per rank; 0 = all of the rank's share
     guidance: bool = True  # off-policy guidance with teacher prefixes
     guidance_max_len: int = 0  # L_max of the cosine schedule; 0 = max_new_tokens
@@ -474,7 +484,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     answer_pattern(cfg.eval.answer_pattern)
     check_sampling(cfg)
     check_outputs(cfg)
-    if cfg.student.gather_params:
+    for where, section in (("student", cfg.student), ("teacher", cfg.teacher), ("rollout", cfg.rollout)):
+        value = section.gather_params
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            section.gather_params = value = value.lower() == "true"
+        if value not in (True, False, "auto") or (isinstance(value, int) and not isinstance(value, bool)):
+            raise ConfigError(f"{where}.gather_params={value!r}: expected true, false or auto")
+    if cfg.student.gather_params is True:
         raise ConfigError(
             "student.gather_params=True: gathering applies to the teacher's scoring; the student's generation is set "
             "by rollout.gather_params"
@@ -650,13 +666,17 @@ def describe_fields() -> list[dict]:
                 accepted = "one of " + ", ".join(CHOICES[where])
             elif where in PATH_FIELDS:
                 accepted = "a path (relative to the config file)" + (" or a hub id" if where in HUB_FIELDS else "")
+            elif f.name == "gather_params":
+                accepted = "true, false or auto"
             else:
                 accepted = {bool: "true or false", dict: "a mapping", tuple: "a list", str: "a string"}.get(
                     hints[f.name], hints[f.name].__name__
                 )
             out.append({
                 "key": f"{section.name}.{f.name}",
-                "type": getattr(hints[f.name], "__name__", str(hints[f.name])),
+                "type": "bool or auto"
+                if f.name == "gather_params"
+                else getattr(hints[f.name], "__name__", str(hints[f.name])),
                 "default": getattr(defaults, f.name),
                 "accepted": accepted,
                 "meaning": comments.get(f.name, ""),

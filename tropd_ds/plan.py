@@ -27,6 +27,8 @@ from pathlib import Path
 
 from tropd_kernels.projection import HIDDEN_CHUNK_BYTES
 
+from .config import gather_fits
+
 GiB = 2**30
 MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 SHIPPED = ("llama-3.1-8b", "llama-3.1-70b", "qwen2.5-7b", "qwen2.5-72b")
@@ -214,8 +216,8 @@ class Workload:
     student_offload: str = "none"  # none | optimizer | optimizer+params
     teacher_offload: str = "cpu"  # none | cpu | nvme
     gradient_checkpointing: bool = True
-    gather_for_generation: bool = True
-    teacher_gathered: bool = False  # teacher.gather_params: the whole teacher on each GPU while scoring
+    gather_for_generation: bool | str = "auto"  # rollout.gather_params
+    teacher_gathered: bool | str = "auto"  # teacher.gather_params: the whole teacher on each GPU while scoring
     teacher_prefetch_params: float = 5e7  # stage3_prefetch_bucket_size
     nvme_buffer_count: int = 5  # offload_param.buffer_count (NVMe)
     nvme_buffer_size: float = 1e9  # offload_param.buffer_size, parameters per buffer
@@ -333,6 +335,11 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     rollouts = wl.rollouts_per_gpu(G)
     gen_batch = rollouts if wl.rollout_micro_batch <= 0 else min(rollouts, wl.rollout_micro_batch)
     ps, pt = student.params(), teacher.params()
+    # gather_params: auto, as a run decides it (config.gather_fits): bf16 weights against a GPU's memory
+    if wl.gather_for_generation == "auto":
+        wl.gather_for_generation = gather_fits(2 * ps, hw.gpu_mem_gib * GiB)
+    if wl.teacher_gathered == "auto":
+        wl.teacher_gathered = gather_fits(2 * pt, hw.gpu_mem_gib * GiB)
 
     # ---- memory per GPU
     gpu: dict[str, float] = {}

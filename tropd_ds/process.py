@@ -332,3 +332,26 @@ def _watch_locks(done: threading.Event, every_s: float, patience: int) -> None:
                 flush=True,
             )
             return
+
+
+def gather_decision(engine, device: torch.device) -> tuple[bool, str]:
+    """`gather_params: auto`: whether the engine's whole model fits on one device with room to spare
+    (config.gather_fits: its weights at most half of the device's free memory; on the CPU, of the available
+    memory shared by this node's ranks), the same answer on every rank (the smallest room decides), and why."""
+    import psutil
+
+    from .config import gather_fits
+
+    params = list(engine.module.parameters())
+    need = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
+    if device.type == "cuda":
+        free = float(torch.cuda.mem_get_info(device)[0])
+        where = f"{torch.cuda.get_device_name(device)} free memory"
+    else:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        free = psutil.virtual_memory().available / local
+        where = f"host memory available per rank ({local} on this node)"
+    fits = gather_fits(need, free)
+    fits = float(collectives.all_reduce([1.0 if fits else 0.0], op="min")[0]) > 0 if collectives.active() else fits
+    how = "gathered whole, hook-free" if fits else "layer by layer (ZeRO-3 gathers per module)"
+    return fits, f"the model's {need / 2**30:.2f} GiB against {free / 2**30:.1f} GiB of {where}: {how}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, collectives, command, evaluation, faults, process, rollout, scoring, update
+from . import checkpoint, collectives, command, evaluation, faults, preflight, process, rollout, scoring, update
 from .config import ConfigError, RunConfig, micro_batches_per_rank, to_dict
 from .data import PromptStream
 from .metrics import MetricsWriter, NonFiniteSteps, code_version, step_record
@@ -73,6 +73,11 @@ def set_up(cfg: RunConfig, prepared: Prepared, device: torch.device) -> Trainer:
     grad_accum = micro_batches_per_rank(cfg, world)
     student, keep_s = update.student_engine(cfg.student, cfg.optim, n_tokens, mb, grad_accum, cfg.logging.dir)
     teacher, keep_t = scoring.teacher_engine(cfg.teacher, n_tokens)
+    for where, section, engine in (("rollout", cfg.rollout, student), ("teacher", cfg.teacher, teacher)):
+        if section.gather_params == "auto":  # decided here, on every rank alike, and logged
+            section.gather_params, why = process.gather_decision(engine, device)
+            log(f"{where}.gather_params=auto: {why}")
+    preflight.check_teacher_prefixes(cfg)  # teacher prefixes need a teacher that can generate as resolved
     offload = teacher.config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
     how = {True: "with all parameters gathered", False: "layer by layer"}
     log(
