@@ -157,8 +157,7 @@ def tropd_config(work: Path, args, name: str) -> Path:
         "teacher": {
             "path": str(work / "teacher"),
             "ds_config": str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json"),
-            "micro_batch_size": args.prompts,
-            "gather_params": True,
+            "micro_batch_size": args.prompts,  # gather_params: the default (auto), as a user gets it
         },
         "data": {"path": str(work / "data/train.jsonl"), "max_prompt_tokens": 32},
         "rollout": {
@@ -278,8 +277,35 @@ def common(args) -> list[str]:
     ]
 
 
+MIN_STEP_GAP = 20  # long - short steps: fewer leave the difference of two launches inside their noise
+MAX_SPREAD = 0.5  # (max - min) / median of the pairs' estimates beyond which no figure is printed
+
+
 def per_step(short: dict, long: dict) -> float:
     return (long["wall_s"] - short["wall_s"]) / (long["steps"] - short["steps"])
+
+
+def check_run_lengths(short: int, long: int, pairs: int) -> str | None:
+    """Why these run lengths cannot give a per-step time (None when they can)."""
+    if short < 1 or long - short < MIN_STEP_GAP:
+        return (
+            f"--short {short} --long {long}: the long run must be at least {MIN_STEP_GAP} steps longer than the short "
+            "one (and the short one at least 1 step): the difference of two launches of a few steps is mostly their "
+            "start-up noise (it printed -0.15 s per step once)"
+        )
+    if pairs < 2:
+        return f"--pairs {pairs}: at least 2 (short, long) pairs are needed to report a spread"
+    return None
+
+
+def summarise(estimates: list[float]) -> dict:
+    """The pairs' per-step estimates as median, min, max and relative spread; `measured` False (and no figure
+    to print) when one is not positive or they spread more than MAX_SPREAD of the median."""
+    median = statistics.median(estimates)
+    spread = (max(estimates) - min(estimates)) / median if median > 0 else float("inf")
+    measured = min(estimates) > 0 and spread <= MAX_SPREAD
+    return {"per_step_s": median if measured else None, "estimates_s": estimates, "min_s": min(estimates),
+            "max_s": max(estimates), "spread": spread, "measured": measured}  # fmt: skip
 
 
 def table(result: dict) -> str:
@@ -302,11 +328,21 @@ def table(result: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     trl = result.get("trl")
-    ratio = f"{t['per_step_s'] / trl['per_step_s']:.2f}x" if trl else "n/a"
+
+    def figure(r: dict) -> str:
+        if not r["measured"]:
+            return f"not measurable (estimates {', '.join(f'{e:.4f}' for e in r['estimates_s'])})"
+        return f"{r['per_step_s']:.4f} ({r['min_s']:.4f}-{r['max_s']:.4f})"
+
+    both = trl and t["measured"] and trl["measured"]
+    ratio = f"{t['per_step_s'] / trl['per_step_s']:.2f}x" if both else "n/a"
     phases = f"{t['rollout_s']:.4f} | {t['teacher_s']:.4f} | {t['update_s']:.4f} | {t['response_len']:.1f}"
-    lines.append(f"| tropd-ds (opd, ZeRO-3 student, offloaded teacher) | {t['per_step_s']:.4f} | {ratio} | {phases} |")
+    lines.append(
+        f"| tropd-ds, its defaults (opd, ZeRO-3 student, offloaded teacher) | {figure(t)} | {ratio} | {phases} |"
+    )
     if trl:
-        lines.append(f"| TRL DistillationTrainer (beta 1, reverse KL) | {trl['per_step_s']:.4f} | 1.00x | | | | |")
+        lines.append(f"| TRL DistillationTrainer (beta 1, reverse KL) | {figure(trl)} | 1.00x | | | | |")
+    lines += ["", "s per step: the median of the (short, long) pairs, with their range in brackets."]
     return "\n".join(lines) + "\n"
 
 
@@ -318,10 +354,11 @@ def main(argv=None) -> int:
     ap.add_argument("--short", type=int, default=10, help="steps of the short run")
     ap.add_argument("--long", type=int, default=40, help="steps of the long run")
     ap.add_argument("--repeats", type=int, default=10, help="rollout repeats after one warm-up")
-    ap.add_argument("--threads", type=int, default=1, help="OMP threads of each process")
+    ap.add_argument("--threads", type=int, default=2, help="OMP threads of each process (2: this machine's cores)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--student-d", type=int, default=64)
     ap.add_argument("--teacher-d", type=int, default=128)
+    ap.add_argument("--pairs", type=int, default=3, help="(short, long) run pairs: the median and spread of them")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--part", choices=["rollout", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -333,6 +370,10 @@ def main(argv=None) -> int:
     if args.part == "trl":
         print(json.dumps(part_trl(args)))
         return 0
+    problem = check_run_lengths(args.short, args.long, args.pairs)
+    if problem:
+        print(f"bench_step: {problem}", file=sys.stderr)
+        return 2
 
     out = Path(args.out).resolve()
     work = out / "work"
@@ -358,8 +399,9 @@ def main(argv=None) -> int:
     )
     result["rollout"] = json.loads(proc.stdout.strip().splitlines()[-1])
     print("tropd-ds ...", flush=True)
-    short, long = run_tropd(work, args, args.short), run_tropd(work, args, args.long)
-    result["tropd"] = {**long, "per_step_s": per_step(short, long), "short_wall_s": short["wall_s"]}
+    pairs = [(run_tropd(work, args, args.short), run_tropd(work, args, args.long)) for _ in range(args.pairs)]
+    long = pairs[-1][1]
+    result["tropd"] = {**long, **summarise([per_step(s, lg) for s, lg in pairs]), "settings": "defaults"}
     try:
         import trl  # noqa: F401
 
@@ -369,8 +411,8 @@ def main(argv=None) -> int:
         print("TRL comparison skipped: trl is not installed (pip install 'tropd-ds[bench]')", flush=True)
     if have_trl:
         print("TRL ...", flush=True)
-        short, long = run_trl(work, args, args.short), run_trl(work, args, args.long)
-        result["trl"] = {"per_step_s": per_step(short, long), "short": short, "long": long}
+        pairs = [(run_trl(work, args, args.short), run_trl(work, args, args.long)) for _ in range(args.pairs)]
+        result["trl"] = {**summarise([per_step(s, lg) for s, lg in pairs]), "runs": pairs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "RESULTS.json").write_text(json.dumps(result, indent=2))
     (out / "RESULTS.md").write_text(table(result))
