@@ -476,3 +476,18 @@ def test_a_rank_held_back_past_the_collective_time_out_ends_the_run_with_the_set
     groups = int(out.split("(collective_timeout_minutes; ")[1].split()[0])
     assert groups >= 2, out[-3000:]  # the world and DeepSpeed's data-parallel group (gradient reduce-scatter)
     assert "Traceback" not in out, out[-3000:]
+
+
+def test_a_full_disk_under_the_metrics_ends_the_run_with_code_3_and_what_to_do(workspace):
+    """Writing a step's record (metrics.jsonl, DeepSpeed's CSV monitor in logging.dir) on a full disk used to end
+    in a traceback; now the rank that failed names the file and what to do, exits 3, and the launcher ends the
+    others."""
+    name = "metrics_full"
+    config = write_config(workspace, name, optim={"steps": 3, "lr": 1e-3}, checkpoint={"every": 0})
+    proc = start(config, {"TROPD_DS_FAULT": "disk_full_in_metrics@2"})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out[-3000:]
+    assert "error: writing metrics.jsonl (injected by TROPD_DS_FAULT) failed (No space left on device)" in out, out[
+        -3000:
+    ]
+    assert "relaunch the same command; it resumes from the last checkpoint" in out and "Traceback" not in out

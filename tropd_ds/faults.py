@@ -7,6 +7,8 @@ TROPD_DS_FAULT is a comma-separated list of KIND@STEP[:rRANK]:
   disk_full_in_deepspeed_save@4:r0
                       rank 0's first file write inside DeepSpeed's save_checkpoint raises ENOSPC
                       (the other ranks go on to DeepSpeed's closing barrier)
+  disk_full_in_metrics@2
+                      writing step 2's record (metrics.jsonl, the monitors) raises ENOSPC on rank 0
   stall@2:r1          rank 1 sleeps TROPD_DS_STALL_S seconds (default 60) before step 2's rollout, or
                       until a signal reaches it; stall@<optim.steps + 1> holds it before the final evaluation
 """
@@ -36,6 +38,12 @@ def in_save(step: int, rank: int) -> None:
         os._exit(17)
     if active("disk_full_in_save", step, rank):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(injected by TROPD_DS_FAULT)")
+
+
+def in_metrics(step: int, rank: int) -> None:
+    """disk_full_in_metrics@N: writing step N's record (metrics.jsonl and the monitors) raises ENOSPC."""
+    if active("disk_full_in_metrics", step, rank):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "metrics.jsonl (injected by TROPD_DS_FAULT)")
 
 
 def inject_into_deepspeed_save(engine, step: int, rank: int) -> None:

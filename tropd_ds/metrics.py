@@ -8,7 +8,7 @@ import math
 import subprocess
 from pathlib import Path
 
-from . import collectives
+from . import collectives, faults
 
 
 def mean_over(dicts: list[dict]) -> dict:
@@ -72,6 +72,7 @@ class MetricsWriter:
     def write(self, step: int, record: dict) -> None:
         if self.rank != 0:
             return
+        faults.in_metrics(step, self.rank)
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
         if self.monitor is not None and getattr(self.monitor, "enabled", False):

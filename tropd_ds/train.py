@@ -32,6 +32,14 @@ def main(argv=None) -> int:
     except ConfigError as exc:  # found only once running (e.g. a data set whose every prompt is skipped)
         log(f"configuration error: {exc}")
         code = 2
+    except OSError as exc:  # a full disk or a vanished folder under a file the run writes (metrics, a monitor's)
+        checkpoint.release_lock(loaded[0].checkpoint.dir)
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else " a file"
+        process.leave_now(
+            3,
+            f"writing{where} failed ({exc.strerror or exc}): free space (or restore the folder) and relaunch the same "
+            "command; it resumes from the last checkpoint",
+        )
     except RuntimeError as exc:  # a collective that timed out, or a peer that has gone: each rank says so
         message = process.collective_failure(exc, loaded[0].collective_timeout_minutes)
         if message is None:
