@@ -102,4 +102,7 @@ def test_bench_weight_grad_compares_both_accumulations_and_their_gradients(tmp_p
     result = json.loads((tmp_path / "RESULTS.json").read_text())
     assert [r["mode"] for r in result["rows"]] == ["before", "after"]
     assert all(r["V"] == 200000 and r["block_rows"] == 83 and r["peak_mib"] >= 0 for r in result["rows"])
-    assert result["max_relative_difference"] == {"hidden": 0.0, "weight": 0.0}
+    # the same gradients: bit for bit in most runs; the two processes may split the BLAS work differently on a
+    # loaded machine (one make test run here: 9e-8 and 5e-9), so the rtol 1e-6
+    assert result["max_relative_difference"].keys() == {"hidden", "weight"}
+    assert all(0.0 <= v <= 1e-6 for v in result["max_relative_difference"].values()), result
