@@ -69,8 +69,9 @@ def release_shm(port: int) -> None:
 # ----------------------------------------------------------------------------- trainer runs on tiny models
 
 
-def write_config(root: Path, name: str, **sections) -> Path:
-    cfg = {
+def run_config(root: Path, outputs: Path) -> dict:
+    """The tests' run config: the tiny models and data under `root`, every output folder under `outputs`."""
+    return {
         "student": {
             "path": str(root / "student"),
             "ds_config": str(ROOT / "ds_configs/cpu_student_zero3.json"),
@@ -91,14 +92,18 @@ def write_config(root: Path, name: str, **sections) -> Path:
         # a decaying schedule (cosine to 10%): a resume that lost the scheduler's state shows in `lr`
         "optim": {"steps": 6, "lr": 1e-3, "min_lr_ratio": 0.1},
         "checkpoint": {
-            "dir": str(root / name / "ckpt"),
+            "dir": str(outputs / "ckpt"),
             "every": 3,
             "keep_last": 2,
-            "export_dir": str(root / name / "export"),
+            "export_dir": str(outputs / "export"),
         },
-        "logging": {"dir": str(root / name / "logs"), "samples_every": 2, "progress": True},
+        "logging": {"dir": str(outputs / "logs"), "samples_every": 2, "progress": True},
         "eval": {"max_prompts": 8, "max_new_tokens": 12},
     }
+
+
+def write_config(root: Path, name: str, **sections) -> Path:
+    cfg = run_config(root, root / name)
     for section, values in sections.items():
         cfg[section].update(values)
     path = root / f"{name}.yaml"

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from launch import ROOT
+from launch import run_config
 
 from tropd_ds import checkpoint, cli, command
 
@@ -38,29 +38,7 @@ SET = "--set"
 
 def sections(ws: Path, run: Path) -> dict:
     """The run config of tests/launch.py's write_config, with every output under `run`."""
-    return {
-        "student": {
-            "path": str(ws / "student"),
-            "ds_config": str(ROOT / "ds_configs/cpu_student_zero3.json"),
-            "micro_batch_size": 2,
-        },
-        "teacher": {
-            "path": str(ws / "teacher"),
-            "ds_config": str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json"),
-            "micro_batch_size": 4,
-        },
-        "data": {
-            "path": str(ws / "data/train.jsonl"),
-            "eval_path": str(ws / "data/eval.jsonl"),
-            "max_prompt_tokens": 32,
-        },
-        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 12, "guidance": True},
-        "objective": {"name": "tropd", "options": {"k": 8}},
-        "optim": {"steps": 6, "lr": 1e-3, "min_lr_ratio": 0.1},
-        "checkpoint": {"dir": str(run / "ckpt"), "every": 3, "keep_last": 2, "export_dir": str(run / "export")},
-        "logging": {"dir": str(run / "logs"), "samples_every": 2, "progress": True},
-        "eval": {"max_prompts": 8, "max_new_tokens": 12},
-    }
+    return run_config(ws, run)
 
 
 class Ctx:
@@ -453,6 +431,12 @@ def _absent_path(name: str) -> Callable:
 
 # ----------------------------------------------------------------------------- the cases
 
+
+def _bad_env(name: str, value: str) -> Case:
+    """`tropd-ds train` under a launcher variable that is not a valid rank count or index: refused, named."""
+    return T("cli", lambda c: (c.mp.setenv(name, value), c.train())[1], 2, name, value)
+
+
 CASES: dict[str, Case] = {
     # ------------------------------------------------------------------ paths and home directories
     "~ in checkpoint.dir is the home folder": T(
@@ -792,41 +776,11 @@ CASES: dict[str, Case] = {
     "tropd-ds train --dry-run": C(
         "cli", lambda c: ["train", *c.train(extra=("--dry-run",))], 0, "dry run finished in", "no engine started"
     ),
-    "WORLD_SIZE not a number": T(
-        "cli",
-        lambda c: (c.mp.setenv("WORLD_SIZE", "two"), c.train())[1],
-        2,
-        "WORLD_SIZE",
-        "two",
-    ),
-    "WORLD_SIZE 0": T(
-        "cli",
-        lambda c: (c.mp.setenv("WORLD_SIZE", "0"), c.train())[1],
-        2,
-        "WORLD_SIZE",
-        "0",
-    ),
-    "WORLD_SIZE negative": T(
-        "cli",
-        lambda c: (c.mp.setenv("WORLD_SIZE", "-2"), c.train())[1],
-        2,
-        "WORLD_SIZE",
-        "-2",
-    ),
-    "RANK not a number": T(
-        "cli",
-        lambda c: (c.mp.setenv("RANK", "x"), c.train())[1],
-        2,
-        "RANK",
-        "x",
-    ),
-    "LOCAL_RANK not a number": T(
-        "cli",
-        lambda c: (c.mp.setenv("LOCAL_RANK", "x"), c.train())[1],
-        2,
-        "LOCAL_RANK",
-        "x",
-    ),
+    "WORLD_SIZE not a number": _bad_env("WORLD_SIZE", "two"),
+    "WORLD_SIZE 0": _bad_env("WORLD_SIZE", "0"),
+    "WORLD_SIZE negative": _bad_env("WORLD_SIZE", "-2"),
+    "RANK not a number": _bad_env("RANK", "x"),
+    "LOCAL_RANK not a number": _bad_env("LOCAL_RANK", "x"),
     # ------------------------------------------------------------------ plan
     "plan --gradient-checkpointing maybe": C(
         "cli",

@@ -348,7 +348,8 @@ def gather_decision(engine, device: torch.device) -> tuple[bool, str]:
         free = float(torch.cuda.mem_get_info(device)[0])
         where = f"{torch.cuda.get_device_name(device)} free memory"
     else:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        # ranks on this node: torchrun / accelerate set LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"))
         free = psutil.virtual_memory().available / local
         where = f"host memory available per rank ({local} on this node)"
     fits = gather_fits(need, free)
