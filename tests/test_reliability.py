@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -476,6 +477,74 @@ def test_a_rank_held_back_past_the_collective_time_out_ends_the_run_with_the_set
     groups = int(out.split("(collective_timeout_minutes; ")[1].split()[0])
     assert groups >= 2, out[-3000:]  # the world and DeepSpeed's data-parallel group (gradient reduce-scatter)
     assert "Traceback" not in out, out[-3000:]
+
+
+PEER_SCRIPT = """
+import os, sys
+import torch, torch.distributed as dist
+from tropd_ds import process
+dist.init_process_group("gloo")
+dist.barrier()
+if dist.get_rank() == int(sys.argv[-1]):  # the launcher puts --local_rank first
+    print("the cause leaves with 3", flush=True)
+    os._exit(3)
+try:
+    for _ in range(3):
+        dist.all_reduce(torch.ones(1))
+except RuntimeError as exc:
+    failure = process.collective_exit(exc, 1.0)
+    if failure is None:
+        raise
+    process.leave_now(5, *failure)
+os._exit(7)
+"""
+
+
+def test_the_launcher_reports_the_code_of_the_rank_that_failed_not_of_the_rank_that_lost_it(tmp_path):
+    """One rank exits 3; the other finds its peer gone in the next collective and exits 5. DeepSpeed's launcher
+    polls once a second and reports the first ended rank its loop meets: when both had ended by the same poll,
+    it reported 5 about half the time (a CI run of the full-disk test below), hiding the cause. The rank that
+    lost its peer now waits PEER_GONE_LINGER_S first. Either rank as the cause."""
+    script = tmp_path / "peer.py"
+    script.write_text(PEER_SCRIPT)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for cause in (0, 1):
+        cmd = [*launcher(free_port()), str(script), str(cause)]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        out = proc.stdout + proc.stderr
+        assert "the cause leaves with 3" in out and "another rank has stopped" in out, out[-3000:]
+        assert proc.returncode == 3, (cause, out[-3000:])
+
+
+def test_only_a_rank_that_lost_its_peer_waits_before_it_exits(tmp_path):
+    import torch.distributed as dist
+
+    from tropd_ds import process
+
+    started_here = not dist.is_initialized()
+    if started_here:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        gone = process.collective_exit(RuntimeError("[pair.cc:537] Read error: Connection reset by peer"), 10)
+        assert gone is not None and gone[0].startswith("another rank has stopped") and gone[1] >= 1.5
+        timed_out = process.collective_exit(RuntimeError("[gloo] Timed out waiting 600000ms for recv"), 10)
+        assert timed_out is not None and "collective_timeout_minutes=10" in timed_out[0] and timed_out[1] == 0
+        assert process.collective_exit(RuntimeError("CUDA error: an illegal memory access"), 10) is None
+        assert process.collective_exit(RuntimeError("a shape mismatch"), 10) is None
+    finally:
+        if started_here:
+            dist.destroy_process_group()
+
+
+def test_leave_now_waits_the_given_time_and_a_signal_ends_the_wait(tmp_path):
+    code = "from tropd_ds import process; process.leave_now(5, 'peer gone', linger_s=%s)"
+    started = time.time()
+    done = subprocess.run([sys.executable, "-c", code % 2], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 5 and "error: peer gone" in done.stdout and time.time() - started >= 2
+    waiting = subprocess.Popen([sys.executable, "-c", code % 60], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert "error: peer gone" in waiting.stdout.readline()
+    waiting.send_signal(signal.SIGTERM)  # the launcher's clean-up: at its default, not deferred to a step's end
+    assert waiting.wait(timeout=10) == -signal.SIGTERM
 
 
 def test_a_full_disk_under_the_metrics_ends_the_run_with_code_3_and_what_to_do(workspace):

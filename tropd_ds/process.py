@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -143,8 +144,22 @@ def collective_failure(exc: BaseException, timeout_minutes: float) -> str | None
             f"(its log, py-spy dump). The error: {detail}"
         )
     if collectives.peer_gone(text):
-        return f"another rank has stopped; its own message is above. The error here: {detail}"
+        return f"{PEER_GONE}; its own message is above. The error here: {detail}"
     return None
+
+
+PEER_GONE = "another rank has stopped"  # collective_failure's message when a peer has gone
+PEER_GONE_LINGER_S = 3.0  # > the launchers' poll intervals (DeepSpeed 1 s, torchrun 0.1 s): the cause's code wins
+
+
+def collective_exit(exc: BaseException, timeout_minutes: float) -> tuple[str, float] | None:
+    """(message, seconds to wait before exiting) for a rank that a collective ended (`collective_failure`),
+    or None. A rank that leaves only because another has gone waits `PEER_GONE_LINGER_S`, so the launcher
+    reports the exit code of the rank that failed first (see `leave_now`)."""
+    message = collective_failure(exc, timeout_minutes)
+    if message is None:
+        return None
+    return message, PEER_GONE_LINGER_S if message.startswith(PEER_GONE) else 0.0
 
 
 def seed_everything(seed: int) -> None:
@@ -241,12 +256,23 @@ def launcher_gone(launchers: list[tuple[int, float]]) -> bool:
     return False
 
 
-def leave_now(code: int, message: str) -> None:
+def leave_now(code: int, message: str, linger_s: float = 0.0) -> None:
     """End this rank at once, after an error only it knows of (the launcher stops the others, which wait in
-    a collective): print the message with the rank, free the shared memory, exit without teardown."""
+    a collective): print the message with the rank, free the shared memory, exit without teardown.
+
+    `linger_s`: wait that long first, signals at their defaults, for a rank that leaves only because another
+    has gone. A launcher reports the exit code of the first rank it sees ended (DeepSpeed's polls every
+    second and takes whichever of the ended ranks its loop meets first), so a rank that read "connection
+    reset" a moment after the failing rank exited would otherwise often have its own code (5) reported in
+    place of the cause's (3 for a full disk, -9 for a killed rank)."""
     rank = collectives.rank_world()[0]
     print(f"[tropd-ds{f' rank {rank}' if rank else ''}] error: {message}", flush=True)
     release_cpu_shm_buffers()
+    if linger_s > 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's clean-up ends the wait
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        sys.stdout.flush()
+        time.sleep(linger_s)
     exit_without_teardown(code)
 
 

@@ -41,11 +41,11 @@ def main(argv=None) -> int:
             "command; it resumes from the last checkpoint",
         )
     except RuntimeError as exc:  # a collective that timed out, or a peer that has gone: each rank says so
-        message = process.collective_failure(exc, loaded[0].collective_timeout_minutes)
-        if message is None:
+        failure = process.collective_exit(exc, loaded[0].collective_timeout_minutes)
+        if failure is None:
             raise
         checkpoint.release_lock(loaded[0].checkpoint.dir)
-        process.leave_now(EXIT_COLLECTIVE, message)
+        process.leave_now(EXIT_COLLECTIVE, *failure)
     finally:
         process.release_cpu_shm_buffers()
         checkpoint.release_lock(loaded[0].checkpoint.dir)
