@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test rehearse mutation demo bench-cpu bench-step gpu-check lint
+.PHONY: setup test test-faults rehearse mutation demo bench-cpu bench-step gpu-check lint
 
 setup: $(VENV)/.installed
 
@@ -17,7 +17,13 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m "not rehearsal" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m "not rehearsal and not faults" $(PYTEST_ARGS) tests
+
+# Faults injected into launched 2-rank runs (tests/test_reliability.py: signals, kill -9, crashes while saving,
+# corrupt checkpoints, full disks, a lost peer), each against the uninterrupted run; about 5 minutes, CI runs
+# it after `make test`.
+test-faults: setup
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m "faults and not rehearsal" $(PYTEST_ARGS) tests
 
 # The rehearsal of a first GPU run, on CPU ranks: the Llama-3.1, Qwen2.5 (padded rows; tied and untied),
 # Mistral and Gemma-2 vocabulary layouts, each 3 steps on 2 CPU ranks, evaluated and exported; a padded head

@@ -14,6 +14,10 @@ def pytest_configure(config):
         "markers",
         "rehearsal: a first GPU run rehearsed on CPU ranks (`make rehearse`, run by CI; `make test` leaves them out)",
     )
+    config.addinivalue_line(
+        "markers",
+        "faults: faults injected into launched 2-rank runs (`make test-faults`, run by CI; not in `make test`)",
+    )
 
 
 # ----------------------------------------------------------------------------- shared trainer fixtures

@@ -9,8 +9,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
@@ -126,3 +130,34 @@ def test_launcher_processes_are_the_launchers_above_a_rank_and_their_end_is_seen
 
         if psutil.pid_exists(rank):
             psutil.Process(rank).kill()
+
+
+def test_only_a_rank_that_lost_its_peer_waits_before_it_exits(tmp_path):
+    import torch.distributed as dist
+
+    from tropd_ds import process
+
+    started_here = not dist.is_initialized()
+    if started_here:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        gone = process.collective_exit(RuntimeError("[pair.cc:537] Read error: Connection reset by peer"), 10)
+        assert gone is not None and gone[0].startswith("another rank has stopped") and gone[1] >= 1.5
+        timed_out = process.collective_exit(RuntimeError("[gloo] Timed out waiting 600000ms for recv"), 10)
+        assert timed_out is not None and "collective_timeout_minutes=10" in timed_out[0] and timed_out[1] == 0
+        assert process.collective_exit(RuntimeError("CUDA error: an illegal memory access"), 10) is None
+        assert process.collective_exit(RuntimeError("a shape mismatch"), 10) is None
+    finally:
+        if started_here:
+            dist.destroy_process_group()
+
+
+def test_leave_now_waits_the_given_time_and_a_signal_ends_the_wait(tmp_path):
+    code = "from tropd_ds import process; process.leave_now(5, 'peer gone', linger_s=%s)"
+    started = time.time()
+    done = subprocess.run([sys.executable, "-c", code % 2], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 5 and "error: peer gone" in done.stdout and time.time() - started >= 2
+    waiting = subprocess.Popen([sys.executable, "-c", code % 60], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert "error: peer gone" in waiting.stdout.readline()
+    waiting.send_signal(signal.SIGTERM)  # the launcher's clean-up: at its default, not deferred to a step's end
+    assert waiting.wait(timeout=10) == -signal.SIGTERM
