@@ -41,9 +41,11 @@ DTYPES = ("bfloat16", "float16", "float32")
 # view such as logits[1:] whose first row is not would specialise x_ptr once more, and is not compiled).
 WIDTHS = {
     "llama3.1": (128256, 128256),
-    "qwen2.5-tokenizer": (151665, 151665),  # the head cut to the tokenizer's rows (ModelWrapper.head)
+    "qwen2.5-tokenizer": (151665, 151665),  # a caller's own logits cut to the tokenizer's width, contiguous
     "qwen2.5-padded": (152064, 152064),
-    "qwen2.5-tokenizer-of-padded-logits": (151665, 152064),  # logits[:, :151665] of the padded head's logits
+    # the package's own case: the _from_hidden ops project the whole padded head and reduce its first 151,665
+    # columns (vocab=n_tokens), rows keeping the head's stride
+    "qwen2.5-tokenizer-of-padded-logits": (151665, 152064),
     "mistral-v0.3": (32768, 32768),
     "gemma2": (256000, 256000),
     "odd-3001": (3001, 3001),
@@ -79,14 +81,16 @@ def launches():
             # forward(): logits, stride, vocab, temperature, lse (fp32), entropy (fp32)
             yield "_forward_kernel", (x, stride, vocab, 1.0, f32, f32), vp.forward_launch(vocab, True), width
             # backward() on CUDA writes the gradient in the logits' dtype: into a fresh contiguous tensor (the
-            # logits ops) or over the fp32 logits themselves (the _from_hidden ops, stride = vocab there too).
+            # logits ops: row stride = vocab) or over the fp32 logits themselves (the _from_hidden ops: the
+            # head's stride).
             grad = MockTensor(dtype)
             for k in KS:
                 if k > vocab:
                     continue
                 g = k + 1
-                args = (x, stride, grad, vocab, vocab, 1.0, f32, f32, i64, f32, g)
-                yield "_backward_kernel", args, vp.backward_launch(vocab, g, dtype, True), f"{width} k={k}"
+                for stride_g in sorted({vocab, stride}):
+                    args = (x, stride, grad, stride_g, vocab, 1.0, f32, f32, i64, f32, g)
+                    yield "_backward_kernel", args, vp.backward_launch(vocab, g, dtype, True), f"{width} k={k}"
 
 
 def compile_all(arch: int) -> dict:
@@ -166,10 +170,24 @@ def compile_all(arch: int) -> dict:
         rec["stack_frame"], rec["spill_stores"], rec["spill_loads"] = map(int, stack[0])
         rec["registers"] = int(regs[0])
         rec["ptx_local"] = bool(re.search(r"\.local\b|__local_depot", kernel.asm["ptx"]))
+        rec["global_access"] = global_access(kernel.asm["ptx"])
         rec["shared"] = kernel.metadata.shared
         rec["num_warps"] = kernel.metadata.num_warps
         rec["cubin_bytes"] = len(kernel.asm["cubin"])
     return out
+
+
+GLOBAL_RE = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(\.v[248])?\.[bfsu](?:8|16|32|64)\b")
+
+
+def global_access(ptx: str) -> dict:
+    """Counts of the PTX's global loads and stores, vector (.v2/.v4: several elements per instruction) or
+    scalar. The main loop's loads are vector only where the compiler can prove the addresses aligned and the
+    accesses unmasked (or masked in whole vectors)."""
+    counts = {"ld_vector": 0, "ld_scalar": 0, "st_vector": 0, "st_scalar": 0}
+    for op, vec in GLOBAL_RE.findall(ptx):
+        counts[f"{op}_{'vector' if vec else 'scalar'}"] += 1
+    return counts
 
 
 # ----------------------------------------------------------------------------- the test
@@ -252,6 +270,27 @@ def test_every_launched_variant_compiles_for_sm80_and_sm90_without_spills(compil
             )
     shown = "\n".join(bad[:20]) + (f"\n... and {len(bad) - 20} more" if len(bad) > 20 else "")
     assert not bad, f"{len(bad)} of {len(variants)} variants fail:\n{shown}"
+
+
+def test_the_main_loops_load_and_store_whole_vectors_where_the_rows_are_aligned(compiled):
+    """Rows whose stride is a multiple of 16 elements (every real model's lm_head rows; for Qwen2.5 the
+    padded head's 152,064, of which the kernels read the tokenizer's 151,665) get vector loads in both
+    kernels' main loops, and vector stores of the gradient where its rows are aligned too. The loops run the
+    full blocks unmasked and mask only the tail: a mask `offs < vocab` over every block with an odd vocab
+    (151,665) made every load scalar, checked. Rows of an odd stride (a caller's contiguous 151,665-wide
+    logits) cannot be vector loads; they are not asserted."""
+    checked = 0
+    for rec in compiled["variants"]:
+        aligned = "stride_x" in rec["divisible_by_16"] and rec["launch"]["BLOCK"] >= 128
+        if "error" in rec or not aligned:
+            continue
+        access, name = rec["global_access"], f"sm_{rec['arch']} {rec['kernel']} {rec['dtype']} {rec['cases']}"
+        assert access["ld_vector"] >= 1, f"{name}: no vector load ({access})"
+        if rec["kernel"] == "_backward_kernel" and "stride_g" in rec["divisible_by_16"]:
+            assert access["st_vector"] >= 1, f"{name}: no vector store ({access})"
+        checked += 1
+    cases = {c for r in compiled["variants"] if "stride_x" in r["divisible_by_16"] for c in r["cases"]}
+    assert "qwen2.5-tokenizer-of-padded-logits" in cases and checked >= 4 * len(DTYPES), checked
 
 
 def test_the_variants_cover_every_kernel_dtype_and_launch_choice(compiled):

@@ -83,3 +83,65 @@ def test_the_kernels_agree_with_the_oracle_at_real_vocabulary_widths(vocab, dtyp
     (got.logprob + 0.5 * got.fkl).sum().backward()
     (want.logprob + 0.5 * want.fkl).sum().backward()
     assert_grad_close(ours.grad, ref.grad.float())
+
+
+# (lm_head rows, tokenizer tokens): Qwen2.5's padded head (its 399 padding rows masked out), the same head
+# whole, Llama-3.1's, and two widths around the interpreter's 8,192-entry block (no tail / a tail only)
+PADDED_HEADS = [(152064, 151665), (152064, 152064), (128256, 128256), (8192, 8192), (8192, 8000)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("rows,vocab", PADDED_HEADS, ids=[f"{r}-rows-{v}-tokens" for r, v in PADDED_HEADS])
+def test_the_from_hidden_ops_on_a_whole_padded_head_agree_with_the_oracle_on_its_real_rows(rows, vocab, backend):
+    """`vocab=` keeps the head's aligned row count in the projected logits and masks the rows past the
+    tokenizer: the terms and gradients equal the oracle's on the real rows alone (padding rows made the most
+    likely of all, so that reading any of them would show), and the padding rows get exactly zero gradient."""
+    from kernel_cases import DEVICE, assert_grad_close
+
+    g = torch.Generator().manual_seed(rows + vocab)
+    n, d, k = 5, 8, 16
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(rows, d, generator=g) * 0.5
+    bias = torch.randn(rows, generator=g)
+    weight[vocab:], bias[vocab:] = hidden.mean(0) * 4, 10.0  # padding rows: the most likely, if they were read
+    targets = torch.randint(vocab, (n,), generator=g)
+    targets[1] = -100
+    hidden, weight, bias, targets = (t.to(DEVICE) for t in (hidden, weight, bias, targets))
+
+    def real_logits(h, w, b):
+        return h @ w[:vocab].T + b[:vocab]
+
+    want_t = tk.teacher_topk_oracle(real_logits(hidden, weight, bias).double(), targets, k)
+    got_t = tk.teacher_topk_from_hidden(hidden, weight, targets, k, bias=bias, backend=backend, vocab=vocab)
+    assert torch.equal(got_t.ids, want_t.ids) and int(got_t.ids.max()) < vocab
+    for name in ("logprobs", "target_logprob", "entropy"):
+        torch.testing.assert_close(getattr(got_t, name), getattr(want_t, name).float(), rtol=1e-5, atol=4e-6)
+    teacher = tk.TeacherTopK(*(t.float() if t.is_floating_point() else t for t in want_t))
+    ours = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    ref = [t.double().clone().requires_grad_() for t in (hidden, weight, bias)]
+    got = tk.token_terms_from_hidden(
+        ours[0], ours[1], targets, teacher, bias=ours[2], fkl_mode="tail", backend=backend, vocab=vocab
+    )
+    want = tk.token_terms_oracle(real_logits(*ref), targets, want_t, 1.0, "tail")
+    for name in got._fields:
+        torch.testing.assert_close(getattr(got, name), getattr(want, name).float(), rtol=1e-5, atol=4e-6)
+    (got.logprob + 0.5 * got.fkl).sum().backward()
+    (want.logprob + 0.5 * want.fkl).sum().backward()
+    for a, b in zip(ours, ref):
+        assert_grad_close(a.grad, b.grad.float())
+    assert not ours[1].grad[vocab:].any() and not ours[2].grad[vocab:].any()
+
+
+@pytest.mark.parametrize("bad", [0, 152065, 1.5, True, "151665"])
+def test_a_vocab_outside_the_heads_rows_is_refused_naming_it(bad):
+    hidden, weight, targets = torch.zeros(2, 4), torch.zeros(152064, 4), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"vocab={bad!r}: expected None or an integer in \[1, 152064\]"):
+        tk.teacher_topk_from_hidden(hidden, weight, targets, 4, vocab=bad)
+
+
+def test_targets_and_k_are_checked_against_the_real_rows_not_the_heads():
+    hidden, weight = torch.zeros(2, 4), torch.zeros(64, 4)
+    with pytest.raises(ValueError, match=r"targets contains 50: expected ids in \[0, 40\)"):
+        tk.teacher_topk_from_hidden(hidden, weight, torch.tensor([3, 50]), 4, vocab=40)
+    with pytest.raises(ValueError, match=r"k=41: expected an integer in \[1, V=40\]"):
+        tk.teacher_topk_from_hidden(hidden, weight, torch.tensor([3, 5]), 41, vocab=40)

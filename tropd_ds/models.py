@@ -277,15 +277,14 @@ class VocabHeadModel(nn.Module):
         return hidden * self.logit_scale if self.logit_scale != 1.0 else hidden  # s (h W^T) = (s h) W^T
 
     def head(self):
-        """The lm_head (weight, bias) of the tokenizer's rows: padded embedding rows beyond it are not part
-        of the distribution; Cohere / Granite logit scaling folded into the bias (the hidden states carry it)."""
+        """The lm_head (weight, bias), all of its rows: the kernels mask out those past `n_tokens` (padding of
+        the embedding table, 152,064 rows for Qwen2.5's 151,665 tokens), and the logits keep the padded,
+        aligned row stride (vector loads in the Triton kernels, cuBLAS's fast paths). Cohere / Granite logit
+        scaling folded into the bias (the hidden states carry it)."""
         head = self.lm.get_output_embeddings()
         weight, bias = head.weight, getattr(head, "bias", None)
         if bias is not None and self.logit_scale != 1.0:
             bias = bias * self.logit_scale
-        if weight.shape[0] > self.n_tokens:
-            weight = weight[: self.n_tokens]
-            bias = None if bias is None else bias[: self.n_tokens]
         return weight, bias
 
 

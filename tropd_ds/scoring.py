@@ -27,7 +27,7 @@ class TeacherScorer(VocabHeadModel):
         hidden = self.hidden_states(input_ids, attention_mask)[select]
         targets = input_ids[:, 1:][select]
         weight, bias = self.head()
-        return tk.teacher_topk_from_hidden(hidden, weight, targets, k, temperature, bias)
+        return tk.teacher_topk_from_hidden(hidden, weight, targets, k, temperature, bias, vocab=self.n_tokens)
 
 
 def teacher_engine(cfg: ModelConfig, n_tokens: int):

@@ -28,7 +28,9 @@ class StudentTerms(VocabHeadModel):
         hidden = self.hidden_states(input_ids, attention_mask)[select]
         targets = input_ids[:, 1:][select]
         weight, bias = self.head()
-        return tk.token_terms_from_hidden(hidden, weight, targets, teacher, bias=bias, options=options)
+        return tk.token_terms_from_hidden(
+            hidden, weight, targets, teacher, bias=bias, options=options, vocab=self.n_tokens
+        )
 
 
 def student_engine(

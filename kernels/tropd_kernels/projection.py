@@ -13,7 +13,8 @@ from .contract import FLOAT_DTYPES, check_targets
 HIDDEN_CHUNK_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}
 
 
-def check_projection(hidden, weight, bias, targets) -> None:
+def check_projection(hidden, weight, bias, targets, vocab: int | None = None) -> int:
+    """The inputs of a _from_hidden op; returns the real vocabulary width (`check_vocab`)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden has shape {getattr(hidden, 'shape', None)}: expected [N, d]")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -32,7 +33,24 @@ def check_projection(hidden, weight, bias, targets) -> None:
         raise ValueError(f"bias is on {bias.device}: expected {hidden.device}")
     if weight.shape[0] < 1:
         raise ValueError("weight has V=0 rows: expected V >= 1")
-    check_targets(targets, hidden.shape[0], weight.shape[0], hidden.device)
+    vocab = check_vocab(vocab, weight.shape[0])
+    check_targets(targets, hidden.shape[0], vocab, hidden.device)
+    return vocab
+
+
+def check_vocab(vocab, rows: int) -> int:
+    """The real vocabulary width of a head with `rows` rows: `vocab` (the first rows; those past it, an
+    embedding table padded to a multiple of 64, are masked out), or all of them when None."""
+    if vocab is None:
+        return rows
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or not 1 <= vocab <= rows:
+        raise ValueError(f"vocab={vocab!r}: expected None or an integer in [1, {rows}] (the weight's rows)")
+    return vocab
+
+
+def real_columns(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The first `vocab` columns of a block of logits, as a view: rows keep the head's (aligned) stride."""
+    return logits if vocab == logits.shape[1] else logits[:, :vocab]
 
 
 def matmul_operand(t: torch.Tensor) -> torch.Tensor:

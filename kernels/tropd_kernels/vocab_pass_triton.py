@@ -45,6 +45,21 @@ def backward_launch(
 
 
 @triton.jit
+def _online_update(z, m, s, a):
+    """One block of z = logits / T into the running max m, sum s = sum e^(z - m) and a = sum e^(z - m) (z - m)."""
+    neg_inf = float("-inf")
+    m_new = tl.maximum(m, tl.max(z, 0))
+    m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
+    shift = tl.where(m == neg_inf, 0.0, m - m_ref)
+    alpha = tl.exp(m - m_ref)
+    e = tl.exp(z - m_ref)
+    d = tl.where(z == neg_inf, 0.0, z - m_ref)  # e is 0 there: no -inf * 0
+    a = alpha * (a + s * shift) + tl.sum(e * d, 0)
+    s = alpha * s + tl.sum(e, 0)
+    return m_new, s, a
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr,
     stride_x,
@@ -54,26 +69,24 @@ def _forward_kernel(
     ent_ptr,
     BLOCK: tl.constexpr,
 ):
+    """The row's first `vocab` logits (columns past it, up to the row stride, are never read): the full
+    blocks unmasked, which compile to vector loads where the row stride is a multiple of 16 elements
+    (an lm_head's padded row count; the vocabulary width itself need not be), then one masked tail."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     neg_inf = float("-inf")
     m = tl.full((), neg_inf, tl.float32)
     s = tl.zeros((), tl.float32)
     a = tl.zeros((), tl.float32)  # sum of e^(z - m) * (z - m), for the entropy
-    n_blocks = tl.cdiv(vocab, BLOCK)
-    for b in range(0, n_blocks):
+    n_full = vocab // BLOCK
+    for b in range(0, n_full):
         offs = b * BLOCK + tl.arange(0, BLOCK)
-        in_row = offs < vocab
-        z = tl.load(x_row + offs, mask=in_row, other=neg_inf).to(tl.float32) / temperature
-        m_new = tl.maximum(m, tl.max(z, 0))
-        m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
-        shift = tl.where(m == neg_inf, 0.0, m - m_ref)
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(z - m_ref)
-        d = tl.where(z == neg_inf, 0.0, z - m_ref)  # e is 0 there: no -inf * 0
-        a = alpha * (a + s * shift) + tl.sum(e * d, 0)
-        s = alpha * s + tl.sum(e, 0)
-        m = m_new
+        z = tl.load(x_row + offs).to(tl.float32) / temperature
+        m, s, a = _online_update(z, m, s, a)
+    if n_full * BLOCK < vocab:
+        offs = n_full * BLOCK + tl.arange(0, BLOCK)
+        z = tl.load(x_row + offs, mask=offs < vocab, other=neg_inf).to(tl.float32) / temperature
+        m, s, a = _online_update(z, m, s, a)
     m_ref = tl.where(m == neg_inf, 0.0, m)
     log_s = tl.log(s)
     tl.store(lse_ptr + row, m_ref + log_s)
@@ -102,12 +115,16 @@ def _backward_kernel(
     g_row = g_ptr + row * stride_g
     lse = tl.load(lse_ptr + row)
     g_lse = tl.load(glse_ptr + row) / temperature
-    for start in range(0, vocab, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    n_full = vocab // BLOCK  # full blocks unmasked (vector loads and stores), then one masked tail
+    for b in range(0, n_full):
+        offs = b * BLOCK + tl.arange(0, BLOCK)
+        z = tl.load(x_row + offs).to(tl.float32) / temperature
+        tl.store(g_row + offs, (tl.exp(z - lse) * g_lse).to(g_ptr.dtype.element_ty))
+    if n_full * BLOCK < vocab:
+        offs = n_full * BLOCK + tl.arange(0, BLOCK)
         in_row = offs < vocab
         z = tl.load(x_row + offs, mask=in_row, other=float("-inf")).to(tl.float32) / temperature
-        grad = tl.exp(z - lse) * g_lse
-        tl.store(g_row + offs, grad.to(g_ptr.dtype.element_ty), mask=in_row)
+        tl.store(g_row + offs, (tl.exp(z - lse) * g_lse).to(g_ptr.dtype.element_ty), mask=in_row)
     tl.debug_barrier()
     j = tl.arange(0, GP)
     ids = tl.load(ids_ptr + row * n_gather + j, mask=j < n_gather, other=-1)

@@ -7,7 +7,7 @@ import torch
 
 from ..backend import backend_module
 from ..contract import IGNORE_INDEX, TeacherTopK, check_k, check_logits_targets, check_temperature
-from ..projection import check_projection, chunk_rows, matmul_operand, project
+from ..projection import check_projection, chunk_rows, matmul_operand, project, real_columns
 
 
 def teacher_topk(
@@ -34,10 +34,12 @@ def teacher_topk_from_hidden(
     *,
     chunk_size: int | None = None,
     backend: str | None = None,
+    vocab: int | None = None,
 ) -> TeacherTopK:
-    """TeacherTopK from final hidden states [N, d] and the lm_head weight [V, d], chunk by chunk."""
-    check_projection(hidden, weight, bias, targets)
-    check_k(k, weight.shape[0])
+    """TeacherTopK from final hidden states [N, d] and the lm_head weight [V, d], chunk by chunk; `vocab` as
+    in `token_terms_from_hidden` (rows past it masked out)."""
+    vocab = check_projection(hidden, weight, bias, targets, vocab)
+    check_k(k, vocab)
     temperature = check_temperature(temperature)
     impl = backend_module(backend, hidden.device)
     rows = chunk_rows(weight.shape[0], chunk_size, hidden.device)
@@ -52,7 +54,7 @@ def teacher_topk_from_hidden(
         b = None if bias is None else bias.detach()
         for start in range(0, n, rows):
             sl = slice(start, start + rows)
-            logits = project(hidden[sl].detach(), w_mm, b)
+            logits = real_columns(project(hidden[sl].detach(), w_mm, b), vocab)
             lse[sl], gat, entropy[sl], top_vals[sl], top_ids[sl] = impl.forward(logits, target_ids[sl], temperature, k)
             target_logit[sl] = gat[:, 0]
             del logits

@@ -18,7 +18,7 @@ from ..contract import (
     check_logits_targets,
     check_teacher,
 )
-from ..projection import addmm_fp32_, check_projection, chunk_rows, matmul_operand, mm_fp32, project
+from ..projection import addmm_fp32_, check_projection, chunk_rows, matmul_operand, mm_fp32, project, real_columns
 from ..topk_fkl import student_terms
 
 
@@ -29,6 +29,7 @@ class VocabPass:
     temperature: float
     backend: ModuleType  # vocab_pass_torch or vocab_pass_triton
     rows: int = 0  # tokens per projected [rows, V] block (hidden-state input only)
+    vocab: int = 0  # the real columns of a projected block (hidden-state input only): the rest are masked out
 
 
 class _VocabReduce(torch.autograd.Function):
@@ -64,7 +65,7 @@ class _HiddenVocabReduce(torch.autograd.Function):
         gathered = torch.empty(gather_ids.shape, device=hidden.device)
         for start in range(0, n, rows):
             sl = slice(start, start + rows)
-            logits = project(hidden[sl], w_mm, bias)
+            logits = real_columns(project(hidden[sl], w_mm, bias), vocab_pass.vocab)
             lse[sl], gathered[sl], entropy[sl], _, _ = vocab_pass.backend.forward(
                 logits, gather_ids[sl], vocab_pass.temperature
             )
@@ -87,10 +88,14 @@ class _HiddenVocabReduce(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], device=weight.device) if need_b and bias is not None else None
         for start in range(0, hidden.shape[0], vp.rows):
             sl = slice(start, start + vp.rows)
-            logits = project(hidden[sl], w_mm, bias)
-            g = vp.backend.backward(
-                logits, safe_lse[sl], gather_ids[sl], grad_lse[sl], grad_gathered[sl], vp.temperature, out=logits
+            logits = project(hidden[sl], w_mm, bias)  # all of the head's rows: the gradient's layout
+            real = real_columns(logits, vp.vocab)
+            vp.backend.backward(
+                real, safe_lse[sl], gather_ids[sl], grad_lse[sl], grad_gathered[sl], vp.temperature, out=real
             )
+            if real is not logits:
+                logits[:, vp.vocab :] = 0.0  # masked-out rows of the head: no gradient
+            g = logits
             g_mm = g.to(w_mm.dtype) if need_h or need_w else None  # rounded once, for both products
             if need_h:
                 grad_h[sl] = mm_fp32(g_mm, w_mm)
@@ -165,12 +170,16 @@ def token_terms_from_hidden(
     options: KernelOptions | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
+    vocab: int | None = None,
 ) -> TokenTerms:
-    """Student terms from hidden states; gradients flow to hidden, weight and bias (fp32 accumulation)."""
-    check_projection(hidden, weight, bias, targets)
-    check_teacher(teacher, targets, weight.shape[0])
+    """Student terms from hidden states; gradients flow to hidden, weight and bias (fp32 accumulation).
+    `vocab`: the distribution is over weight's first `vocab` rows (a tokenizer's tokens); the rows past it (a
+    head padded to a multiple of 64) are projected, keeping the logits' rows aligned, but masked out and get
+    no gradient. None: all rows."""
+    vocab = check_projection(hidden, weight, bias, targets, vocab)
+    check_teacher(teacher, targets, vocab)
     opts = _options(options, temperature, fkl_mode, logprob_floor, fkl_cover)
     rows = chunk_rows(weight.shape[0], chunk_size, hidden.device)
-    vocab_pass = VocabPass(opts.temperature, backend_module(backend, hidden.device), rows)
+    vocab_pass = VocabPass(opts.temperature, backend_module(backend, hidden.device), rows, vocab)
     lse, gathered, entropy = _HiddenVocabReduce.apply(hidden, weight, bias, _gather_ids(targets, teacher), vocab_pass)
     return student_terms(lse, gathered, entropy, targets != IGNORE_INDEX, teacher.logprobs, opts)
