@@ -334,3 +334,62 @@ def test_host_memory_keeps_a_reserve_and_a_plan_that_eats_it_does_not_fit():
     out = run_plan("--student", "llama-3.1-8b", "--teacher", "llama-3.1-70b", "--rollout-micro-batch", "16",
                    "--host-mem-gib", "290", "--host-process-gib", "7")  # fmt: skip
     assert out.returncode == 1 and "reserve: 8 processes                         56.00" in out.stdout, out.stdout
+
+
+def test_a_decoded_token_costs_the_weights_and_three_passes_over_the_kv_cache_or_the_host_if_larger():
+    """Per decoded token the GPU reads the bf16 weights once and the KV cache three times (attention reads it,
+    DynamicCache's torch.cat reads it again and writes the grown copy), at the cache's average size; the host
+    issues each layer's launches from Python; a token costs the larger."""
+    llama = P.load_arch("llama-3.1-8b")
+    teacher = P.load_arch("llama-3.1-70b")
+    rows, seq, response = 16, 1024 + 8096, 8096
+    wl = P.Workload(rollout_micro_batch=rows)
+    ps = llama.params()
+    hbm = 3350e9 * 0.6
+    kv_mid = 2 * llama.layers * llama.kv_dim * 2 * seq * rows / 2
+    r = P.plan(llama, teacher, P.Hardware(), wl)
+    d = r["step_seconds"]["detail"]
+    assert d["decode_ms"]["weights"] == round(2 * ps / hbm * 1e3, 2)
+    assert d["decode_ms"]["kv_cache"] == round(3 * kv_mid / hbm * 1e3, 2)
+    assert d["decode_ms"]["host"] == round(32 * 0.6, 2)
+    gpu_ms = (2 * ps + 3 * kv_mid) / hbm * 1e3
+    assert d["decode_ms"]["gpu"] == round(gpu_ms, 2) and d["decode_per_token_ms"] == round(max(gpu_ms, 19.2), 2)
+    # no host cost: the GPU's time alone; a slow host: the host's alone, batch size or not
+    fast = P.plan(llama, teacher, P.Hardware(decode_host_ms_per_layer=0.0), wl)["step_seconds"]
+    assert fast["detail"]["decode_per_token_ms"] == round(gpu_ms, 2)
+    slow = P.plan(llama, teacher, P.Hardware(decode_host_ms_per_layer=2.0), wl)["step_seconds"]
+    assert slow["detail"]["decode_per_token_ms"] == 64.0
+    chunks = -(-r["rollouts_per_gpu"] // rows)
+    decode_s = slow["rollout"] - slow["detail"]["prefill_s"] - slow["detail"]["gather_student_s"]
+    assert decode_s == pytest.approx(chunks * response * 0.064, abs=0.2)
+    text = P.format_plan(r)
+    assert "KV cache read + grown by cat" in text and "0.6 ms x 32 layers, assumed" in text
+
+
+def test_the_plans_kv_cache_traffic_follows_transformers_dynamic_cache_growing_by_copy():
+    """The plan counts a read and a write of the whole cache per token for the cache's growth: true while
+    transformers' DynamicCache concatenates (each update returns new tensors). A cache that grows in place
+    would make that term wrong: this test then fails, and the plan's decode_kv_s must change with it."""
+    from transformers import DynamicCache, LlamaConfig
+
+    cache = DynamicCache(config=LlamaConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=8))
+    k = torch.zeros(1, 2, 3, 4)
+    first, _ = cache.update(k, k.clone(), 0)
+    first_ptr = first.data_ptr()
+    second, _ = cache.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), 0)
+    assert second.shape[2] == 4 and second.data_ptr() != first_ptr  # a new, grown tensor: a copy of the cache
+
+
+def test_the_gather_flags_take_auto_true_or_false_and_name_a_bad_value():
+    """--gather-for-generation and --teacher-gathered are true / false / auto like rollout.gather_params and
+    teacher.gather_params (they were parsed as integers: `false` was refused)."""
+    base = ["--student", "llama-3.1-8b", "--teacher", "llama-3.1-70b", "--rollout-micro-batch", "12", "--json"]
+    cmd = [sys.executable, "-m", "tropd_ds.plan", *base]
+    runs = {
+        v: subprocess.run(cmd + ["--gather-for-generation", v], capture_output=True, text=True, cwd=ROOT)
+        for v in ("false", "auto", "maybe")
+    }
+    off, auto = (json.loads(runs[v].stdout) for v in ("false", "auto"))
+    assert off["workload"]["gather_for_generation"] is False and auto["workload"]["gather_for_generation"] is True
+    assert off["step_seconds"]["rollout"] > 2 * auto["step_seconds"]["rollout"]  # layer by layer, every token
+    assert runs["maybe"].returncode == 2 and "'maybe': expected auto or one of true" in runs["maybe"].stderr

@@ -170,6 +170,13 @@ class Hardware:
     mfu: float = 0.4  # fraction of peak reached by large matmuls
     hbm_gbs: float = 3350.0
     hbm_efficiency: float = 0.6  # of HBM bandwidth reached by decoding (HF generate is far from vLLM)
+    # The host's share of one decoded token: an eager Hugging Face forward issues every module from Python, a
+    # few dozen kernel launches per decoder layer, whatever the batch. The GPU runs them asynchronously (the
+    # decode loop syncs only every 16 tokens), so a token costs the larger of this and the GPU's own time.
+    # 0.6 ms per layer is an assumption, not a measurement on our code: it is what HF's eager decode of an 8B
+    # model at about 30 tokens/s per sequence implies, where HBM alone would allow 150+. The GPU check's
+    # rollout micro-benchmark replaces it when a GPU is at hand.
+    decode_host_ms_per_layer: float = 0.6
     pcie_gbs: float = 25.0  # effective host<->GPU per GPU
     intra_gbs: float = 300.0  # NVLink all-gather bus bandwidth per GPU
     inter_gbs: float = 40.0  # network per GPU across nodes (e.g. 400 Gb/s InfiniBand)
@@ -412,8 +419,14 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     gather_s = 2 * ps * (G - 1) / G / coll if wl.gather_for_generation else 0.0
     chunks = math.ceil(rollouts / gen_batch)
     prefill_s = chunks * 2 * ps * gen_batch * pre_len / flops
-    kv_mid = kv / 2
-    per_token = max((2 * ps + kv_mid) / (hw.hbm_gbs * 1e9 * hw.hbm_efficiency), 2 * ps * gen_batch / flops)
+    kv_mid = kv / 2  # the KV cache at the average decoded position
+    hbm = hw.hbm_gbs * 1e9 * hw.hbm_efficiency
+    # transformers' DynamicCache grows by torch.cat in every layer at every token: besides attention's read
+    # of the cache, the cat reads it and writes the grown copy, three passes over the cache per token
+    decode_weights_s, decode_kv_s = 2 * ps / hbm, 3 * kv_mid / hbm
+    decode_gpu_s = max(decode_weights_s + decode_kv_s, 2 * ps * gen_batch / flops)
+    decode_host_s = student.layers * hw.decode_host_ms_per_layer / 1e3
+    per_token = max(decode_gpu_s, decode_host_s)
     if not wl.gather_for_generation:
         per_token = max(per_token, 2 * ps * (G - 1) / G / coll)  # ZeRO-3 gathers every layer for every token
     decode_s = chunks * wl.response_len * per_token
@@ -482,6 +495,12 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
                 "gather_student_s": round(gather_s, 2),
                 "prefill_s": round(prefill_s, 2),
                 "decode_per_token_ms": round(per_token * 1e3, 2),
+                "decode_ms": {  # a token costs the largest of the GPU's time, the host's and (layer by layer) gathers
+                    "weights": round(decode_weights_s * 1e3, 2),
+                    "kv_cache": round(decode_kv_s * 1e3, 2),
+                    "gpu": round(decode_gpu_s * 1e3, 2),
+                    "host": round(decode_host_s * 1e3, 2),
+                },
                 "teacher_passes": passes,
                 "teacher_pass_s": {
                     "compute": round(t_compute, 2),
@@ -620,6 +639,9 @@ def format_plan(r: dict) -> str:
         f"{hw['intra_gbs'] if hw['nodes'] == 1 else min(hw['intra_gbs'], hw['inter_gbs']):g} GB/s",
         f"  rollout          {st['rollout']:>8.1f}   (gather {d['gather_student_s']} s, prefill {d['prefill_s']} s, "
         f"{d['decode_per_token_ms']} ms per decoded token)",
+        f"{'':30}per token: GPU {d['decode_ms']['gpu']} ms (weights {d['decode_ms']['weights']}, "
+        f"KV cache read + grown by cat {d['decode_ms']['kv_cache']}), host {d['decode_ms']['host']} ms "
+        f"({hw['decode_host_ms_per_layer']:g} ms x {r['student']['layers']} layers, assumed)",
         f"  teacher scoring  {st['teacher_scoring']:>8.1f}   ({d['teacher_passes']} passes; per pass compute "
         f"{d['teacher_pass_s']['compute']} s, "
         f"all-gather {d['teacher_pass_s']['all_gather']} s, fetch {d['teacher_pass_s']['fetch']} s)",
@@ -684,6 +706,18 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
 
 
+def parse_bool_or_auto(text: str) -> bool | str:
+    """A gather setting's value: `auto` (the run's rule: gathered when the model fits with room to spare) or a
+    boolean as `parse_bool` reads it."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return parse_bool(text)
+    except argparse.ArgumentTypeError:
+        words = ", ".join(TRUE_WORDS + FALSE_WORDS)
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or one of {words}") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="tropd-ds plan",
@@ -702,6 +736,8 @@ def main(argv=None) -> int:
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             ap.add_argument(flag, type=parse_bool, default=None, metavar="BOOL")
+        elif f.type == "bool | str":  # gather_params: true, false or auto
+            ap.add_argument(flag, type=parse_bool_or_auto, default=None, metavar="BOOL|auto")
         elif f.name in ("student_offload", "teacher_offload"):
             ap.add_argument(
                 flag, default=None, choices=STUDENT_OFFLOADS if f.name == "student_offload" else TEACHER_OFFLOADS
