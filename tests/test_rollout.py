@@ -424,3 +424,80 @@ def test_asking_whether_all_rows_ended_every_16_tokens_gives_the_tokens_of_askin
         assert len(set(lengths)) > 3 and max(lengths) < 40, lengths
     with pytest.raises(ValueError, match=r"check_every=0: expected None or a number of tokens >= 1"):
         engine_for(lm, check_every=0)
+
+
+@pytest.mark.parametrize("arch", ["ending_llama", "llama", "gpt2"])
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8), (0.0, 1.0)], ids=["t1", "t0.7_p0.8", "greedy"])
+def test_the_preallocated_kv_cache_gives_the_tokens_of_transformers_dynamic_cache(
+    tmp_path, arch, temperature, top_p, monkeypatch
+):
+    """The KV cache written in place (kv_cache.PreallocatedLayer, one buffer per layer for the prompt width
+    plus the longest budget) against DynamicCache, which copies the cache at every token: the same seed gives
+    the same tokens, masks and width, with and without teacher prefixes, rows ending early and running to
+    their budgets, rotary (Llama) and absolute (GPT-2) positions. The preallocated layers are the ones used,
+    each holding its buffer from the prefill on."""
+    from tropd_ds import kv_cache
+
+    if arch == "ending_llama":
+        build_biased_llama(tmp_path / "m", TOK, {EOS: 1.0, SEMI: 0.5})
+    elif arch == "llama":
+        build_llama(tmp_path / "m", TOK, hidden=32, layers=2, heads=2, mlp=64, seed=11)
+    else:
+        _tiny_gpt2(tmp_path / "m")
+    lm = load(tmp_path / "m")
+    ps = prompts()
+    prefixes = [[], TOK("3")["input_ids"], [], TOK("7;4;1")["input_ids"], [], TOK("1;")["input_ids"] + [EOS], [], []]
+    sampling = SamplingConfig(max_new_tokens=40, temperature=temperature, top_p=top_p)
+    made = []
+    original = kv_cache.preallocated_cache
+    monkeypatch.setattr(kv_cache, "preallocated_cache", lambda *a: made.append(original(*a)) or made[-1])
+    runs = {}
+    for preallocate in (False, True, False):
+        torch.manual_seed(4)
+        runs[preallocate] = rollout.sample(engine_for(lm, preallocate=preallocate), ps, prefixes, sampling, "cpu")
+    for field in ("input_ids", "attention_mask", "sampled", "prefix"):
+        assert torch.equal(getattr(runs[True], field), getattr(runs[False], field)), field
+    assert len(made) == 1 and kv_cache.uses_preallocated(made[0])
+    width = max(len(p.ids) + len(pre) for p, pre in zip(ps, prefixes))
+    for layer in made[0].layers:
+        assert layer.capacity == width + 40 and layer.key_buffer.shape[-2] == width + 40  # never grown
+        assert layer.keys.data_ptr() == layer.key_buffer.data_ptr()  # a view of the buffer, not a copy
+
+
+def test_a_preallocated_layer_holds_what_a_dynamic_layer_holds_and_grows_past_its_capacity():
+    from transformers.cache_utils import DynamicLayer
+
+    from tropd_ds.kv_cache import PreallocatedLayer
+
+    ours, theirs = PreallocatedLayer(capacity=6), DynamicLayer()
+    g = torch.Generator().manual_seed(0)
+    for n in (4, 1, 1, 3):  # a prefill, two tokens, then past the capacity of 6
+        k, v = torch.randn(2, 3, n, 5, generator=g), torch.randn(2, 3, n, 5, generator=g)
+        got, want = ours.update(k, v), theirs.update(k.clone(), v.clone())
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert ours.get_seq_length() == theirs.get_seq_length()
+    assert ours.capacity == 12  # twice the capacity it outgrew
+    with pytest.raises(ValueError, match=r"capacity=0: expected a number of positions >= 1"):
+        PreallocatedLayer(capacity=0)
+
+
+def test_a_model_with_sliding_window_layers_keeps_transformers_cache_and_its_tokens(tmp_path):
+    """A Mistral-style config with a sliding window: its layers are DynamicSlidingWindowLayer, which the
+    preallocated cache does not replace; generation runs on transformers' own cache, the same tokens."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tropd_ds import kv_cache
+
+    config = MistralConfig(vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=6, pad_token_id=PAD,
+                           eos_token_id=EOS, bos_token_id=BOS)  # fmt: skip
+    torch.manual_seed(3)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "m")
+    lm = load(tmp_path / "m")
+    cache = kv_cache.preallocated_cache(lm.config, 50)
+    assert not kv_cache.uses_preallocated(cache) and len(cache.layers) == 2
+    ps, sampling, runs = prompts(), SamplingConfig(max_new_tokens=20), {}
+    for preallocate in (False, True):
+        torch.manual_seed(5)
+        runs[preallocate] = rollout.sample(engine_for(lm, preallocate=preallocate), ps, [[]] * len(ps), sampling, "cpu")
+    assert torch.equal(runs[True].input_ids, runs[False].input_ids)

@@ -43,6 +43,7 @@ def test_hook_free_rollout_under_zero3(zero3_results):
         # asking whether every row ended every 5 tokens instead of every token: the same tokens, gathered and
         # layer by layer (where the 2 ranks agree at each check)
         assert free["same_when_checked_every_5_tokens"] and hooked["same_when_checked_every_5_tokens"]
+        assert free["same_with_dynamic_cache"] and hooked["same_with_dynamic_cache"]  # the preallocated KV cache
         ids, sampled = torch.tensor(free["input_ids"]), torch.tensor(free["sampled"])
         seen = ids[:, 1:][sampled]
         pads += int((seen == pad).sum())

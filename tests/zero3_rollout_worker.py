@@ -56,6 +56,11 @@ def one_run(model_dir: str, gather: bool, rank: int, world: int) -> dict:
     torch.manual_seed(100 + rank)
     checked = rollout.sample(sparse, prompts, [[]] * MB, SamplingConfig(max_new_tokens=NEW), torch.device("cpu"))
     same_every_5 = all(torch.equal(getattr(checked, f), getattr(tokens, f)) for f in ("input_ids", "attention_mask"))
+    # and with transformers' DynamicCache in place of the preallocated one (the default)
+    dynamic = rollout.GenerateRollout(engine, tok.pad_token_id, ro.end_ids, gather=gather, preallocate=False)
+    torch.manual_seed(100 + rank)
+    copied = rollout.sample(dynamic, prompts, [[]] * MB, SamplingConfig(max_new_tokens=NEW), torch.device("cpu"))
+    same_dynamic = all(torch.equal(getattr(copied, f), getattr(tokens, f)) for f in ("input_ids", "attention_mask"))
     targets = tokens.input_ids[:, 1:][tokens.sampled]
     teacher = tk.teacher_topk(
         torch.randn(len(targets), len(tok), generator=torch.Generator().manual_seed(rank)) * 2, targets, 4
@@ -79,6 +84,7 @@ def one_run(model_dir: str, gather: bool, rank: int, world: int) -> dict:
         "hooks": sum(len(pre) + len(post) for _, pre, post in before),
         "hook_calls_while_generating": len(calls),
         "same_when_checked_every_5_tokens": same_every_5,
+        "same_with_dynamic_cache": same_dynamic,
         "params": params,
     }
 
@@ -122,6 +128,7 @@ def main(model_dir: str, plain_dir: str, out: str) -> None:
                     "hooks",
                     "hook_calls_while_generating",
                     "same_when_checked_every_5_tokens",
+                    "same_with_dynamic_cache",
                 )
             }
             for k, v in runs.items()

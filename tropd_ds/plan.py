@@ -160,6 +160,9 @@ def load_arch(spec: str) -> Arch:
     )
 
 
+KV_CACHE_PASSES = 1  # reads of the whole KV cache per decoded token (see plan())
+
+
 @dataclass
 class Hardware:
     gpus_per_node: int = 8
@@ -421,9 +424,10 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     prefill_s = chunks * 2 * ps * gen_batch * pre_len / flops
     kv_mid = kv / 2  # the KV cache at the average decoded position
     hbm = hw.hbm_gbs * 1e9 * hw.hbm_efficiency
-    # transformers' DynamicCache grows by torch.cat in every layer at every token: besides attention's read
-    # of the cache, the cat reads it and writes the grown copy, three passes over the cache per token
-    decode_weights_s, decode_kv_s = 2 * ps / hbm, 3 * kv_mid / hbm
+    # the rollout's KV cache is written in place (kv_cache.PreallocatedLayer): attention's read is the one pass
+    # over it per token (transformers' DynamicCache, kept for sliding-window layers, would add a read and a
+    # write of the whole cache by torch.cat: three passes)
+    decode_weights_s, decode_kv_s = 2 * ps / hbm, KV_CACHE_PASSES * kv_mid / hbm
     decode_gpu_s = max(decode_weights_s + decode_kv_s, 2 * ps * gen_batch / flops)
     decode_host_s = student.layers * hw.decode_host_ms_per_layer / 1e3
     per_token = max(decode_gpu_s, decode_host_s)
@@ -640,7 +644,7 @@ def format_plan(r: dict) -> str:
         f"  rollout          {st['rollout']:>8.1f}   (gather {d['gather_student_s']} s, prefill {d['prefill_s']} s, "
         f"{d['decode_per_token_ms']} ms per decoded token)",
         f"{'':30}per token: GPU {d['decode_ms']['gpu']} ms (weights {d['decode_ms']['weights']}, "
-        f"KV cache read + grown by cat {d['decode_ms']['kv_cache']}), host {d['decode_ms']['host']} ms "
+        f"KV cache {d['decode_ms']['kv_cache']}), host {d['decode_ms']['host']} ms "
         f"({hw['decode_host_ms_per_layer']:g} ms x {r['student']['layers']} layers, assumed)",
         f"  teacher scoring  {st['teacher_scoring']:>8.1f}   ({d['teacher_passes']} passes; per pass compute "
         f"{d['teacher_pass_s']['compute']} s, "

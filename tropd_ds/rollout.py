@@ -214,8 +214,11 @@ class GenerateRollout(RolloutEngine):
     long generation is what limits it on a GPU).
     `vocab`: only ids below it are ever drawn, greedy or sampled. An lm_head can have more rows than the
     tokenizer has tokens (Qwen2.5: 152,064 rows for 151,665 tokens); those rows are not tokens, and
-    scoring and the update cut them off. Default: the wrapped model's `n_tokens` (tropd-ds's
-    `VocabHeadModel`), else every row."""
+    scoring and the update mask them out. Default: the wrapped model's `n_tokens` (tropd-ds's
+    `VocabHeadModel`), else every row.
+    `preallocate`: the KV cache written in place into buffers sized once per micro-batch
+    (`kv_cache.preallocated_cache`; transformers' DynamicCache where the model has layers other than full
+    attention); False: DynamicCache, which copies the whole cache at every token."""
 
     name = "generate"
 
@@ -228,8 +231,10 @@ class GenerateRollout(RolloutEngine):
         micro_batch: int = 0,
         vocab: int | None = None,
         check_every: int | None = None,
+        preallocate: bool = True,
     ):
         self.engine, self.pad_id, self.end_ids = engine, pad_id, tuple(end_ids)
+        self.preallocate = bool(preallocate)
         self.gather, self.micro_batch = gather, micro_batch
         if check_every is not None and (isinstance(check_every, bool) or int(check_every) < 1):
             raise ValueError(f"check_every={check_every!r}: expected None or a number of tokens >= 1")
@@ -291,19 +296,24 @@ class GenerateRollout(RolloutEngine):
         whose rows are done keeps feeding pads (drawing nothing) until all are."""
         from transformers import DynamicCache
 
+        from .kv_cache import preallocated_cache
+
         rows = ids.shape[0]
         end = torch.as_tensor(self.end_ids, device=ids.device)
         every = self.check_every or (16 if ids.device.type == "cuda" else 1)
-        cache = DynamicCache(config=self.lm.config)
+        limit = int(budgets.max()) if rows else 0  # no row decodes past its budget: the loop's last token
+        if self.synced:
+            limit = int(collectives.all_reduce([float(limit)], op="max")[0])
+        # the prompts and every token but the last go through the model: ids.shape[1] + limit - 1 positions
+        capacity = ids.shape[1] + max(1, limit)
+        config = self.lm.config
+        cache = preallocated_cache(config, capacity) if self.preallocate else DynamicCache(config=config)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache_kw = {self.cache_keyword: cache}
         out = self.lm(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kw
         )
         done = budgets <= 0
-        limit = int(budgets.max()) if rows else 0  # no row decodes past its budget: the loop's last token
-        if self.synced:
-            limit = int(collectives.all_reduce([float(limit)], op="max")[0])
         busy = not bool(done.all())  # this rank still has a row to decode
         generated = []
         while True:
