@@ -67,10 +67,11 @@ KERNEL_TESTS = (
 REHEARSAL_KERNEL_TESTS = (
     "(fp32 and torch and N37 and V3001 and floorNone and coverNone) or (projected and nobias and fp32 and torch)"
 )
-# Each step's share of the budget (420 s: env 33.6, kernels 75.6, bench 96.6, train 168). With the kill
-# grace (1% of the budget, at most 5 s) after each step, 7% is left over (29.4 s): for starting up
-# (torch's import), the last writes, and the margin to the budget.
-SHARES = {"env": 0.08, "kernels": 0.18, "bench": 0.23, "train": 0.40}
+# Each step's share of the budget (420 s: env 33.6, kernels 42, bench 147, train 151.2; on an H200 on
+# 2026-11-30 the steps took 15.5, 17.7, 60.8 (the kernel bench alone) and 23.5 s). With the kill grace (1% of
+# the budget, at most 5 s) after each step, 7% is left over (29.4 s): for starting up (torch's import), the
+# last writes, and the margin to the budget.
+SHARES = {"env": 0.08, "kernels": 0.10, "bench": 0.35, "train": 0.36}
 DEFAULT_BUDGET = 420.0
 MAX_RESULT_FILES = 8  # what the device tool brings back from $OUT
 LOGS = {name: f"{name}.log" for name in SHARES}
@@ -500,13 +501,18 @@ class Check:
     def bench_step(self) -> None:
         bench = self.work / "bench"
         shutil.rmtree(bench, ignore_errors=True)
-        # the bench stops starting measurements this long before the step's limit (start-up, the last case)
-        budget = max(1.0, self.limit("bench") - (10.0 if self.rehearsal else BENCH_MARGIN_S))
+        # the kernel bench stops starting measurements this long before the step's limit (start-up, the last
+        # case, then the rollout's decode bench)
+        margin = (10.0 if self.rehearsal else BENCH_MARGIN_S) + (0.0 if self.rehearsal else ROLLOUT_BENCH_S)
+        budget = max(1.0, self.limit("bench") - margin)
         preset = ["--preset", "gpu"]
         if self.rehearsal:  # the smoke preset's lm_head case; no re-exec for the allocator setting
             preset = ["--preset", "smoke", "--repeats", "1", "--only", "from_hidden"]
-        cmd = [sys.executable, "scripts/bench_kernels.py", *preset, "--modes", "forward,full"]
-        cmd += ["--budget-s", f"{budget:.0f}", "--out", str(bench)]
+        kernels = [sys.executable, "scripts/bench_kernels.py", *preset, "--modes", "forward,full"]
+        kernels += ["--budget-s", f"{budget:.0f}", "--out", str(bench)]
+        rollout = [sys.executable, "scripts/bench_rollout.py", *(ROLLOUT_REHEARSAL if self.rehearsal else ROLLOUT_GPU)]
+        rollout += ["--out", str(bench / "rollout")]
+        cmd = [sys.executable, __file__, "--_bench", json.dumps([kernels, rollout])]
 
         def refresh(step):
             results = bench / "RESULTS.json"
@@ -520,6 +526,10 @@ class Check:
                     errors=sum("error" in r for r in data["rows"]),
                     table=table,
                 )
+            decode = bench / "rollout" / "RESULTS.json"
+            if decode.is_file() and "summary" in step:
+                step["summary"]["rollout"] = json.loads(decode.read_text())
+                step["summary"]["rollout_table"] = (bench / "rollout" / "RESULTS.md").read_text()
 
         self.run_step("bench", cmd, refresh, extra_env={"MALLOC_MMAP_THRESHOLD_": "65536"} if self.rehearsal else None)
 
@@ -617,6 +627,8 @@ def summary(result: dict) -> str:
     if bench:
         lines += ["", f"### Kernel benchmarks ({bench['status']}; {bench['not_run']} measurements not run)", ""]
         lines.append(bench["table"])
+        if bench.get("rollout_table"):
+            lines += ["", "### Rollout decode", "", bench["rollout_table"]]
     train = steps["train"].get("summary")
     if train:
         lines += [
@@ -687,11 +699,28 @@ STEP_WHAT = {
     "against the oracle), over "
     "pytest-xdist workers",
     "bench": "`bench_kernels.py --preset gpu --modes forward,full --budget-s {bench_budget:.0f}`: inputs drawn on "
-    "the GPU, the 70B/8B lm_head shapes first, rows written as they complete",
+    "the GPU, the 70B/8B lm_head shapes first, rows written as they complete; then `bench_rollout.py --preset gpu` "
+    "(the decode loop's settings, the host's ms per layer)",
     "train": "`tropd_ds.train` on one GPU: NCCL, bf16 engines, DeepSpeed's `torch_adam`, the teacher offloaded "
     "to CPU, 10 steps, evaluations at steps 0 and 10, a checkpoint and the export",
 }
 BENCH_MARGIN_S = 20.0  # the bench starts no measurement this close to its step's limit (start-up, the last case)
+# The rollout's decode bench after the kernels' (scripts/bench_rollout.py: DynamicCache or the preallocated
+# cache, a sync every token or every 16; the host's ms per layer the planner assumes): 8 of Llama-3.1-8B's
+# layers, 16 rows of 1024 + 256 tokens, 2 repeats, about 25 s on an H100-class GPU; a tiny model when rehearsing.
+ROLLOUT_BENCH_S = 35.0
+ROLLOUT_GPU = ["--preset", "gpu", "--new-tokens", "256", "--repeats", "2"]
+ROLLOUT_REHEARSAL = ["--preset", "cpu", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--vocab", "256",
+                     "--rows", "2", "--prompt", "16", "--new-tokens", "8", "--repeats", "1"]  # fmt: skip
+
+
+def bench_both(commands: list[list[str]]) -> int:
+    """The bench step's two benchmarks in turn (the kernels', then the rollout's); the first failure's code."""
+    code = 0
+    for cmd in commands:
+        print(f"[gpu-check bench] {' '.join(cmd)}", flush=True)
+        code = code or subprocess.call(cmd, cwd=ROOT)
+    return code
 
 
 def how_to_run(budget: float = DEFAULT_BUDGET) -> str:
@@ -699,7 +728,7 @@ def how_to_run(budget: float = DEFAULT_BUDGET) -> str:
     p = plan(budget)
     rows = ["| step | limit | what |", "|---|---|---|"]
     for name, limit in p["timeouts_s"].items():
-        what = STEP_WHAT[name].format(bench_budget=limit - BENCH_MARGIN_S)
+        what = STEP_WHAT[name].format(bench_budget=limit - BENCH_MARGIN_S - ROLLOUT_BENCH_S)
         rows.append(f"| {name} | {limit:g} s | {what} |")
     return HOW_TO_RUN.format(
         command=DEVICE_COMMAND,
@@ -715,6 +744,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_env"]:
         return env_step(Path(argv[1]), Path(argv[2]))
+    if argv[:1] == ["--_bench"]:
+        return bench_both(json.loads(argv[1]))
     if argv[:1] == ["--_train"]:
         guarded_train(argv[1:])
         return 0

@@ -125,6 +125,7 @@ def test_the_rehearsal_writes_each_step_as_it_completes(tmp_path):
     assert kernels["counts"].get("passed", 0) >= 5 and not kernels["failed"]
     bench = steps["bench"]["summary"]
     assert bench["status"] == "complete" and bench["rows"] and not bench["errors"]
+    assert len(bench["rollout"]["rows"]) == 4 and all(r["same_tokens_as_first"] for r in bench["rollout"]["rows"])
     train = steps["train"]["summary"]
     assert train["steps_done"] == train["steps_planned"] == 2 and train["exported"]
     assert train["jit_builds_refused"] == []
@@ -132,6 +133,7 @@ def test_the_rehearsal_writes_each_step_as_it_completes(tmp_path):
     assert (out / "metrics.jsonl").read_text().count("\n") >= 2
     md = (out / "GPU.md").read_text()
     assert "Status: **passed**" in md and "| train | passed | 0 |" in md and "## How to run" in md
+    assert "### Rollout decode" in md and "| preallocated, ask every 16 |" in md
 
 
 @pytest.mark.rehearsal  # the check's flow under a 10 s budget: `make rehearse`
