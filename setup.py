@@ -1,4 +1,24 @@
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+SHIPPED_DIRS = ("configs", "ds_configs")  # tropd_ds/resources.py finds them here in a clone
+
+
+class BuildWithShippedFiles(build_py):
+    """The wheel carries configs/ (presets, model shapes, the demo config) and ds_configs/ inside the
+    package, as tropd_ds/_shipped/, where tropd_ds.resources.shipped finds them once installed."""
+
+    def run(self):
+        super().run()
+        root = Path(__file__).resolve().parent
+        for name in SHIPPED_DIRS:
+            target = Path(self.build_lib) / "tropd_ds" / "_shipped" / name
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(root / name, target)
+
 
 setup(
     name="tropd-ds",
@@ -39,4 +59,5 @@ setup(
         "wandb": ["wandb>=0.17,<1"],  # DeepSpeed's Weights & Biases monitor
     },
     entry_points={"console_scripts": ["tropd-ds=tropd_ds.cli:main"]},
+    cmdclass={"build_py": BuildWithShippedFiles},
 )

@@ -6,7 +6,8 @@ train   the distillation run (launch with `deepspeed --num_gpus N --module tropd
 plan    memory budget per GPU and host and a step-time estimate, from configs alone
 eval    held-out accuracy (avg@n, standard error, per-prompt records) of a Hugging Face model folder
 export  a Hugging Face folder from the newest DeepSpeed checkpoint of a run
-config  every config field with its type, default, range and meaning (--list); a resolved config (--dump)
+config  every config field with its type, default, range and meaning (--list); a resolved config (--dump);
+        where the shipped presets and DeepSpeed configs are (--presets)
 """
 
 from __future__ import annotations
@@ -367,12 +368,29 @@ def _config(argv) -> int:
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--list", action="store_true", help="every field")
     what.add_argument("--dump", action="store_true", help="the resolved config of --config (and --set)")
+    what.add_argument(
+        "--presets", action="store_true", help="where the shipped presets, model shapes and DeepSpeed configs are"
+    )
     ap.add_argument("--config", default=None, help="YAML or JSON run config (for --dump; default: all defaults)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", action="store_true", help="JSON instead of text (--list) or YAML (--dump)")
     args = ap.parse_args(argv)
     from .config import ConfigError, describe_fields, load_config, to_dict
 
+    if args.presets:
+        from .resources import shipped
+
+        configs, ds_configs = shipped("configs"), shipped("ds_configs")
+        print(f"presets (run configs for 70B -> 8B / 72B -> 7B; copy one and set its paths): {configs / 'presets'}")
+        for path in sorted((configs / "presets").glob("*.yaml")):
+            print(f"  {path}")
+        print(f"the demo's config (its models and data are a clone's demo_assets/): {configs / 'demo.yaml'}")
+        names = ", ".join(sorted(p.name for p in (configs / "models").iterdir()))
+        print(f"model shapes for `tropd-ds plan --student NAME`: {names}")
+        print(f"DeepSpeed configs: {ds_configs}")
+        for path in sorted(ds_configs.glob("*.json")):
+            print(f"  {path}")
+        return 0
     if args.list and (args.config is not None or args.overrides):
         print("tropd-ds config: --list describes every field and takes no --config or --set (use --dump for a "
               "resolved config)", file=sys.stderr)  # fmt: skip

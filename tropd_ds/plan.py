@@ -28,9 +28,10 @@ from pathlib import Path
 from tropd_kernels.projection import HIDDEN_CHUNK_BYTES
 
 from .config import gather_fits
+from .resources import shipped
 
 GiB = 2**30
-MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+MODELS_DIR = shipped("configs", "models")  # the shipped model shapes (a clone's, or a wheel's copy)
 SHIPPED = ("llama-3.1-8b", "llama-3.1-70b", "qwen2.5-7b", "qwen2.5-72b")
 CPU_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for host memory
 LOSS_CHUNK_BYTES = HIDDEN_CHUNK_BYTES["cuda"]  # tropd_kernels' fp32 [chunk, V] block of logits on CUDA
