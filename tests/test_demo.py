@@ -84,6 +84,9 @@ def test_shortened_demo_runs_end_to_end_and_plots(tmp_path):
     proc = cpu_ranks(args, cwd=tmp_path, cli=True)  # the `deepspeed` command, as `make demo` runs it
     assert "held-out accuracy:" in proc.stdout and (tmp_path / "export/model.safetensors").is_file()
     assert "answer check on the last match of '#\\\\s*(-?[0-9]+)'" in proc.stdout  # the demo's answers are '#N'
+    # its log in a file (a pipe here): a plain line per reported step, no progress bar redrawn with carriage returns
+    assert "[tropd-ds] step 1/2 (50%): loss " in proc.stderr and "[tropd-ds] step 2/2 (100%)" in proc.stderr
+    assert "\r" not in proc.stdout + proc.stderr and "distill:" not in proc.stderr
     for path in (tmp_path / "logs/eval").glob("step*-rank*.jsonl"):  # no credit without a final '#N'
         for record in map(json.loads, path.read_text().splitlines()):
             for text, ok in zip(record["completions"], record["correct"]):

@@ -20,6 +20,7 @@ from .config import ConfigError, RunConfig, micro_batches_per_rank, to_dict
 from .data import PromptStream
 from .metrics import MetricsWriter, NonFiniteSteps, code_version, step_record
 from .preflight import Prepared, check_logit_parity
+from .progress import StepProgress
 
 
 def main(argv=None) -> int:
@@ -181,9 +182,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
         held_out.evaluate(0)
     progress = None
     if rank == 0 and cfg.logging.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total, initial=start_step, desc="distill", unit="step", dynamic_ncols=True)
+        progress = StepProgress(total, start_step)  # a bar on a terminal, plain lines in a log file
     bad_steps = NonFiniteSteps(cfg.optim.max_bad_steps)
     saved = start_step if start_step else None  # the step of the newest checkpoint of this run
 
@@ -201,9 +200,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
             record.update(run_info)
         metrics.write(done, record)
         if progress is not None:
-            loss, trust = record.get("loss", float("nan")), record.get("trust_fraction", float("nan"))
-            progress.set_postfix(loss=f"{loss:.4f}", trust=f"{trust:.2f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            progress.update(1)
+            progress.update(record)
         error = bad_steps.exhausted(cfg.checkpoint.dir)
         if error:
             if progress is not None:
