@@ -345,3 +345,44 @@ def test_held_out_means_held_out_splits_are_chosen_explicitly_and_shared_prompts
     assert "--data='" in (err := capsys.readouterr().err) and "set --split to the one to use" in err, err
     assert cli.main(base + ["--split", "test"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_prompts"] == 2
+
+
+def test_eval_samples_as_the_run_does_whatever_the_models_generation_config_asks(workspace, tmp_path, capsys):
+    """`tropd-ds eval` draws from softmax(logits / T) alone, with the run's sampler, as the in-run evaluation
+    does: a generation_config.json with a repetition penalty and no-repeat n-grams (which `generate` applies)
+    changes nothing. Greedy, its completions are GenerateRollout's; `generate` would have given others."""
+    import shutil
+
+    import torch
+    from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from tropd_ds import cli
+    from tropd_ds.rollout import GenerateRollout, end_token_ids
+
+    folder = tmp_path / "penalised"
+    shutil.copytree(workspace / "student", folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    gen = GenerationConfig(repetition_penalty=50.0, no_repeat_ngram_size=1, eos_token_id=tok.eos_token_id)
+    gen.save_pretrained(folder)
+    rows = [json.loads(x) for x in (workspace / "data/eval.jsonl").read_text().splitlines()[:6]]
+    records = tmp_path / "records.jsonl"
+    code = cli.main(["eval", str(folder), "--data", str(workspace / "data/eval.jsonl"), "--max-prompts", "6",
+                     "--max-new-tokens", "12", "--records", str(records)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err[-2000:]
+    got = [json.loads(x)["completions"][0] for x in records.read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    sampler = GenerateRollout(model, tok.pad_token_id, end_token_ids(tok, model), gather=False, vocab=len(tok))
+    want, by_generate = [], []
+    for row in rows:
+        ids = torch.tensor([tok(row["prompt"])["input_ids"]])
+        greedy = SamplingConfig(max_new_tokens=12, temperature=0.0)
+        out = sampler.generate(RolloutRequest(ids, torch.ones_like(ids)), greedy)
+        want.append(tok.decode(out.input_ids[0, ids.shape[1] :][out.attention_mask[0, ids.shape[1] :].bool()],
+                               skip_special_tokens=True))  # fmt: skip
+        with torch.no_grad():
+            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                               pad_token_id=tok.pad_token_id)  # fmt: skip
+        by_generate.append(tok.decode(g[0, ids.shape[1] :], skip_special_tokens=True))
+    assert got == want
+    assert by_generate != want  # the penalties do change greedy decoding: the test can tell the two apart

@@ -185,27 +185,28 @@ def _eval(argv) -> int:
 
         model = PeftModel.from_pretrained(model, args.model).merge_and_unload()
     model.eval()
-    real_tokens_only = RealTokensOnly.list_for(len(tok))
+    # the run's own sampler (rollout.GenerateRollout, as the in-run evaluation uses): softmax(logits / T) and
+    # nothing else, never an id past the tokenizer's, whatever the model's generation_config asks of
+    # `generate` (a repetition penalty, top-k 50, ...): a model scores here as it scored in its run
+    from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
+
+    from .rollout import GenerateRollout, end_token_ids
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    sampler = GenerateRollout(model, pad, end_token_ids(tok, model), gather=False, vocab=len(tok))
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, n_samples_per_prompt=args.samples
+    )
     records = []
     for start in range(0, n, args.batch_size):
         chunk = [rows[i] for i in range(start, min(n, start + args.batch_size))]
         ids = [prompt_ids(tok, r["prompt"], args.chat_template, template_kwargs) for r in chunk]
         width = max(map(len, ids))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                max_new_tokens=args.max_new_tokens,
-                do_sample=args.temperature > 0,
-                temperature=args.temperature if args.temperature > 0 else None,
-                num_return_sequences=args.samples,
-                pad_token_id=pad,
-                logits_processor=real_tokens_only,  # an lm_head's padding rows past the tokenizer are no tokens
-            )
-        texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+        batch = sampler.generate(RolloutRequest(input_ids, attention), sampling)
+        out = [row[width:][keep[width:].bool()] for row, keep in zip(batch.input_ids, batch.attention_mask)]
+        texts = tok.batch_decode(out, skip_special_tokens=True)
         for i, row in enumerate(chunk):
             completions = texts[i * args.samples : (i + 1) * args.samples]
             verdicts = [is_correct(t, row["answer"], checker, pattern) for t in completions]
@@ -242,27 +243,6 @@ def _eval(argv) -> int:
     if args.records:
         write_records(Path(args.records), records)
     return 0
-
-
-class RealTokensOnly:
-    """A transformers logits processor: the scores of an lm_head's rows past the tokenizer's `vocab`
-    tokens (padding rows, e.g. Qwen2.5's 152,064 rows for 151,665 tokens) become -inf, so generation,
-    greedy or sampled, never returns an id the tokenizer does not have."""
-
-    def __init__(self, vocab: int):
-        self.vocab = vocab
-
-    def __call__(self, input_ids, scores):  # noqa: ARG002
-        if scores.shape[-1] > self.vocab:
-            scores = scores.clone()
-            scores[..., self.vocab :] = float("-inf")
-        return scores
-
-    @classmethod
-    def list_for(cls, vocab: int):
-        from transformers import LogitsProcessorList
-
-        return LogitsProcessorList([cls(vocab)])
 
 
 def refuse_incomplete_export(folder: str) -> None:
