@@ -407,6 +407,11 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"tropd-ds {__version__}")
+        return 0
     if argv[0] not in COMMANDS:
         print(f"tropd-ds: unknown command {argv[0]!r}: expected one of {', '.join(COMMANDS)} (tropd-ds --help)",
               file=sys.stderr)  # fmt: skip

@@ -730,7 +730,9 @@ def main(argv=None) -> int:
         "GPU).",
     )
     ap.add_argument(
-        "--config", help="a run config (YAML/JSON): models, lengths, batch sizes, k and offload choices come from it"
+        "--config",
+        help="a run config (YAML/JSON) or a shipped preset's name (tropd-ds config --presets): models, lengths, batch "
+        "sizes, k and offload choices come from it",
     )
     ap.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a run-config field"
@@ -762,8 +764,15 @@ def main(argv=None) -> int:
         student, teacher, wl = args.student, args.teacher, Workload()
         if args.config:
             from .config import load_config
+            from .resources import preset_names, preset_path
 
-            s_path, t_path, wl = workload_from_run_config(load_config(args.config, args.overrides))
+            config_path = preset_path(args.config)  # a file, or a shipped preset's name
+            if not Path(config_path).exists():
+                raise ValueError(
+                    f"--config {args.config!r}: no such file, nor a shipped preset's name (presets: "
+                    f"{', '.join(preset_names())})"
+                )
+            s_path, t_path, wl = workload_from_run_config(load_config(config_path, args.overrides))
             student, teacher = student or s_path, teacher or t_path
         for name in Workload.__dataclass_fields__:
             if getattr(args, name) is not None:

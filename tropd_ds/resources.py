@@ -21,3 +21,18 @@ def shipped(*parts: str) -> Path:
     if (CHECKOUT / "setup.py").is_file() and in_checkout.exists():
         return in_checkout
     return PACKAGE_COPY.joinpath(*parts)
+
+
+def preset_path(spec: str) -> str:
+    """`spec` as given when it names a file; else a shipped preset's path when `spec` is its name (with or
+    without .yaml, e.g. llama70b_to_llama8b_1x8), so that presets are usable by name from an installed
+    package; else `spec` unchanged (the caller names what is missing)."""
+    if Path(spec).exists():
+        return spec
+    name = spec if spec.endswith((".yaml", ".yml")) else f"{spec}.yaml"
+    candidate = shipped("configs", "presets") / name
+    return str(candidate) if "/" not in spec and candidate.is_file() else spec
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in shipped("configs", "presets").glob("*.yaml"))
