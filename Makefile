@@ -64,5 +64,7 @@ GPU_CHECK_ARGS ?=
 gpu-check:
 	$(GPU_PY) scripts/gpu_check.py --out $${OUT:-gpu_out} $(GPU_CHECK_ARGS)
 
+# ruff's checks and its formatting (ruff.toml; CI runs this first); `pre-commit install` runs the same on commit
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
