@@ -43,7 +43,7 @@ def load(source: str, split: str):
 
     path = Path(source)
     if path.exists() and not path.is_file():
-        raise SystemExit(f"--source {source}: not a file (expected a .jsonl, .json, .parquet or .csv file, or a hub id)")
+        raise SystemExit(f"--source {source}: not a file (expected a .jsonl, .json, .parquet or .csv, or a hub id)")
     if not path.exists() and path.suffix in (".jsonl", ".json", ".parquet", ".csv"):
         raise SystemExit(f"--source {source}: no such file")
     if path.is_file():
