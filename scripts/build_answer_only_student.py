@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The answer-only student of shared/design/DEMO.md: the demo student's size, supervised on `8+4-1-7=#4`
+"""The answer-only student (docs/REFERENCE.md): the demo student's size, supervised on `8+4-1-7=#4`
 (no worked solution), so that the teacher's worked format is far from it (its first token, `#`, costs about
 -11 under the teacher). The setting the trust region and off-policy guidance are for.
 

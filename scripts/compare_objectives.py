@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Every objective of ALGORITHM.md section 2 on the demo task, same budget, several seeds; plus an
+"""Every objective of docs/METHOD.md on the demo task, same budget, several seeds; plus an
 ablation over k and the dynamic-k coverage option. Writes docs/RESULTS.md and a plot.
 
     python scripts/compare_objectives.py --steps 200 --seeds 0 1 2 3 4 --ranks 1 --jobs 2
@@ -14,7 +14,7 @@ side by side, one per core) gives the same experiment several times faster on a 
 script can be stopped and started again.
 
 `--setting answer_only` starts from demo_assets/student_answer_only (a student that answers "#8" without
-the teacher's worked steps, DEMO.md): the mismatch case the trust region and guidance are for.
+the teacher's worked steps, docs/REFERENCE.md): the mismatch case the trust region and guidance are for.
 """
 
 from __future__ import annotations

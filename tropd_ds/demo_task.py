@@ -5,7 +5,7 @@
 
 A character-level tokenizer (saved as a Hugging Face tokenizer folder), a problem generator with
 disjoint train and held-out splits (answers are checked by `tropd_ds.evaluation.is_correct`).
-Sizes follow shared/design/DEMO.md.
+Sizes and times are in docs/REFERENCE.md (the demo task and the shipped models).
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ BATCH_STATISTICS = ("entropy_opd", "reopold")  # objectives that select or norma
 @torch.no_grad()
 def global_statistics(engine, objective: Objective, batches, teachers, step, total_steps, options: StepOptions) -> dict:
     """`entropy_opd`'s top-fraction entropy threshold and `reopold`'s selection (threshold and count M)
-    over the global batch, every micro-batch of every rank, as ALGORITHM.md section 2 defines them:
+    over the global batch, every micro-batch of every rank, as docs/METHOD.md defines them:
     one gradient-free pass over this rank's micro-batches, the sampled tokens' entropy and log-ratio
     gathered from every rank. The count is taken per micro-batch (`per_micro_batch`), as the token count."""
     if objective.name not in BATCH_STATISTICS:
