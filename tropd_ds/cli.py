@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+from .exit_codes import ExitCode
+
 
 def _eval(argv) -> int:
     ap = argparse.ArgumentParser(
@@ -110,7 +112,7 @@ def _eval(argv) -> int:
         problems.append(f"--device={args.device!r}: expected auto, cpu, cuda or cuda:N")
     if problems:
         print(f"tropd-ds eval: {problems[0]}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
 
     import torch
 
@@ -150,7 +152,7 @@ def _eval(argv) -> int:
             raise ConfigError(f"--device={args.device}: this machine has no CUDA device; use --device cpu")
     except ConfigError as exc:
         print(f"tropd-ds eval: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base or args.model)
@@ -162,7 +164,7 @@ def _eval(argv) -> int:
                                template_kwargs, columns)  # fmt: skip
     except ConfigError as exc:
         print(f"tropd-ds eval: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     for line in warnings:
         print(f"tropd-ds eval: {line}", file=sys.stderr)
     from transformers import AutoConfig
@@ -177,7 +179,7 @@ def _eval(argv) -> int:
             f"the model's {positions} positions (max_position_embeddings): lower --max-new-tokens or --max-prompts",
             file=sys.stderr,
         )
-        return 2
+        return ExitCode.CONFIG
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)  # auto: as saved (config.json dtype)
     model = AutoModelForCausalLM.from_pretrained(base or args.model, dtype=dtype, device_map={"": device})
     if base is not None:  # the adapter on its base, merged for generation
@@ -326,7 +328,7 @@ def _export(argv) -> int:
         )  # fmt: skip
     except ConfigError as exc:
         print(f"tropd-ds export: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     except OSError as exc:  # a full disk, a folder that cannot be written: the checkpoint itself is untouched
         print(
             f"tropd-ds export: writing {args.out} failed ({type(exc).__name__}: {exc}); the checkpoint is untouched; "
@@ -334,7 +336,7 @@ def _export(argv) -> int:
             "same command again",
             file=sys.stderr,
         )
-        return 3
+        return ExitCode.IO
     print(f"exported {path} to {args.out}")
     return 0
 
@@ -374,7 +376,7 @@ def _config(argv) -> int:
     if args.list and (args.config is not None or args.overrides):
         print("tropd-ds config: --list describes every field and takes no --config or --set (use --dump for a "
               "resolved config)", file=sys.stderr)  # fmt: skip
-        return 2
+        return ExitCode.CONFIG
     if args.list:
         fields = describe_fields()
         if args.json:
@@ -388,7 +390,7 @@ def _config(argv) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"tropd-ds config: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     data = json.loads(json.dumps(to_dict(cfg), default=list))  # tuples as lists
     if args.json:
         print(json.dumps(data, indent=2))
@@ -415,7 +417,7 @@ def main(argv=None) -> int:
     if argv[0] not in COMMANDS:
         print(f"tropd-ds: unknown command {argv[0]!r}: expected one of {', '.join(COMMANDS)} (tropd-ds --help)",
               file=sys.stderr)  # fmt: skip
-        return 2
+        return ExitCode.CONFIG
     command, rest = argv[0], argv[1:]
     if command == "train":
         from .train import main as train_main

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 
-from . import checkpoint
+from . import checkpoint, process
 from .config import ConfigError, RunConfig, load_config
 from .preflight import Prepared, validate_before_engines
 
@@ -18,11 +18,6 @@ Each step is the algorithm's three phases: rollout (the student samples, after a
 guided), teacher scoring (a TeacherTopK per response token), student update (kernels, objective,
 backward, step). Around them, on schedule: metrics, held-out evaluation, checkpoints.
 """
-
-
-def _log(msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
-        print(f"[tropd-ds] {msg}", flush=True)
 
 
 def parse_args(argv=None):
@@ -101,11 +96,11 @@ def prepare(argv=None) -> tuple[RunConfig, Prepared] | int:
                 raise ConfigError(f"--gpu-mem={args.gpu_mem}: expected GiB per GPU, a number > 0")
             for line in dry_run(cfg, world, args.gpu_mem):
                 print(line, flush=True)
-            return 0
+            return process.ExitCode.OK
         prepared = validate_before_engines(cfg, world)
         # the checkpoint folder is this run's, not locked by another, and every output folder is writable
-        checkpoint.claim(cfg, world, rank, _log)
+        checkpoint.claim(cfg, world, rank, process.log)
         return cfg, prepared
     except ConfigError as exc:
         print(f"tropd-ds: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return process.ExitCode.CONFIG

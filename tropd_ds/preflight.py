@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import tropd_kernels as tk
 
-from . import collectives
+from . import collectives, process
 from .config import ConfigError, RunConfig, micro_batches_per_rank, read_ds_config
 from .data import Columns, check_rows, check_template_kwargs, encode_prompt, load_rows, shared_prompts
 from .extras import require
@@ -99,9 +99,8 @@ def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: b
                 eval_rows, tokenizer, "data.eval_path", d.max_prompt_tokens, d.long_prompts, d.chat_template, True,
                 **options,
             )  # fmt: skip
-        if os.environ.get("RANK", "0") == "0":
-            for line in warnings:
-                print(f"[tropd-ds] {line}", flush=True)
+        for line in warnings:
+            process.log(line)
     check_positions(cfg)
     return Prepared(tokenizer, n_tokens, train_rows, eval_rows, objective)
 

@@ -17,6 +17,7 @@ import torch
 
 from . import collectives
 from .config import ConfigError
+from .exit_codes import ExitCode  # noqa: F401  (process.ExitCode: the run's exit statuses)
 
 STARTUP_TIMEOUT_MINUTES = 15.0  # the rendezvous: a node that never comes, an unreachable master
 
@@ -146,6 +147,14 @@ def collective_failure(exc: BaseException, timeout_minutes: float) -> str | None
     if collectives.peer_gone(text):
         return f"{PEER_GONE}; its own message is above. The error here: {detail}"
     return None
+
+
+def log(msg: str) -> None:
+    """One line on rank 0 only, the run's voice: the process group's rank once it exists, before it the
+    launcher's RANK."""
+    rank = collectives.rank_world()[0] if collectives.active() else int(os.environ.get("RANK", "0") or 0)
+    if rank == 0:
+        print(f"[tropd-ds] {msg}", flush=True)
 
 
 PEER_GONE = "another rank has stopped"  # collective_failure's message when a peer has gone

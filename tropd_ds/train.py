@@ -20,6 +20,7 @@ from .config import ConfigError, RunConfig, micro_batches_per_rank, to_dict
 from .data import PromptStream
 from .metrics import MetricsWriter, NonFiniteSteps, code_version, step_record
 from .preflight import Prepared, check_logit_parity
+from .process import ExitCode
 from .progress import StepProgress
 
 
@@ -32,12 +33,12 @@ def main(argv=None) -> int:
         code = run(*loaded, stop=stop)
     except ConfigError as exc:  # found only once running (e.g. a data set whose every prompt is skipped)
         log(f"configuration error: {exc}")
-        code = 2
+        code = ExitCode.CONFIG
     except OSError as exc:  # a full disk or a vanished folder under a file the run writes (metrics, a monitor's)
         checkpoint.release_lock(loaded[0].checkpoint.dir)
         where = f" {exc.filename}" if getattr(exc, "filename", None) else " a file"
         process.leave_now(
-            3,
+            ExitCode.IO,
             f"writing{where} failed ({exc.strerror or exc}): free space (or restore the folder) and relaunch the same "
             "command; it resumes from the last checkpoint",
         )
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
         if failure is None:
             raise
         checkpoint.release_lock(loaded[0].checkpoint.dir)
-        process.leave_now(EXIT_COLLECTIVE, *failure)
+        process.leave_now(ExitCode.COLLECTIVE, *failure)
     finally:
         process.release_cpu_shm_buffers()
         checkpoint.release_lock(loaded[0].checkpoint.dir)
@@ -55,12 +56,7 @@ def main(argv=None) -> int:
     return code
 
 
-EXIT_COLLECTIVE = 5  # a collective timed out or lost its peer
-
-
-def log(msg: str) -> None:
-    if collectives.rank_world()[0] == 0:
-        print(f"[tropd-ds] {msg}", flush=True)
+log = process.log  # rank 0's voice
 
 
 @dataclass
@@ -143,7 +139,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
     log(f"collectives wait at most {cfg.collective_timeout_minutes:g} min for the slowest rank "
         f"(collective_timeout_minutes; {groups} process groups)")  # fmt: skip
     if not check_logit_parity(cfg, t.student, t.teacher, prepared.train_rows, prepared.tokenizer, device, log):
-        return 2
+        return ExitCode.CONFIG
     metrics = MetricsWriter(cfg.logging.dir, rank, getattr(t.student, "monitor", None))
     start_step = 0
     if cfg.checkpoint.resume:
@@ -151,7 +147,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
             client = checkpoint.resume(t.student, cfg.checkpoint.dir, log=log)
         except checkpoint.CheckpointError as exc:
             log(f"cannot resume: {exc}")
-            return 3
+            return ExitCode.IO
         if client is not None:
             start_step = client["step"]
             if start_step > cfg.optim.steps:
@@ -159,7 +155,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
                     f"error: the checkpoint in {cfg.checkpoint.dir} is at step {start_step}, past optim.steps="
                     f"{cfg.optim.steps}: raise optim.steps to train on, or export it with `tropd-ds export`"
                 )
-                return 2
+                return ExitCode.CONFIG
             t.stream.load_state_dict(client["data"])
             metrics.truncate_after(start_step)
             log(f"resumed from {cfg.checkpoint.dir} at step {start_step}")
@@ -206,7 +202,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
             if progress is not None:
                 progress.close()
             log(error)
-            return 4
+            return ExitCode.NON_FINITE
         if cfg.eval.every and done % cfg.eval.every == 0 and done < total:
             held_out.evaluate(done)
         # A signal on any rank, or checkpoint.stop_after, stops every rank after the same step, with a checkpoint.
@@ -214,7 +210,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
         stopping = bool(cfg.checkpoint.stop_after) and done - start_step >= cfg.checkpoint.stop_after and done < total
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or stopping or interrupted:
             if not save(t, done, progress):
-                return 3
+                return ExitCode.IO
             saved, stop.can_leave_now = done, True
         if stopping or interrupted:
             if progress is not None:
@@ -224,7 +220,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
                 f"stopping after step {done} ({why}); checkpoint saved in {cfg.checkpoint.dir}; "
                 "relaunch the same command to resume"
             )
-            return 0
+            return ExitCode.OK
 
     # The end: a verified checkpoint of the last step, a last evaluation, and the student exported.
     if progress is not None:
@@ -232,13 +228,13 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
     if saved != total:
         stop.phase = "the final save"
         if not save(t, total, progress):
-            return 3
+            return ExitCode.IO
         stop.can_leave_now = True
     final = Path(cfg.checkpoint.dir) / f"step{total}"
     problem = checkpoint.verify(final)
     if problem is not None:
         log(f"error: the final checkpoint {final} fails its check ({problem}); nothing was exported")
-        return 3
+        return ExitCode.IO
     stop.phase = "the final evaluation"
     faults.stall(total + 1, rank, lambda: stop.signal_name is not None)  # tests: "stall@<steps + 1>" holds it here
     if start_step < total or not final_evaluation_done(cfg, total):  # one a signal interrupted runs on relaunch
@@ -251,11 +247,11 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
             f"error: {exc}; the final checkpoint {final} is intact: export it with `tropd-ds export --config "
             "<this run's config> --out <folder>`"
         )
-        return 3
+        return ExitCode.IO
     log(f"exported the student to {cfg.checkpoint.export_dir}")
     held_out.summary()
     stop.finished = True  # a signal from here on stops nothing: the run is complete
-    return 0
+    return ExitCode.OK
 
 
 def final_evaluation_done(cfg: RunConfig, total: int) -> bool:
@@ -280,7 +276,7 @@ def save(t: Trainer, done: int, progress) -> bool:
         if exc.local:
             if progress is not None:
                 progress.close()
-            process.leave_now(3, str(exc))
+            process.leave_now(ExitCode.IO, str(exc))
         log(f"error: {exc}")
         return False
 
