@@ -1090,8 +1090,8 @@ CASES: dict[str, Case] = {
     "config --list --dump": C(
         "cli", lambda c: ["config", "--list", "--dump"], 2, "argument --dump: not allowed with argument --list"
     ),
-    "config without --list or --dump": C(
-        "cli", lambda c: ["config"], 2, "one of the arguments --list --dump is required"
+    "config without --list, --dump or --presets": C(
+        "cli", lambda c: ["config"], 2, "one of the arguments --list --dump --presets is required"
     ),
     "config --dump with a section set to a number": C(
         "cli",
