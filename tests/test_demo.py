@@ -169,7 +169,7 @@ def test_plain_opd_on_the_demo_does_not_learn_to_emit_pad(tmp_path):
 
 
 def test_the_answer_only_student_answers_without_the_worked_format():
-    """DEMO.md's mismatch setting: the shipped answer-only student writes `#answer`, far from the teacher."""
+    """The demo's mismatch setting (docs/REFERENCE.md): the answer-only student writes `#answer`, far from it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

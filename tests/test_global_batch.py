@@ -1,4 +1,4 @@
-"""Batch statistics are global: for every objective of ALGORITHM.md section 2, an update over 2 ranks x
+"""Batch statistics are global: for every objective of docs/METHOD.md, an update over 2 ranks x
 2 micro-batches under ZeRO-3 (the real launcher) equals one process's update over the whole batch."""
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def test_jsd_options_are_checked():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fkl_gradient_alone_matches_closed_form(backend):
-    """d FKL / d z = (Q p - q 1[u in K]) / T for the paper mode without floor (ALGORITHM.md section 1)."""
+    """d FKL / d z = (Q p - q 1[u in K]) / T for the paper mode without floor (docs/METHOD.md)."""
     n, vocab, k, temp = 5, 777, 16, 0.8
     teacher_logits, student_logits, _ = make_case(n, vocab, seed=3)
     targets = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)).to(DEVICE)

@@ -1,4 +1,4 @@
-"""Objectives of ALGORITHM.md section 2: hand-made cases, each asserting one property."""
+"""Objectives of docs/METHOD.md: hand-made cases, each asserting one property."""
 
 from __future__ import annotations
 
@@ -361,7 +361,7 @@ def ppo_pg(lp, old, reward, eps=0.2):
     return -torch.minimum(ratio * reward, ratio.clamp(1 - eps, 1 + eps) * reward)
 
 
-PPO_REFERENCES = {  # name, options -> per-token loss and denominator, from ALGORITHM.md section 2's table
+PPO_REFERENCES = {  # name, options -> per-token loss and denominator, from docs/METHOD.md's table
     "opd": ({}, lambda lp, old, r, t: (ppo_pg(lp, old, r), len(r))),
     "mask_outlier": ({"tau": -1.0}, lambda lp, old, r, t: ((r > -1.0) * ppo_pg(lp, old, r), len(r))),
     "clip_outlier": ({"tau": -1.0}, lambda lp, old, r, t: (ppo_pg(lp, old, r.clamp(min=-1.0)), len(r))),
@@ -433,7 +433,7 @@ def tie_case(r_values, entropy=None, teacher_entropy=None):
 
 def test_thresholds_treat_a_tie_as_the_algorithm_says():
     """r_t > tau keeps (mask_outlier), max(r_t, tau) clips only below tau, REOPOLD's r_t >= c selects,
-    EOPD's H_T > 0.8 adds FKL: a token exactly at the threshold falls on the side ALGORITHM.md gives."""
+    EOPD's H_T > 0.8 adds FKL: a token exactly at the threshold falls on the side docs/METHOD.md gives."""
     case = tie_case([-1.0, -0.5, -2.0])
     masked = loss_fn("mask_outlier", tau=-1.0)(*case, 0, 10)
     assert masked.metrics["fraction_masked"] == pytest.approx(2 / 3)  # -1.0 and -2.0 are not > -1.0
@@ -540,7 +540,7 @@ def test_bernoulli_trust_without_a_generator_draws_from_torch_global_generator()
 
 
 def test_common_metrics_by_hand():
-    """ALGORITHM.md section 4's per-step metrics over the sampled tokens only, quantiles as numpy takes them."""
+    """docs/METHOD.md's per-step metrics over the sampled tokens only, quantiles as numpy takes them."""
     import numpy as np
 
     lp = torch.tensor([-0.5, -0.25, -1.0, -0.75, -2.0])

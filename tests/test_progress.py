@@ -10,8 +10,12 @@ RECORD = {"loss": 0.0333, "trust_fraction": 0.93, "tokens_per_s": 243.0}
 
 
 def test_in_a_file_about_twenty_plain_lines_a_run_with_the_first_and_last_step():
+    from transformers.utils import logging as hf_logging
+
     out = io.StringIO()
     progress = StepProgress(200, 0, stream=out)
+    assert not hf_logging.is_progress_bar_enabled()  # nor the export's "Writing model shards" bar
+    hf_logging.enable_progress_bar()
     for _ in range(200):
         progress.update(RECORD)
     progress.close()

@@ -1,4 +1,4 @@
-"""Objectives of ALGORITHM.md section 2: TrOPD and the baselines it is compared against.
+"""Objectives of docs/METHOD.md: TrOPD and the baselines it is compared against.
 
 All vocabulary-sized work happened in `tropd_kernels`; everything here is arithmetic over
 [N]-shaped tensors. Each objective is a typed options value (`TrOPD`, `OPD`, ...) and one small loss
@@ -322,7 +322,7 @@ def tropd_metrics(loss: Loss, x: Tokens, denom: float) -> dict[str, float]:
 
 
 def common_metrics(x: Tokens, loss: torch.Tensor) -> dict[str, float]:
-    """ALGORITHM.md section 4: the log-ratio's mean and low quantiles, FKL, top-k mass, both entropies."""
+    """The per-step metrics (docs/METHOD.md): the log-ratio's mean and low quantiles, FKL, top-k mass, entropies."""
     out = {
         "loss": float(loss.detach()),
         "sampled_tokens": float(x.sampled.sum()),

@@ -25,6 +25,10 @@ class StepProgress:
             self.bar = tqdm(
                 total=total, initial=initial, desc="distill", unit="step", dynamic_ncols=True, file=self.stream
             )
+        else:  # the libraries' own bars (transformers' "Writing model shards" in the export) go quiet too
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         self.every = every if every is not None else max(1, (total - initial) // 20)
 
     def update(self, record: dict) -> None:

@@ -138,7 +138,7 @@ class KernelOptions:
     """How the student's vocabulary pass turns logits into terms, checked once when made.
 
     temperature divides the logits before every softmax; fkl_mode, logprob_floor and fkl_cover shape
-    the top-k forward KL (ALGORITHM.md section 1). divergence="jsd" puts the generalized Jensen-Shannon
+    the top-k forward KL (docs/METHOD.md). divergence="jsd" puts the generalized Jensen-Shannon
     divergence over the same entries in TokenTerms.fkl instead (the paper's JSD baseline, Table 1):
     jsd_beta KL(teacher || M) + (1 - jsd_beta) KL(student || M), M = jsd_beta teacher + (1 - jsd_beta) student.
     fkl_mode and fkl_cover choose its entries as they do for the FKL; logprob_floor is for the FKL only."""

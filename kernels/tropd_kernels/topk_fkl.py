@@ -2,7 +2,7 @@
 top-k generalized JSD (KernelOptions.divergence).
 
 Everything here works on [N] and [N, k] tensors (the vocabulary dimension was reduced before), so
-plain autograd gives the exact gradients of ALGORITHM.md section 1; they reach the logits through
+plain autograd gives the exact gradients of the top-k FKL (docs/METHOD.md); they reach the logits through
 the fused backward of the vocabulary pass as d/d lse and d/d gathered logits.
 """
 
