@@ -57,6 +57,6 @@ def test_the_configuration_page_is_current():
 def test_the_exit_status_table_is_the_codes_the_commands_return():
     from tropd_ds.exit_codes import ExitCode
 
-    text = (ROOT / "docs/REFERENCE.md").read_text()
+    text = (ROOT / "docs/RELIABILITY.md").read_text()
     rows = re.findall(r"^\| (\d+) \| ([A-Z_]+) \|", text, flags=re.M)
     assert {name: int(code) for code, name in rows} == {c.name: c.value for c in ExitCode}
