@@ -49,7 +49,9 @@ setup(
     ],
     # Optional features; each names its extra when it is asked for and missing (tropd_ds.extras).
     extras_require={
-        "dev": ["pytest>=8,<10", "ruff==0.17.6"],  # pinned: `make lint` checks formatting, which versions change
+        # ruff pinned: `make lint` checks formatting, which versions change; setuptools >= 70.1 builds wheels without
+        # the `wheel` package (tests/test_wheel.py builds one in this environment; a new venv has 65.5)
+        "dev": ["pytest>=8,<10", "ruff==0.17.6", "setuptools>=70.1"],
         "mutation": ["mutmut>=3.8,<4"],  # `make mutation` (scripts/mutation_test.py)
         "peft": ["peft>=0.17,<1"],  # LoRA students
         "eval": ["math-verify>=0.8,<1"],  # answer checking beyond exact match
