@@ -416,7 +416,7 @@ def test_an_export_that_meets_a_rotating_checkpoint_takes_the_newest_again(full_
 
     import deepspeed.utils.zero_to_fp32 as zero_to_fp32
 
-    from tropd_ds import checkpoint
+    from tropd_ds import export
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(full_run[0] / "ckpt", ckpt)
@@ -431,13 +431,11 @@ def test_an_export_that_meets_a_rotating_checkpoint_takes_the_newest_again(full_
 
     monkeypatch.setattr(zero_to_fp32, "get_fp32_state_dict_from_zero_checkpoint", rotated_while_read)
     said = []
-    source = checkpoint.export_from_checkpoint(
-        str(ckpt), str(workspace / "student"), str(tmp_path / "a"), log=said.append
-    )
+    source = export.export_from_checkpoint(str(ckpt), str(workspace / "student"), str(tmp_path / "a"), log=said.append)
     assert source == str(ckpt / "step3") and seen == ["step6", "step3"]
     assert said == ["checkpoint step6 went away while it was being read (a running run's rotation?): trying the newest "
                     "again"]  # fmt: skip
     assert (tmp_path / "a/model.safetensors").is_file()
     shutil.copytree(full_run[0] / "ckpt/step6", ckpt / "step6")
     with pytest.raises(ConfigError, match=r"checkpoint step6 in .* was deleted while it was being read"):
-        checkpoint.export_from_checkpoint(str(ckpt), str(workspace / "student"), str(tmp_path / "b"), tag="step6")
+        export.export_from_checkpoint(str(ckpt), str(workspace / "student"), str(tmp_path / "b"), tag="step6")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import tropd_kernels as tk
 from deepspeed.runtime.rollout import SamplingConfig
 
-from tropd_ds import rollout, update
+from tropd_ds import rollout, update, zero3
 from tropd_ds.config import ModelConfig, OptimConfig
 from tropd_ds.data import Prompt
 from tropd_ds.demo_task import build_tokenizer
@@ -35,7 +35,7 @@ def one_run(model_dir: str, gather: bool, rank: int, world: int) -> dict:
     tok = build_tokenizer()
     cfg = ModelConfig(path=model_dir, ds_config=str(ROOT / "ds_configs/cpu_student_zero3.json"), micro_batch_size=MB)
     engine, _keep = student_engine(cfg, OptimConfig(lr=1e-2, steps=1), len(tok), MB, 1)
-    offload = rollout.zero3_offload(engine)
+    offload = zero3.zero3_offload(engine)
     hooks = lambda: [
         (m.ds_id, list(m._forward_pre_hooks.items()), list(m._forward_hooks.items())) for m in engine.module.modules()
     ]  # noqa: E731

@@ -1,5 +1,6 @@
 """Checkpoints: DeepSpeed checkpoints that resume exactly (optimiser, schedule, RNG states, data
-position), keeping the last K; and the export of the student as a Hugging Face folder.
+position), keeping the last K; the run's identity and its ownership of its folders. The export of the
+student as a Hugging Face folder is tropd_ds/export.py.
 
 Durability: a checkpoint is written under `.incomplete-stepN`, every file's size and SHA-256 go
 into `manifest.json` (each rank hashes a share), and rank 0 then renames the folder to `stepN` and
@@ -30,7 +31,6 @@ IDENTITY = "run.json"  # what the checkpoints in a folder were trained with
 LOCK = "run.lock"  # the run that owns the folder now
 OWNER = "tropd_run.json"  # in logging.dir and export_dir: the run (its checkpoint.dir) whose files these are
 RESOLVED_CONFIG = "resolved_config"  # logging.dir/resolved_config.json: the latest launch's resolved config
-EXPORT_MARK = "tropd_export.json"  # a folder tropd-ds exported (and may replace)
 
 
 class CheckpointError(RuntimeError):
@@ -42,7 +42,7 @@ class CheckpointError(RuntimeError):
         self.local = local
 
 
-def _all_true(flag: bool) -> bool:
+def all_ranks_true(flag: bool) -> bool:
     return float(collectives.all_reduce([0.0 if flag else 1.0])[0]) == 0.0
 
 
@@ -71,7 +71,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a name of this process's own: no two writers share one
     with tmp.open("w") as f:
         f.write(text)
@@ -138,7 +138,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
     need, basis = needed_bytes(engine, previous)
     free = _free_bytes(root)
     room = free is None or free >= need
-    if not _all_true(room):
+    if not all_ranks_true(room):
         have = f"{free / 2**20:.1f} MiB are free" if free is not None and not room else "another rank's disk has less"
         raise CheckpointError(
             f"not enough space to save checkpoint {tag} in {ckpt_dir}: it needs about {need / 2**20:.1f} MiB "
@@ -178,13 +178,13 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int) -
     }
     manifest = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
     if rank == 0:
-        _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "world_size": world, "files": manifest}, indent=1))
+        write_atomic(tmp / MANIFEST, json.dumps({"step": step, "world_size": world, "files": manifest}, indent=1))
         final = root / tag
         if final.exists():  # the same step saved again (e.g. stop_after on a checkpoint step)
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        _write_atomic(root / "latest", tag)
+        write_atomic(root / "latest", tag)
         if keep_last > 0:
             for old in complete_checkpoints(ckpt_dir)[keep_last:]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -560,7 +560,7 @@ def mark_owner(folder: Path, key: str, cfg: RunConfig) -> None:
     text = json.dumps({"checkpoint_dir": ckpt, "checkpoint_dir_relative": os.path.relpath(ckpt, folder.resolve())})
     if not _create_exclusive(folder / OWNER, text):
         check_owner(folder, key, cfg)  # another run's, created since our check: refused
-        _write_atomic(folder / OWNER, text)
+        write_atomic(folder / OWNER, text)
 
 
 def check_resolved_config_name(folder: Path) -> None:
@@ -645,6 +645,8 @@ def claim(cfg: RunConfig, world: int, rank: int, log=print) -> None:
             f"{OWNER}): the run would append its records to it. Choose another logging.dir or move the file"
         )
     own = (root, Path(cfg.logging.dir))  # this run's own folders may lie inside its export folder
+    from .export import check_export_target  # export.py builds on this module
+
     check_export_target(cfg.checkpoint.export_dir, cfg.checkpoint.overwrite, "checkpoint.export_dir", own)
     outputs = (("logging.dir", Path(cfg.logging.dir)), ("checkpoint.export_dir", Path(cfg.checkpoint.export_dir)))
     for key, folder in outputs:
@@ -662,7 +664,7 @@ def claim(cfg: RunConfig, world: int, rank: int, log=print) -> None:
         for name in {*found, "latest"}:
             target = root / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    _write_atomic(root / IDENTITY, json.dumps(new, indent=1, default=str))
+    write_atomic(root / IDENTITY, json.dumps(new, indent=1, default=str))
 
 
 def check_writable(folder: Path, key: str) -> None:
@@ -679,167 +681,3 @@ def check_writable(folder: Path, key: str) -> None:
         raise ConfigError(f"{key}={str(folder)!r}: {probe_root} is a file, expected a folder")
     if not os.access(probe_root, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}={str(folder)!r} cannot be written ({probe_root} is not writable by this user)")
-
-
-def check_export_target(out: str, force: bool, what: str = "--out", own: tuple[Path, ...] = ()) -> None:
-    """An export goes into a new or empty folder, or replaces an earlier export; anything else needs force.
-    The run's `own` folders (checkpoints, logs) and its owner file may lie inside it."""
-    path = Path(out)
-    if any(len(part.encode()) > 255 for part in path.parts):
-        raise ConfigError(f"{what}={out!r}: a part of the path is too long (over 255 bytes, a file name's limit)")
-    if path.is_symlink() and not path.exists():
-        raise ConfigError(f"{what}={out!r} is a link to {os.readlink(path)!r}, which does not exist: expected a folder")
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{what}={out!r} is a file: expected a folder for the exported model")
-    mine = {os.path.realpath(p) for p in own}
-    others = [p for p in path.iterdir() if p.name != OWNER and os.path.realpath(p) not in mine] if path.is_dir() else []
-    if others and not (path / EXPORT_MARK).is_file() and not force:
-        names = sorted(p.name for p in others)
-        flag = "--force" if what == "--out" else "checkpoint.overwrite=true"
-        raise ConfigError(
-            f"{what}={out!r} is not empty ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) and is not an "
-            f"earlier tropd-ds export (no {EXPORT_MARK}): nothing was written. Choose a new folder, or pass {flag} to "
-            "replace its files"
-        )
-    check_writable(path, what)
-
-
-def mark_export(out_dir: str, source: str, complete: bool = True) -> None:
-    """Written before the files (an interrupted export is still recognised as ours) and again after."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    _write_atomic(Path(out_dir) / EXPORT_MARK, json.dumps({"exported_from": source, "complete": complete}, indent=1))
-
-
-def export(engine, tokenizer, out_dir: str, student_path: str = "") -> None:
-    """A folder with config, tokenizer and model.safetensors that AutoModelForCausalLM loads. A LoRA
-    student is exported merged, with its adapter alone in `out_dir/adapter` (PEFT's format)."""
-    lm = engine.module.lm
-    adapters = getattr(engine.module, "lora", None)
-    if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # full weights on rank 0 only
-    else:
-        state = engine.module.state_dict()
-    rank, _ = collectives.rank_world()
-    error = None
-    if rank == 0:
-        state = {k.removeprefix("lm."): v for k, v in state.items()}
-        try:
-            mark_export(out_dir, "the end of training", complete=False)
-            if adapters:
-                from . import lora
-
-                lora.save_adapter(state, adapters, student_path, Path(out_dir) / "adapter")
-                state = lora.merged_state(state, adapters)
-            lm.save_pretrained(Path(out_dir), state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(Path(out_dir))
-            mark_export(out_dir, "the end of training")
-        except Exception as exc:  # OSError, safetensors' own SafetensorError, ...: every rank must hear of it
-            error = f"{type(exc).__name__}: {exc}"
-    if not _all_true(error is None):
-        raise CheckpointError(f"exporting the student to {out_dir} failed ({error or 'on rank 0'})")
-
-
-def export_from_checkpoint(
-    ckpt_dir: str,
-    student_path: str,
-    out_dir: str,
-    tag: str | None = None,
-    lora_settings: dict | None = None,
-    adapter_only: bool = False,
-    dtype: str = "float32",
-    log=print,
-) -> str:
-    """Consolidate a ZeRO checkpoint (any number of ranks) on the CPU, without engines, and save it
-    with the student's config and tokenizer as a Hugging Face folder; a LoRA student's (`lora_settings`)
-    merged, or its adapter alone (`adapter_only`). The weights are written in `dtype`, the run's
-    student.dtype by default (what the run's own export holds), whatever the student folder was saved in."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    named = tag is not None
-    if named and not tag.strip():
-        raise ConfigError("--tag is empty: expected a checkpoint tag such as step200, or no --tag for the newest")
-    for _ in range(3):  # a running run's rotation (checkpoint.keep_last) may delete the newest under us
-        if not named:
-            found = complete_checkpoints(ckpt_dir)
-            if not found:
-                raise ConfigError(
-                    f"checkpoint.dir={ckpt_dir!r} has no complete checkpoint (stepN folder with a {MANIFEST}) to export"
-                )
-            tag = found[0].name
-        if not (Path(ckpt_dir) / tag).is_dir():
-            tags = sorted(p.name for p in Path(ckpt_dir).glob("step*"))
-            raise ConfigError(f"checkpoint tag {tag!r} is not in {ckpt_dir!r}: available {tags}")
-        problem = verify(Path(ckpt_dir) / tag) if (Path(ckpt_dir) / tag / MANIFEST).is_file() else f"no {MANIFEST}"
-        if problem is not None and (Path(ckpt_dir) / tag).is_dir():
-            raise ConfigError(
-                f"checkpoint {tag} in {ckpt_dir!r} fails its check ({problem}): nothing was exported; name an intact "
-                "one with --tag"
-            )
-        try:
-            state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag) if problem is None else None
-        except (OSError, ValueError) as exc:
-            if (Path(ckpt_dir) / tag).is_dir():
-                raise ConfigError(
-                    f"reading checkpoint {tag} in {ckpt_dir!r} failed: {type(exc).__name__}: {exc}"
-                ) from exc
-            state = None
-        if state is not None:
-            break
-        if named:
-            raise ConfigError(
-                f"checkpoint {tag} in {ckpt_dir!r} was deleted while it was being read (a running run rotates its "
-                "oldest checkpoints away, checkpoint.keep_last): nothing was exported; name a newer one with --tag"
-            )
-        log(f"checkpoint {tag} went away while it was being read (a running run's rotation?): trying the newest again")
-    else:
-        raise ConfigError(
-            f"the newest checkpoint in {ckpt_dir!r} went away 3 times while it was being read (a running run rotating "
-            "its checkpoints): export after that run, or with --tag a checkpoint it keeps"
-        )
-    state = {k.removeprefix("lm."): v for k, v in state.items()}
-    has_adapters = any(".lora_A." in k for k in state)
-    if has_adapters != bool(lora_settings):
-        raise ConfigError(
-            f"checkpoint {tag} {'holds' if has_adapters else 'has no'} LoRA adapters but the config's student.lora is "
-            f"{lora_settings or '{}'}: export with the config of the run that wrote it"
-        )
-    if adapter_only:
-        if not has_adapters:
-            raise ConfigError(
-                "--adapter-only: the run trained every parameter (student.lora is empty); it has no adapter"
-            )
-        from . import lora
-
-        mark_export(out_dir, str(Path(ckpt_dir) / tag), complete=False)
-        lora.save_adapter(state, lora_settings, student_path, out_dir)
-        mark_export(out_dir, str(Path(ckpt_dir) / tag))
-        return str(Path(ckpt_dir) / tag)
-    if has_adapters:
-        from . import lora
-
-        state = lora.merged_state(state, lora_settings)
-    import torch
-
-    target = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    # built in fp32 (the checkpoint's master weights), then cast once: from_config alone would follow the
-    # student folder's saved dtype, which need not be the run's
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_path), dtype=torch.float32)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes that differ: a student of another size
-        raise ConfigError(
-            f"checkpoint {tag} does not match the student at {student_path} ({str(exc).strip().splitlines()[-1][:300]}"
-            "): export with the config of the run that wrote it"
-        ) from exc
-    if unexpected or [m for m in missing if "rotary" not in m]:
-        raise ConfigError(
-            f"checkpoint {tag} does not match the student at {student_path}: missing {missing}, unexpected {unexpected}"
-        )
-    model = model.to(target)
-    model.config.dtype = dtype
-    mark_export(out_dir, str(Path(ckpt_dir) / tag), complete=False)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(student_path).save_pretrained(out_dir)
-    mark_export(out_dir, str(Path(ckpt_dir) / tag))
-    return str(Path(ckpt_dir) / tag)

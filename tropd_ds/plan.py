@@ -197,7 +197,7 @@ class Hardware:
     # and, per rank, one checkpoint tensor staged on the host: from_pretrained reads a safetensors shard (the
     # 70B/72B checkpoints ship <= 5 GB shards, transformers' default max_shard_size) and DeepSpeed's save copies
     # each GPU tensor to the host in turn (ZeRO-3's fp32 sub-groups of <= 1e9 elements: <= 4 GB).
-    # The export (checkpoint.export) adds the whole bf16 student on rank 0's host (plan() counts it).
+    # The export (export.export) adds the whole bf16 student on rank 0's host (plan() counts it).
     host_staging_gib: float = 5.0
 
     @property

@@ -14,7 +14,8 @@ import tropd_kernels as tk
 from .config import ModelConfig
 from .models import VocabHeadModel, initialize, load_causal_lm, teacher_ds_config
 from .objectives import StepOptions
-from .rollout import RolloutTokens, hook_free_gathered, zero3_offload
+from .rollout import RolloutTokens
+from .zero3 import hook_free_gathered, zero3_offload
 
 
 class TeacherScorer(VocabHeadModel):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, collectives, command, evaluation, faults, preflight, process, rollout, scoring, update
+from . import checkpoint, collectives, command, evaluation, export, faults, preflight, process, rollout, scoring, update
 from .config import ConfigError, RunConfig, micro_batches_per_rank, to_dict
 from .data import PromptStream
 from .metrics import MetricsWriter, NonFiniteSteps, code_version, step_record
@@ -241,7 +241,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
         held_out.evaluate(total)
     stop.phase = "the export"
     try:
-        checkpoint.export(t.student, prepared.tokenizer, cfg.checkpoint.export_dir, cfg.student.path)
+        export.export(t.student, prepared.tokenizer, cfg.checkpoint.export_dir, cfg.student.path)
     except checkpoint.CheckpointError as exc:
         log(
             f"error: {exc}; the final checkpoint {final} is intact: export it with `tropd-ds export --config "

@@ -53,7 +53,7 @@ def student_engine(
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = True
     model = StudentTerms(lm, n_tokens)
-    model.lora = dict(cfg.lora)  # read by checkpoint.export: {} for a fully trained student
+    model.lora = dict(cfg.lora)  # read by export.export: {} for a fully trained student
     return initialize(model, ds_config, optim), keep
 
 
