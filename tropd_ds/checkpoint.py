@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 IDENTITY = "run.json"  # what the checkpoints in a folder were trained with
 LOCK = "run.lock"  # the run that owns the folder now
 OWNER = "tropd_run.json"  # in logging.dir and export_dir: the run (its checkpoint.dir) whose files these are
+EXPORT_MARK = "tropd_export.json"  # a folder tropd-ds exported (and may replace)
 RESOLVED_CONFIG = "resolved_config"  # logging.dir/resolved_config.json: the latest launch's resolved config
 
 
@@ -645,8 +646,6 @@ def claim(cfg: RunConfig, world: int, rank: int, log=print) -> None:
             f"{OWNER}): the run would append its records to it. Choose another logging.dir or move the file"
         )
     own = (root, Path(cfg.logging.dir))  # this run's own folders may lie inside its export folder
-    from .export import check_export_target  # export.py builds on this module
-
     check_export_target(cfg.checkpoint.export_dir, cfg.checkpoint.overwrite, "checkpoint.export_dir", own)
     outputs = (("logging.dir", Path(cfg.logging.dir)), ("checkpoint.export_dir", Path(cfg.checkpoint.export_dir)))
     for key, folder in outputs:
@@ -681,3 +680,26 @@ def check_writable(folder: Path, key: str) -> None:
         raise ConfigError(f"{key}={str(folder)!r}: {probe_root} is a file, expected a folder")
     if not os.access(probe_root, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}={str(folder)!r} cannot be written ({probe_root} is not writable by this user)")
+
+
+def check_export_target(out: str, force: bool, what: str = "--out", own: tuple[Path, ...] = ()) -> None:
+    """An export goes into a new or empty folder, or replaces an earlier export; anything else needs force.
+    The run's `own` folders (checkpoints, logs) and its owner file may lie inside it."""
+    path = Path(out)
+    if any(len(part.encode()) > 255 for part in path.parts):
+        raise ConfigError(f"{what}={out!r}: a part of the path is too long (over 255 bytes, a file name's limit)")
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"{what}={out!r} is a link to {os.readlink(path)!r}, which does not exist: expected a folder")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what}={out!r} is a file: expected a folder for the exported model")
+    mine = {os.path.realpath(p) for p in own}
+    others = [p for p in path.iterdir() if p.name != OWNER and os.path.realpath(p) not in mine] if path.is_dir() else []
+    if others and not (path / EXPORT_MARK).is_file() and not force:
+        names = sorted(p.name for p in others)
+        flag = "--force" if what == "--out" else "checkpoint.overwrite=true"
+        raise ConfigError(
+            f"{what}={out!r} is not empty ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) and is not an "
+            f"earlier tropd-ds export (no {EXPORT_MARK}): nothing was written. Choose a new folder, or pass {flag} to "
+            "replace its files"
+        )
+    check_writable(path, what)

@@ -6,48 +6,21 @@ the export completed, so that an interrupted export is never taken for a finishe
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from . import collectives
 from .checkpoint import (
+    EXPORT_MARK,
     MANIFEST,
-    OWNER,
     CheckpointError,
     all_ranks_true,
-    check_writable,
     complete_checkpoints,
     verify,
     write_atomic,
 )
 from .config import ConfigError
-
-EXPORT_MARK = "tropd_export.json"  # a folder tropd-ds exported (and may replace)
-
-
-def check_export_target(out: str, force: bool, what: str = "--out", own: tuple[Path, ...] = ()) -> None:
-    """An export goes into a new or empty folder, or replaces an earlier export; anything else needs force.
-    The run's `own` folders (checkpoints, logs) and its owner file may lie inside it."""
-    path = Path(out)
-    if any(len(part.encode()) > 255 for part in path.parts):
-        raise ConfigError(f"{what}={out!r}: a part of the path is too long (over 255 bytes, a file name's limit)")
-    if path.is_symlink() and not path.exists():
-        raise ConfigError(f"{what}={out!r} is a link to {os.readlink(path)!r}, which does not exist: expected a folder")
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{what}={out!r} is a file: expected a folder for the exported model")
-    mine = {os.path.realpath(p) for p in own}
-    others = [p for p in path.iterdir() if p.name != OWNER and os.path.realpath(p) not in mine] if path.is_dir() else []
-    if others and not (path / EXPORT_MARK).is_file() and not force:
-        names = sorted(p.name for p in others)
-        flag = "--force" if what == "--out" else "checkpoint.overwrite=true"
-        raise ConfigError(
-            f"{what}={out!r} is not empty ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) and is not an "
-            f"earlier tropd-ds export (no {EXPORT_MARK}): nothing was written. Choose a new folder, or pass {flag} to "
-            "replace its files"
-        )
-    check_writable(path, what)
 
 
 def mark_export(out_dir: str, source: str, complete: bool = True) -> None:
