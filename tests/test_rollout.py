@@ -392,6 +392,22 @@ def _tiny_gpt2(path):
     GPT2LMHeadModel(config).save_pretrained(path)
 
 
+# The decode-loop comparisons' models and teacher prefixes: rows that end early (a model that often draws the
+# end token) and rows that run to their budget, rotary (Llama) and absolute (GPT-2) positions.
+DECODE_CASE_PREFIXES = [[], TOK("3")["input_ids"], [], TOK("7;4;1")["input_ids"], [], TOK("1;")["input_ids"] + [EOS],
+                        [], []]  # fmt: skip
+
+
+def _decode_case_model(tmp_path, arch: str):
+    if arch == "ending_llama":
+        build_biased_llama(tmp_path / "m", TOK, {EOS: 1.0, SEMI: 0.5})
+    elif arch == "llama":
+        build_llama(tmp_path / "m", TOK, hidden=32, layers=2, heads=2, mlp=64, seed=11)
+    else:
+        _tiny_gpt2(tmp_path / "m")
+    return load(tmp_path / "m")
+
+
 @pytest.mark.parametrize("arch", ["ending_llama", "llama", "gpt2"])
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8), (0.0, 1.0)], ids=["t1", "t0.7_p0.8", "greedy"])
 def test_asking_whether_all_rows_ended_every_16_tokens_gives_the_tokens_of_asking_every_token(
@@ -402,15 +418,8 @@ def test_asking_whether_all_rows_ended_every_16_tokens_gives_the_tokens_of_askin
     between and the trailing pad columns cut. Same seed: the same tokens, masks and width as asking every token,
     with and without teacher prefixes (row budgets), for rows that end early (a model that often draws the end
     token) and rows that run to their budget (rotary and absolute positions)."""
-    if arch == "ending_llama":
-        build_biased_llama(tmp_path / "m", TOK, {EOS: 1.0, SEMI: 0.5})
-    elif arch == "llama":
-        build_llama(tmp_path / "m", TOK, hidden=32, layers=2, heads=2, mlp=64, seed=11)
-    else:
-        _tiny_gpt2(tmp_path / "m")
-    lm = load(tmp_path / "m")
-    ps = prompts()
-    prefixes = [[], TOK("3")["input_ids"], [], TOK("7;4;1")["input_ids"], [], TOK("1;")["input_ids"] + [EOS], [], []]
+    lm = _decode_case_model(tmp_path, arch)
+    ps, prefixes = prompts(), DECODE_CASE_PREFIXES
     sampling = SamplingConfig(max_new_tokens=40, temperature=temperature, top_p=top_p)
     runs = {}
     for every in (1, 16, 5):
@@ -438,15 +447,8 @@ def test_the_preallocated_kv_cache_gives_the_tokens_of_transformers_dynamic_cach
     each holding its buffer from the prefill on."""
     from tropd_ds import kv_cache
 
-    if arch == "ending_llama":
-        build_biased_llama(tmp_path / "m", TOK, {EOS: 1.0, SEMI: 0.5})
-    elif arch == "llama":
-        build_llama(tmp_path / "m", TOK, hidden=32, layers=2, heads=2, mlp=64, seed=11)
-    else:
-        _tiny_gpt2(tmp_path / "m")
-    lm = load(tmp_path / "m")
-    ps = prompts()
-    prefixes = [[], TOK("3")["input_ids"], [], TOK("7;4;1")["input_ids"], [], TOK("1;")["input_ids"] + [EOS], [], []]
+    lm = _decode_case_model(tmp_path, arch)
+    ps, prefixes = prompts(), DECODE_CASE_PREFIXES
     sampling = SamplingConfig(max_new_tokens=40, temperature=temperature, top_p=top_p)
     made = []
     original = kv_cache.preallocated_cache
