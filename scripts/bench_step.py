@@ -73,8 +73,8 @@ def part_rollout(args) -> dict:
     from deepspeed.runtime.rollout import HybridEngineRollout, RolloutRequest, SamplingConfig
     from transformers import AutoModelForCausalLM
 
-    from tropd_ds import rollout
-    from tropd_ds.config import ModelConfig, OptimConfig
+    from tropd_ds import data, rollout
+    from tropd_ds.config import OptimConfig, StudentConfig
     from tropd_ds.data import load_rows
     from tropd_ds.demo_task import build_tokenizer
     from tropd_ds.update import student_engine
@@ -82,7 +82,7 @@ def part_rollout(args) -> dict:
     deepspeed.init_distributed(dist_backend="gloo")
     work = Path(args.work)
     tok = build_tokenizer()
-    cfg = ModelConfig(
+    cfg = StudentConfig(
         path=str(work / "student"),
         ds_config=str(ROOT / "ds_configs/cpu_student_zero3.json"),
         micro_batch_size=args.prompts,
@@ -93,7 +93,7 @@ def part_rollout(args) -> dict:
     engine, _keep = student_engine(cfg, OptimConfig(lr=1e-5, steps=1), len(tok), args.prompts, 1)
     engine.eval()
     rows = load_rows(str(work / "data/train.jsonl"))
-    ids, mask = rollout.left_pad(
+    ids, mask = data.left_pad(
         [tok(rows[i]["prompt"])["input_ids"] for i in range(args.prompts)], tok.pad_token_id, "cpu"
     )
     end_ids = rollout.end_token_ids(tok, plain)

@@ -37,8 +37,8 @@ SCOPE: dict[str, list[str] | None] = {
     "tropd_kernels/ops/token_terms.py": None,
     "tropd_kernels/ops/teacher_topk.py": None,
     "tropd_ds/objectives.py": None,
+    "tropd_ds/data.py": ["left_pad"],  # the padding of token rows (the rest of data.py is file reading)
     "tropd_ds/rollout.py": [  # the masks, the sampler and the guidance prefixes; not the engines' plumbing
-        "left_pad",
         "end_token_ids",
         "response_keep",
         "_filter_top_p",

@@ -12,7 +12,7 @@ import sys
 import torch
 import tropd_kernels as tk
 
-from tropd_ds.config import ModelConfig
+from tropd_ds.config import StudentConfig
 from tropd_ds.objectives import loss_fn
 from tropd_ds.process import exit_without_teardown
 from tropd_ds.rollout import RolloutTokens
@@ -74,7 +74,7 @@ def main(model_dir: str, out_path: str) -> None:
     }
     results = {}
     for name, objective_name, options, step, total in RUNS:
-        lm, _keep = load_causal_lm(ModelConfig(path=model_dir), config)
+        lm, _keep = load_causal_lm(StudentConfig(path=model_dir), config)
         model = StudentTerms(lm, lm.config.vocab_size)
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config

@@ -496,19 +496,13 @@ def test_check_sampling_accepts_the_defaults():
     assert C.check_sampling(RunConfig()) is None
 
 
-def test_check_sampling_refuses_an_objective_temperature_other_than_the_rollouts():
-    cfg = RunConfig()
-    cfg.rollout.temperature = 0.7
-    assert refusal(C.check_sampling, cfg) == (
-        "objective.temperature=1.0 differs from rollout.temperature=0.7: the log-ratios r and P_trust must be those "
-        "of the distribution that sampled; set both to the same value"
+def test_the_objective_takes_its_temperature_from_the_rollout(tmp_path):
+    """One temperature: an objective.temperature key is refused, saying where the setting is."""
+    assert load_refusal(tmp_path, {"objective.temperature": 0.7}) == (
+        "unknown config key 'objective.temperature': the objective compares log-probs at the temperature that "
+        "sampled them, rollout.temperature; set that"
     )
-
-
-def test_check_sampling_accepts_equal_temperatures_other_than_1():
-    cfg = RunConfig()
-    cfg.rollout.temperature = cfg.objective.temperature = 0.7
-    assert C.check_sampling(cfg) is None
+    assert not hasattr(load(tmp_path, {"rollout.temperature": 0.7}).objective, "temperature")
 
 
 @pytest.mark.parametrize("name", ["tropd", "opd", "eopd", "reopold", "mask_outlier", "clip_outlier", "entropy_opd"])
@@ -887,7 +881,6 @@ RANGE_CASES = [
     ("rollout.top_p", 1.000001, 1.0, "a number in (0, 1]", {}),
     ("rollout.guidance_max_len", -1, 0, "a number >= 0", {}),
     ("rollout.micro_batch_size", -1, 0, "a number >= 0", {}),
-    ("objective.temperature", 0.0, 1e-9, "a number > 0", {"rollout.temperature": 1e-9}),
     ("optim.steps", 0, 1, "a number >= 1", {}),
     ("optim.lr", 0.0, 1e-12, "a number > 0", {}),
     ("optim.lr", -1.0, 1e-12, "a number > 0", {}),
@@ -923,13 +916,13 @@ def test_load_config_accepts_the_value_at_the_edge_of_its_range(tmp_path, key, b
 
 
 def test_load_config_refuses_rollout_temperature_0_explaining_greedy_decoding(tmp_path):
-    assert load_refusal(tmp_path, {"rollout.temperature": 0.0, "objective.temperature": 0.0}) == (
+    assert load_refusal(tmp_path, {"rollout.temperature": 0.0}) == (
         "rollout.temperature=0.0: expected a number > 0 (0 is greedy decoding, which on-policy sampling cannot use)"
     )
 
 
-def test_load_config_accepts_a_tiny_rollout_temperature_equal_to_the_objectives(tmp_path):
-    cfg = load(tmp_path, {"rollout.temperature": 1e-9, "objective.temperature": 1e-9})
+def test_load_config_accepts_a_tiny_rollout_temperature(tmp_path):
+    cfg = load(tmp_path, {"rollout.temperature": 1e-9})
     assert cfg.rollout.temperature == 1e-9
 
 
@@ -1091,12 +1084,6 @@ def test_load_config_refuses_an_answer_pattern_with_two_groups(tmp_path):
     )
 
 
-def test_load_config_refuses_mismatched_temperatures(tmp_path):
-    assert load_refusal(tmp_path, {"rollout.temperature": 0.5}).startswith(
-        "objective.temperature=1.0 differs from rollout.temperature=0.5: "
-    )
-
-
 def test_load_config_refuses_outputs_in_the_same_folder(tmp_path):
     assert load_refusal(tmp_path, {"logging.dir": "out", "checkpoint.export_dir": "out"}) == (
         f"checkpoint.export_dir and logging.dir are the same folder ({str(tmp_path.resolve() / 'out')!r}): logs, "
@@ -1110,10 +1097,10 @@ def test_load_config_refuses_an_output_inside_the_student_folder(tmp_path):
     assert message.startswith(f"checkpoint.dir={str(real(tmp_path) / 'student' / 'ckpt')!r} is inside the student's")
 
 
-def test_load_config_refuses_gathering_the_student(tmp_path):
+def test_load_config_refuses_gathering_the_student_as_a_key_of_the_other_side(tmp_path):
     assert load_refusal(tmp_path, {"student.gather_params": True}) == (
-        "student.gather_params=True: gathering applies to the teacher's scoring; the student's generation is set "
-        "by rollout.gather_params"
+        "unknown config key 'student.gather_params': gathering for the teacher's scoring is teacher.gather_params; "
+        "the student's generation is rollout.gather_params"
     )
 
 
@@ -1154,7 +1141,7 @@ def test_the_gather_rule_and_the_runs_decision_on_a_module():
 
 def test_load_config_refuses_lora_on_the_teacher(tmp_path):
     assert load_refusal(tmp_path, {"teacher.lora": {"r": 4}}) == (
-        "teacher.lora={'r': 4}: the teacher is frozen; LoRA applies to the student only"
+        "unknown config key 'teacher.lora': the teacher is frozen; LoRA applies to the student only (student.lora)"
     )
 
 
@@ -1171,7 +1158,8 @@ def test_load_config_keeps_the_students_lora_as_written(tmp_path):
 
 def test_load_config_refuses_gradient_checkpointing_on_the_teacher(tmp_path):
     assert load_refusal(tmp_path, {"teacher.gradient_checkpointing": True}) == (
-        "teacher.gradient_checkpointing=True: the teacher is frozen and has no backward; it applies to the student only"
+        "unknown config key 'teacher.gradient_checkpointing': the teacher is frozen and has no backward; it applies "
+        "to the student only (student.gradient_checkpointing)"
     )
 
 
@@ -1201,3 +1189,14 @@ def test_read_ds_config_refuses_json_that_is_not_an_object(tmp_path):
 def test_to_dict_nests_every_section():
     out = C.to_dict(RunConfig())
     assert out["optim"]["steps"] == 200 and out["rollout"]["top_p"] == 1.0 and out["seed"] == 0
+
+
+def test_config_list_states_each_top_level_fields_own_range(tmp_path):
+    """`tropd-ds config --list` says what each top-level field accepts, and the edges it names are the checks'."""
+    accepted = {f["key"]: f["accepted"] for f in C.describe_fields()}
+    assert accepted["seed"] == "an integer in [0, 2**32)"
+    assert accepted["collective_timeout_minutes"] == "a number > 0, at most 10080 (a week)"
+    assert load(tmp_path, {"collective_timeout_minutes": 10080}).collective_timeout_minutes == 10080
+    assert load_refusal(tmp_path, {"collective_timeout_minutes": 10080.5}).startswith(
+        "collective_timeout_minutes=10080.5: expected a number of minutes > 0 and at most 10080 (a week)"
+    )

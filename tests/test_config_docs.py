@@ -14,7 +14,7 @@ import yaml
 
 from tropd_ds import cli
 from tropd_ds.config import RunConfig, load_config
-from tropd_ds.models import lr_schedule
+from tropd_ds.engines import lr_schedule
 
 
 def all_keys() -> set[str]:

@@ -328,7 +328,7 @@ def test_non_finite_steps_are_skipped_without_changing_parameters_and_too_many_s
     "override,message",
     [
         ("rollout.temperature=0", "rollout.temperature=0.0: expected a number > 0"),
-        ("objective.temperature=-1", "objective.temperature=-1.0: expected a number > 0"),
+        ("rollout.temperature=-1", "rollout.temperature=-1.0: expected a number > 0"),
         ("rollout.top_p=1.5", "rollout.top_p=1.5: expected a number in (0, 1]"),
         ("optim.lr=0", "optim.lr=0.0: expected a number > 0"),
         ("rollout.samples_per_prompt=0", "rollout.samples_per_prompt=0: expected a number >= 1"),

@@ -10,7 +10,7 @@ import torch
 from biased_models import build_biased_llama
 from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 
-from tropd_ds import rollout
+from tropd_ds import data, rollout
 from tropd_ds.data import Prompt
 from tropd_ds.demo_models import build_llama
 from tropd_ds.demo_task import build_tokenizer
@@ -186,7 +186,7 @@ def test_response_keep_by_position():
 
 def test_generate_rollout_request_with_samples_per_prompt(tmp_path):
     lm = build_biased_llama(tmp_path / "m", TOK, {EOS: 0.0})
-    ids, mask = rollout.left_pad([p.ids for p in prompts(3)], PAD, "cpu")
+    ids, mask = data.left_pad([p.ids for p in prompts(3)], PAD, "cpu")
     batch = engine_for(lm).generate(RolloutRequest(ids, mask), SamplingConfig(max_new_tokens=5, n_samples_per_prompt=2))
     assert batch.input_ids.shape[0] == 6 and torch.equal(
         batch.input_ids[0, : ids.shape[1]], batch.input_ids[1, : ids.shape[1]]
@@ -217,7 +217,7 @@ def test_sampling_loop_draws_what_generate_draws(tmp_path, arch, temperature, to
         GPT2LMHeadModel(config).save_pretrained(tmp_path / "m")
     lm = load(tmp_path / "m")
     engine = engine_for(lm)
-    ids, mask = rollout.left_pad([p.ids for p in prompts()], PAD, "cpu")
+    ids, mask = data.left_pad([p.ids for p in prompts()], PAD, "cpu")
     sampling = SamplingConfig(max_new_tokens=20, temperature=temperature, top_p=top_p)
     torch.manual_seed(4)
     ours = engine.generate(RolloutRequest(ids, mask), sampling)
@@ -335,7 +335,7 @@ def max_len(step):
 
 
 def test_left_pad_end_ids_and_real_token_columns_by_hand():
-    ids, mask = rollout.left_pad([[4, 5, 6], [7], []], PAD, "cpu")
+    ids, mask = data.left_pad([[4, 5, 6], [7], []], PAD, "cpu")
     assert ids.tolist() == [[4, 5, 6], [PAD, PAD, 7], [PAD, PAD, PAD]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]] and ids.dtype == mask.dtype == torch.long
 

@@ -19,7 +19,7 @@ import tropd_kernels as tk
 from deepspeed.runtime.rollout import SamplingConfig
 
 from tropd_ds import rollout, update, zero3
-from tropd_ds.config import ModelConfig, OptimConfig
+from tropd_ds.config import OptimConfig, StudentConfig
 from tropd_ds.data import Prompt
 from tropd_ds.demo_task import build_tokenizer
 from tropd_ds.objectives import loss_fn
@@ -33,7 +33,7 @@ MB, NEW = 4, 16
 
 def one_run(model_dir: str, gather: bool, rank: int, world: int) -> dict:
     tok = build_tokenizer()
-    cfg = ModelConfig(path=model_dir, ds_config=str(ROOT / "ds_configs/cpu_student_zero3.json"), micro_batch_size=MB)
+    cfg = StudentConfig(path=model_dir, ds_config=str(ROOT / "ds_configs/cpu_student_zero3.json"), micro_batch_size=MB)
     engine, _keep = student_engine(cfg, OptimConfig(lr=1e-2, steps=1), len(tok), MB, 1)
     offload = zero3.zero3_offload(engine)
     hooks = lambda: [
@@ -94,7 +94,7 @@ def scorings(model_dir: str, tokens) -> dict:
     from tropd_ds import scoring
     from tropd_ds.objectives import StepOptions
 
-    cfg = ModelConfig(
+    cfg = StudentConfig(
         path=model_dir, ds_config=str(ROOT / "ds_configs/cpu_teacher_zero3_offload.json"), micro_batch_size=2
     )
     teacher, _keep = scoring.teacher_engine(cfg, len(build_tokenizer()))

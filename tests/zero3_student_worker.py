@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import tropd_kernels as tk
 
-from tropd_ds.config import ModelConfig
+from tropd_ds.config import StudentConfig
 from tropd_ds.objectives import loss_fn
 from tropd_ds.process import exit_without_teardown
 
@@ -101,7 +101,7 @@ def one_case(model_dir: str, out_path: Path, checkpointing: bool, lora: bool) ->
         "zero_force_ds_cpu_optimizer": False,
         "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
     }
-    lm, _keep = load_causal_lm(ModelConfig(path=model_dir), config)
+    lm, _keep = load_causal_lm(StudentConfig(path=model_dir), config)
     lm = with_lora(lm) if lora else lm
     if checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -250,8 +250,8 @@ def _eval(argv) -> int:
 def refuse_incomplete_export(folder: str) -> None:
     """A tropd-ds export whose marker says it was interrupted (tropd_export.json, "complete": false) is
     refused: its weights or tokenizer files may be missing or cut short."""
-    from .checkpoint import EXPORT_MARK
     from .config import ConfigError
+    from .ownership import EXPORT_MARK
 
     mark = Path(folder) / EXPORT_MARK
     if not mark.is_file():
@@ -313,9 +313,9 @@ def _export(argv) -> int:
         help="the weights' dtype; run (default): the run's student.dtype, as the run's own export",
     )
     args = ap.parse_args(argv)
-    from .checkpoint import check_export_target
     from .config import ConfigError, check_outside_models, load_config
     from .export import export_from_checkpoint
+    from .ownership import check_export_target
 
     try:
         if not args.out.strip():

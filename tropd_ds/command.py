@@ -8,7 +8,7 @@ import math
 import os
 import sys
 
-from . import checkpoint, process
+from . import ownership, process
 from .config import ConfigError, RunConfig, load_config
 from .preflight import Prepared, validate_before_engines
 
@@ -99,7 +99,7 @@ def prepare(argv=None) -> tuple[RunConfig, Prepared] | int:
             return process.ExitCode.OK
         prepared = validate_before_engines(cfg, world)
         # the checkpoint folder is this run's, not locked by another, and every output folder is writable
-        checkpoint.claim(cfg, world, rank, process.log)
+        ownership.claim(cfg, world, rank, process.log)
         return cfg, prepared
     except ConfigError as exc:
         print(f"tropd-ds: configuration error: {exc}", file=sys.stderr)

@@ -34,19 +34,42 @@ def gather_fits(need_bytes: float, free_bytes: float) -> bool:
 
 
 @dataclass
-class ModelConfig:
+class StudentConfig:
     path: str = ""  # a Hugging Face model folder
-    ds_config: str = ""  # DeepSpeed JSON config for this model's engine
+    ds_config: str = ""  # DeepSpeed JSON config for the student's engine (ZeRO-3, optimiser offload as it says)
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    micro_batch_size: int = 4  # sequences per forward (the teacher's is independent of the student's)
-    gradient_checkpointing: bool = False  # student only: recompute each layer in backward
-    # teacher only: score with the whole teacher gathered once per step and ZeRO-3's per-module hooks off
-    # (fast; the teacher must fit on one device). False: ZeRO-3 gathers (or fetches from offload) layer by layer.
+    micro_batch_size: int = 4  # sequences per forward and backward
+    gradient_checkpointing: bool = False  # recompute each layer in backward
+    # LoRA adapters {r, alpha (default 2 r), dropout, target_modules (default all-linear)}; the base stays frozen
+    # (the `peft` extra). {} = train every parameter.
+    lora: dict = field(default_factory=dict)
+
+
+@dataclass
+class TeacherConfig:
+    path: str = ""  # a Hugging Face model folder
+    ds_config: str = ""  # DeepSpeed JSON config for the teacher's engine (ZeRO-3 inference, offload as it says)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    micro_batch_size: int = 4  # sequences per forward (independent of the student's)
+    # score with the whole teacher gathered once per step and ZeRO-3's per-module hooks off (fast; the teacher
+    # must fit on one device). False: ZeRO-3 gathers (or fetches from offload) layer by layer.
     # auto: gathered when its weights take at most half of a device's free memory (logged at the start)
     gather_params: bool | str = "auto"
-    # student only: LoRA adapters {r, alpha (default 2 r), dropout, target_modules (default all-linear)}; the
-    # base stays frozen (the `peft` extra). {} = train every parameter.
-    lora: dict = field(default_factory=dict)
+
+
+# Either side's model settings (model folder checks and loading take either).
+ModelConfig = StudentConfig | TeacherConfig
+
+# Keys that belong to another section: the "unknown key" refusal says where they went and why.
+MOVED = {
+    "student.gather_params": "gathering for the teacher's scoring is teacher.gather_params; the student's generation "
+    "is rollout.gather_params",
+    "teacher.lora": "the teacher is frozen; LoRA applies to the student only (student.lora)",
+    "teacher.gradient_checkpointing": "the teacher is frozen and has no backward; it applies to the student only "
+    "(student.gradient_checkpointing)",
+    "objective.temperature": "the objective compares log-probs at the temperature that sampled them, "
+    "rollout.temperature; set that",
+}
 
 
 @dataclass
@@ -71,7 +94,7 @@ class RolloutConfig:
     prompts_per_step: int = 8  # global, across ranks
     samples_per_prompt: int = 2  # responses sampled per prompt
     max_new_tokens: int = 64  # the whole response: teacher prefix plus the student's continuation
-    temperature: float = 1.0  # sampling temperature; objective.temperature must equal it
+    temperature: float = 1.0  # sampling temperature, and the temperature of the log-probs the objective compares
     top_p: float = 1.0  # < 1 only for objectives without a log-ratio (fkl_topk, jsd)
     gather_params: bool | str = "auto"  # gather the student for generation; false: layer by layer; auto: if it fits
     micro_batch_size: int = 0  # sequences generated at once per rank; 0 = all of the rank's share
@@ -84,7 +107,6 @@ class RolloutConfig:
 class ObjectiveConfig:
     name: str = "tropd"  # tropd | opd | eopd | reopold | mask_outlier | clip_outlier | entropy_opd | fkl_topk | jsd
     options: dict = field(default_factory=dict)  # passed to tropd_ds.objectives.loss_fn
-    temperature: float = 1.0  # the temperature of the log-probs the objective compares; equals rollout.temperature
 
 
 @dataclass
@@ -135,8 +157,8 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    student: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -198,7 +220,6 @@ RANGES = {
     ("rollout", "top_p"): (0, False, 1, True),
     ("rollout", "guidance_max_len"): (0, True, None, False),
     ("rollout", "micro_batch_size"): (0, True, None, False),
-    ("objective", "temperature"): (0, False, None, False),
     ("optim", "steps"): (1, True, None, False),
     ("optim", "lr"): (0, False, None, False),
     ("optim", "warmup_steps"): (0, True, None, False),
@@ -305,7 +326,8 @@ def _build(cls, data: dict, prefix: str):
                 f"expected a name, one of {', '.join(names)}"
             )
         if key not in names:
-            raise ConfigError(f"unknown config key {where!r}{_suggest(key, names)}")
+            hint = f": {MOVED[where]}" if where in MOVED else _suggest(key, names)
+            raise ConfigError(f"unknown config key {where!r}{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, where + ".")
@@ -484,26 +506,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     answer_pattern(cfg.eval.answer_pattern)
     check_sampling(cfg)
     check_outputs(cfg)
-    for where, section in (("student", cfg.student), ("teacher", cfg.teacher), ("rollout", cfg.rollout)):
+    for where, section in (("teacher", cfg.teacher), ("rollout", cfg.rollout)):
         value = section.gather_params
         if isinstance(value, str) and value.lower() in ("true", "false"):
             section.gather_params = value = value.lower() == "true"
         if value not in (True, False, "auto") or (isinstance(value, int) and not isinstance(value, bool)):
             raise ConfigError(f"{where}.gather_params={value!r}: expected true, false or auto")
-    if cfg.student.gather_params is True:
-        raise ConfigError(
-            "student.gather_params=True: gathering applies to the teacher's scoring; the student's generation is set "
-            "by rollout.gather_params"
-        )
-    if cfg.teacher.lora:
-        raise ConfigError(f"teacher.lora={cfg.teacher.lora!r}: the teacher is frozen; LoRA applies to the student only")
     if cfg.student.lora:
         lora_settings(cfg.student.lora)
-    if cfg.teacher.gradient_checkpointing:
-        raise ConfigError(
-            "teacher.gradient_checkpointing=True: the teacher is frozen and has no backward; it applies to the "
-            "student only"
-        )
     return cfg
 
 
@@ -605,15 +615,9 @@ RATIO_FREE_OBJECTIVES = ("fkl_topk", "jsd")
 
 
 def check_sampling(cfg: RunConfig) -> None:
-    """One sampling distribution: r and P_trust are log-ratios under the policy that sampled, so the
-    objective's temperature is the rollout's and nothing truncates what the student samples from."""
+    """One sampling distribution: r and P_trust are log-ratios under the policy that sampled (the objective
+    takes its temperature from the rollout), so nothing may truncate what the student samples from."""
     r, o = cfg.rollout, cfg.objective
-    if r.temperature != o.temperature:
-        raise ConfigError(
-            f"objective.temperature={o.temperature} differs from rollout.temperature={r.temperature}: the log-ratios "
-            "r and "
-            "P_trust must be those of the distribution that sampled; set both to the same value"
-        )
     if r.top_p < 1 and o.name not in RATIO_FREE_OBJECTIVES:
         raise ConfigError(
             f"rollout.top_p={r.top_p} with objective.name={o.name!r}: top-p sampling draws from a truncated "
@@ -654,8 +658,12 @@ def describe_fields() -> list[dict]:
         cls = typing.get_type_hints(RunConfig)[section.name]
         if not dataclasses.is_dataclass(cls):
             meaning = _field_comments(RunConfig)[section.name]
+            accepted = {
+                "seed": "an integer in [0, 2**32)",
+                "collective_timeout_minutes": f"a number > 0, at most {MAX_TIMEOUT_MINUTES} (a week)",
+            }
             out.append({"key": section.name, "type": cls.__name__, "default": section.default,
-                        "accepted": "an integer in [0, 2**32)", "meaning": meaning})  # fmt: skip
+                        "accepted": accepted[section.name], "meaning": meaning})  # fmt: skip
             continue
         comments, hints, defaults = _field_comments(cls), typing.get_type_hints(cls), cls()
         for f in dataclasses.fields(cls):

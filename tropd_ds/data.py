@@ -660,3 +660,18 @@ def check_rows(
             "those characters"
         )
     return warnings
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device):
+    """Token rows as one left-padded batch: (ids, attention mask), each [rows, longest row] int64 on `device`.
+    Left padding keeps every row's last token in the last column, where generation continues."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)

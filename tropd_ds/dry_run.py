@@ -73,7 +73,7 @@ def _shape_step(role: str, lm, batch: int, seq: int, n_tokens: int, k: int) -> d
 def dry_run(cfg: RunConfig, world: int, gpu_mem_gib: float = 80.0, gpus_per_node: int = 8) -> list[str]:
     """Run every check; returns the report lines. Raises ConfigError on the first problem."""
     from . import plan as planner
-    from .models import student_ds_config, teacher_ds_config
+    from .engines import student_ds_config, teacher_ds_config
     from .preflight import validate_before_engines
 
     t0 = time.perf_counter()

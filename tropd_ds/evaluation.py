@@ -16,8 +16,7 @@ import torch
 
 from . import collectives
 from .config import answer_pattern
-from .data import answer_text, encode_prompt
-from .rollout import left_pad
+from .data import answer_text, encode_prompt, left_pad
 
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _HASH = re.compile(r"#\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)")

@@ -10,6 +10,7 @@ class ExitCode(enum.IntEnum):
     128 + n when signal n ended the process while nothing would be lost)."""
 
     OK = 0
+    DOES_NOT_FIT = 1  # tropd-ds plan: the run does not fit the hardware it was given
     CONFIG = 2  # a configuration or input error, named (before any engine when it can be)
     IO = 3  # a write that failed: a full disk, a checkpoint that cannot be saved or verified, the export
     NON_FINITE = 4  # more non-finite steps in a row than optim.max_bad_steps

@@ -12,7 +12,6 @@ import torch
 
 from . import collectives
 from .checkpoint import (
-    EXPORT_MARK,
     MANIFEST,
     CheckpointError,
     all_ranks_true,
@@ -21,6 +20,7 @@ from .checkpoint import (
     write_atomic,
 )
 from .config import ConfigError
+from .ownership import EXPORT_MARK
 
 
 def mark_export(out_dir: str, source: str, complete: bool = True) -> None:

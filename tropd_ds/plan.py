@@ -28,6 +28,7 @@ from pathlib import Path
 from tropd_kernels.projection import HIDDEN_CHUNK_BYTES
 
 from .config import gather_fits
+from .exit_codes import ExitCode
 from .resources import shipped
 
 GiB = 2**30
@@ -784,9 +785,9 @@ def main(argv=None) -> int:
         result = plan(load_arch(student), load_arch(teacher), hw, wl)
     except ValueError as exc:  # ConfigError is a ValueError
         print(f"tropd-ds plan: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
-    return 0 if result["fits"] else 1
+    return ExitCode.OK if result["fits"] else ExitCode.DOES_NOT_FIT
 
 
 if __name__ == "__main__":

@@ -15,14 +15,9 @@ import tropd_kernels as tk
 from . import collectives, process
 from .config import ConfigError, RunConfig, micro_batches_per_rank, read_ds_config
 from .data import Columns, check_rows, check_template_kwargs, encode_prompt, load_rows, shared_prompts
+from .engines import check_ds_config, check_lr_schedule
 from .extras import require
-from .models import (
-    check_ds_config,
-    check_logit_transforms,
-    check_lr_schedule,
-    load_tokenizers_and_check,
-    vocab_from_configs,
-)
+from .models import check_logit_transforms, load_tokenizers_and_check, vocab_from_configs
 from .objectives import Objective, loss_fn
 
 

@@ -29,7 +29,7 @@ import torch
 from deepspeed.runtime.rollout import RolloutBatch, RolloutEngine, RolloutRequest, SamplingConfig
 
 from . import collectives
-from .data import Prompt
+from .data import Prompt, left_pad
 from .zero3 import hook_free_gathered, zero3_offload
 
 
@@ -75,17 +75,6 @@ class RolloutTokens:
 
     def micro_batches(self, size: int, trim: bool = True) -> list[RolloutTokens]:
         return [self.rows(start, size, trim) for start in range(0, self.input_ids.shape[0], size)]
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def end_token_ids(tokenizer, *models) -> tuple[int, ...]:

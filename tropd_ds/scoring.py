@@ -11,8 +11,9 @@ import contextlib
 import torch
 import tropd_kernels as tk
 
-from .config import ModelConfig
-from .models import VocabHeadModel, initialize, load_causal_lm, teacher_ds_config
+from .config import TeacherConfig
+from .engines import initialize, teacher_ds_config
+from .models import VocabHeadModel, load_causal_lm
 from .objectives import StepOptions
 from .rollout import RolloutTokens
 from .zero3 import hook_free_gathered, zero3_offload
@@ -31,7 +32,7 @@ class TeacherScorer(VocabHeadModel):
         return tk.teacher_topk_from_hidden(hidden, weight, targets, k, temperature, bias, vocab=self.n_tokens)
 
 
-def teacher_engine(cfg: ModelConfig, n_tokens: int):
+def teacher_engine(cfg: TeacherConfig, n_tokens: int):
     """A ZeRO-3 inference engine (no optimiser) with parameters offloaded as its config says; returns
     the engine and the HfDeepSpeedConfig that must outlive the model's loading."""
     ds_config = teacher_ds_config(cfg)

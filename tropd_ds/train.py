@@ -15,7 +15,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, collectives, command, evaluation, export, faults, preflight, process, rollout, scoring, update
+from . import (
+    checkpoint,
+    collectives,
+    command,
+    evaluation,
+    export,
+    faults,
+    ownership,
+    preflight,
+    process,
+    rollout,
+    scoring,
+    update,
+)
 from .config import ConfigError, RunConfig, micro_batches_per_rank, to_dict
 from .data import PromptStream
 from .metrics import MetricsWriter, NonFiniteSteps, code_version, step_record
@@ -35,7 +48,7 @@ def main(argv=None) -> int:
         log(f"configuration error: {exc}")
         code = ExitCode.CONFIG
     except OSError as exc:  # a full disk or a vanished folder under a file the run writes (metrics, a monitor's)
-        checkpoint.release_lock(loaded[0].checkpoint.dir)
+        ownership.release_lock(loaded[0].checkpoint.dir)
         where = f" {exc.filename}" if getattr(exc, "filename", None) else " a file"
         process.leave_now(
             ExitCode.IO,
@@ -46,11 +59,11 @@ def main(argv=None) -> int:
         failure = process.collective_exit(exc, loaded[0].collective_timeout_minutes)
         if failure is None:
             raise
-        checkpoint.release_lock(loaded[0].checkpoint.dir)
+        ownership.release_lock(loaded[0].checkpoint.dir)
         process.leave_now(ExitCode.COLLECTIVE, *failure)
     finally:
         process.release_cpu_shm_buffers()
-        checkpoint.release_lock(loaded[0].checkpoint.dir)
+        ownership.release_lock(loaded[0].checkpoint.dir)
     if dist.is_initialized():  # every rank returns here together (a rank failing alone leaves via process.leave_now)
         dist.destroy_process_group()
     return code
@@ -103,7 +116,7 @@ def set_up(cfg: RunConfig, prepared: Prepared, device: torch.device) -> Trainer:
 def train_step(t: Trainer, step: int) -> dict:
     """One step of the algorithm; returns the step's record (reduced across ranks)."""
     cfg, total, mb = t.cfg, t.cfg.optim.steps, t.cfg.student.micro_batch_size
-    options = t.prepared.objective.step_options(step, total, cfg.objective.temperature)  # k, kernel options
+    options = t.prepared.objective.step_options(step, total, cfg.rollout.temperature)  # k, kernel options
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + collectives.rank_world()[0])
     t0 = time.perf_counter()
     # 1. Rollout: the student samples its responses, continuing after a teacher prefix when guided.
@@ -167,7 +180,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
         logs = Path(cfg.logging.dir)
         logs.mkdir(parents=True, exist_ok=True)
         text = json.dumps(dict(to_dict(cfg), resumed_at_step=start_step, **version), indent=2, default=str)
-        name = checkpoint.RESOLVED_CONFIG
+        name = ownership.RESOLVED_CONFIG
         (logs / f"{name}.{time.strftime('%Y%m%d-%H%M%S')}-step{start_step}.json").write_text(text)
         (logs / f"{name}.json").write_text(text)
 

@@ -11,8 +11,9 @@ import torch
 import tropd_kernels as tk
 
 from . import collectives, faults, nonfinite
-from .config import ModelConfig, OptimConfig
-from .models import VocabHeadModel, initialize, load_causal_lm, student_ds_config
+from .config import OptimConfig, StudentConfig
+from .engines import initialize, student_ds_config
+from .models import VocabHeadModel, load_causal_lm
 from .objectives import Objective, StepOptions
 from .rollout import RolloutTokens
 
@@ -34,7 +35,7 @@ class StudentTerms(VocabHeadModel):
 
 
 def student_engine(
-    cfg: ModelConfig,
+    cfg: StudentConfig,
     optim: OptimConfig,
     n_tokens: int,
     micro_batch: int,
