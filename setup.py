@@ -46,6 +46,7 @@ setup(
         "jinja2>=3.1,<4",  # reading which keywords a chat template uses
         "huggingface_hub>=1.0,<3",  # hub data sets offline from the cache
         "pandas>=2,<4",  # reading a CSV file's header to read every column as text
+        "aiohttp>=3.9,<4",  # the teacher service (tropd-ds serve-teacher) and its client in the trainer
     ],
     # Optional features; each names its extra when it is asked for and missing (tropd_ds.extras).
     extras_require={

@@ -1,8 +1,10 @@
-"""`tropd-ds train | plan | eval | export | config`.
+"""`tropd-ds train | serve-teacher | plan | eval | export | config`.
 
 train   the distillation run (launch with `deepspeed --num_gpus N --module tropd_ds.train ...` for
         several ranks; `tropd-ds train` runs it in one process; `--dry-run` checks a config
         on the meta device without weights)
+serve-teacher  the teacher as a scoring service for runs on other machines (teacher.url); launch with
+        `deepspeed --num_gpus N --module tropd_ds.teacher_service ...` for several ranks
 plan    memory budget per GPU and host and a step-time estimate, from configs alone
 eval    held-out accuracy (avg@n, standard error, per-prompt records) of a Hugging Face model folder
 export  a Hugging Face folder from the newest DeepSpeed checkpoint of a run
@@ -402,7 +404,7 @@ def _config(argv) -> int:
     return 0
 
 
-COMMANDS = ("train", "plan", "eval", "export", "config")
+COMMANDS = ("train", "serve-teacher", "plan", "eval", "export", "config")
 
 
 def main(argv=None) -> int:
@@ -424,6 +426,10 @@ def main(argv=None) -> int:
         from .train import main as train_main
 
         return train_main(rest)
+    if command == "serve-teacher":
+        from .teacher_service import main as serve_main
+
+        return serve_main(rest)
     if command == "plan":
         from .plan import main as plan_main
 

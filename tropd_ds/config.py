@@ -55,6 +55,13 @@ class TeacherConfig:
     # must fit on one device). False: ZeRO-3 gathers (or fetches from offload) layer by layer.
     # auto: gathered when its weights take at most half of a device's free memory (logged at the start)
     gather_params: bool | str = "auto"
+    # a teacher served by `tropd-ds serve-teacher` (http://host:port) instead of one in this job; path and
+    # ds_config stay empty, and the service's tokenizer must be the student's
+    url: str = ""
+    token_file: str = ""  # a file holding the service's shared secret (a service beyond loopback requires one)
+    # how long a served teacher that does not answer is retried (with back-off) before the run stops, with a
+    # checkpoint of its last completed step; a busy service is waited for, without limit
+    wait_minutes: float = 30.0
 
 
 # Either side's model settings (model folder checks and loading take either).
@@ -178,6 +185,7 @@ PATH_FIELDS = {
     ("student", "ds_config"),
     ("teacher", "path"),
     ("teacher", "ds_config"),
+    ("teacher", "token_file"),
     ("data", "path"),
     ("data", "eval_path"),
     ("checkpoint", "dir"),
@@ -212,6 +220,7 @@ def is_hub_id(value: str, base: Path) -> bool:
 RANGES = {
     ("student", "micro_batch_size"): (1, True, None, False),
     ("teacher", "micro_batch_size"): (1, True, None, False),
+    ("teacher", "wait_minutes"): (0, False, None, False),
     ("data", "max_prompt_tokens"): (1, True, None, False),
     ("rollout", "prompts_per_step"): (1, True, None, False),
     ("rollout", "samples_per_prompt"): (1, True, None, False),
@@ -514,7 +523,35 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"{where}.gather_params={value!r}: expected true, false or auto")
     if cfg.student.lora:
         lora_settings(cfg.student.lora)
+    check_served_teacher(cfg)
     return cfg
+
+
+_URL = re.compile(r"^https?://[^/\s:]+(:[0-9]{1,5})?/?$|^https?://\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?/?$")
+
+
+def check_served_teacher(cfg: RunConfig) -> None:
+    """teacher.url names a teacher service: then no local teacher settings, and no prefixes the teacher generates."""
+    t = cfg.teacher
+    if not t.url:
+        if t.token_file:
+            raise ConfigError(
+                f"teacher.token_file={t.token_file!r} without teacher.url: the secret is for a served teacher"
+            )
+        return
+    if not _URL.match(t.url):
+        raise ConfigError(f"teacher.url={t.url!r}: expected http://host:port (the address serve-teacher logs)")
+    local = [key for key in ("path", "ds_config") if getattr(t, key)]
+    if local:
+        raise ConfigError(
+            f"teacher.url={t.url!r} with teacher.{' and teacher.'.join(local)} set: a run uses a served teacher "
+            "(url) or one in this job (path and ds_config), not both; remove one"
+        )
+    if cfg.rollout.guidance and cfg.rollout.prefix_source == "teacher":
+        raise ConfigError(
+            f"rollout.prefix_source='teacher' with teacher.url={t.url!r}: a served teacher scores, it does not "
+            "generate prefixes; use rollout.prefix_source=data (a teacher_response column)"
+        )
 
 
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")

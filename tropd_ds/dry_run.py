@@ -117,21 +117,25 @@ def dry_run(cfg: RunConfig, world: int, gpu_mem_gib: float = 80.0, gpus_per_node
         cfg.student.ds_config,
         student_ds_config(cfg.student, cfg.optim, cfg.student.micro_batch_size, grad_accum),
     )
-    _parse_ds_config("teacher", cfg.teacher.ds_config, teacher_ds_config(cfg.teacher))
-    t_zero = read_ds_config(cfg.teacher.ds_config).get("zero_optimization", {})
-    out.append(
-        "ok  DeepSpeed parses both engine configs (teacher "
-        f"offload_param={t_zero.get('offload_param', {}).get('device', 'none')})"
-    )
+    served = bool(cfg.teacher.url)
+    if served:
+        out.append(f"ok  DeepSpeed parses the student's engine config; the teacher is served at {cfg.teacher.url}")
+    else:
+        _parse_ds_config("teacher", cfg.teacher.ds_config, teacher_ds_config(cfg.teacher))
+        t_zero = read_ds_config(cfg.teacher.ds_config).get("zero_optimization", {})
+        out.append(
+            "ok  DeepSpeed parses both engine configs (teacher "
+            f"offload_param={t_zero.get('offload_param', {}).get('device', 'none')})"
+        )
 
     seq = (
         cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
     )  # exact: a teacher prefix counts towards max_new_tokens
     k = objective.max_k()
-    for role, model_cfg, batch in (
-        ("student", cfg.student, cfg.student.micro_batch_size),
-        ("teacher", cfg.teacher, cfg.teacher.micro_batch_size),
-    ):
+    models = [("student", cfg.student, cfg.student.micro_batch_size)]
+    if not served:
+        models.append(("teacher", cfg.teacher, cfg.teacher.micro_batch_size))
+    for role, model_cfg, batch in models:
         lm = _meta_model(role, model_cfg, seq)
         shapes = _shape_step(role, lm, batch, seq, n_tokens, k)
         out.append(
@@ -141,6 +145,13 @@ def dry_run(cfg: RunConfig, world: int, gpu_mem_gib: float = 80.0, gpus_per_node
             f"logits blocks, top-{k}"
         )
         del lm
+    if served:
+        out.append(
+            "--  memory plan: not made here for a served teacher (its service has hardware of its own); "
+            "the service checks the teacher when it starts"
+        )
+        out.append(f"dry run finished in {time.perf_counter() - t0:.1f} s: no weights loaded, no engine started")
+        return out
     s_path, t_path, wl = planner.workload_from_run_config(cfg)
     nodes = max(1, -(-world // gpus_per_node))
     hw = planner.Hardware(gpus_per_node=min(world, gpus_per_node), nodes=nodes, gpu_mem_gib=gpu_mem_gib)

@@ -15,3 +15,4 @@ class ExitCode(enum.IntEnum):
     IO = 3  # a write that failed: a full disk, a checkpoint that cannot be saved or verified, the export
     NON_FINITE = 4  # more non-finite steps in a row than optim.max_bad_steps
     COLLECTIVE = 5  # a collective timed out, or lost its peer
+    TEACHER = 6  # the teacher service did not answer within teacher.wait_minutes (a checkpoint was saved)

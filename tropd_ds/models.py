@@ -116,25 +116,30 @@ def check_hub_model(cfg: ModelConfig, role: str) -> None:
         ) from exc
 
 
-def vocab_from_configs(student: ModelConfig, teacher: ModelConfig) -> int:
-    """Without tokenizers (a dry run on config-only folders): the smaller embedding table."""
+def vocab_from_configs(student: ModelConfig, teacher: ModelConfig | None) -> int:
+    """Without tokenizers (a dry run on config-only folders): the smaller embedding table. `teacher` None: a
+    served teacher (its service checks its own side)."""
     from transformers import AutoConfig
 
-    check_model_folder(student, "student", weights=False)
-    check_model_folder(teacher, "teacher", weights=False)
-    return min(AutoConfig.from_pretrained(m.path).vocab_size for m in (student, teacher))
+    models = [(student, "student")] + ([(teacher, "teacher")] if teacher is not None else [])
+    for cfg, role in models:
+        check_model_folder(cfg, role, weights=False)
+    return min(AutoConfig.from_pretrained(cfg.path).vocab_size for cfg, _ in models)
 
 
-def load_tokenizers_and_check(student: ModelConfig, teacher: ModelConfig, weights: bool = True):
-    """One vocabulary for both models, checked before anything is put on a device.
+def load_tokenizers_and_check(student: ModelConfig, teacher: ModelConfig | None, weights: bool = True):
+    """One vocabulary for both models, checked before anything is put on a device. `teacher` None: a served
+    teacher, whose tokenizer the trainer compares with the student's once the service answers.
 
     Returns the shared tokenizer and the number of real vocabulary rows; rows past it (padding
     of an embedding table) are masked out by the caller."""
     from transformers import AutoConfig
 
-    check_model_folder(student, "student", weights)
-    check_model_folder(teacher, "teacher", weights)
-    tok_s, tok_t = load_tokenizer(student.path, "student"), load_tokenizer(teacher.path, "teacher")
+    models = [("student", student)] + ([("teacher", teacher)] if teacher is not None else [])
+    for role, cfg in models:
+        check_model_folder(cfg, role, weights)
+    tok_s = load_tokenizer(student.path, "student")
+    tok_t = load_tokenizer(teacher.path, "teacher") if teacher is not None else tok_s
     if tok_s.get_vocab() != tok_t.get_vocab():
         only_s = len(set(tok_s.get_vocab()) - set(tok_t.get_vocab()))
         only_t = len(set(tok_t.get_vocab()) - set(tok_s.get_vocab()))
@@ -144,17 +149,17 @@ def load_tokenizers_and_check(student: ModelConfig, teacher: ModelConfig, weight
             "token-level distillation needs one vocabulary"
         )
     n_tokens = len(tok_s)
-    for role, cfg in (("student", student), ("teacher", teacher)):
+    for role, cfg in models:
         rows = AutoConfig.from_pretrained(cfg.path).vocab_size
         if rows < n_tokens:
             raise ConfigError(
                 f"{role} embedding has {rows} rows but the shared tokenizer has {n_tokens} tokens: expected at least "
                 f"{n_tokens}"
             )
-    for role, cfg in (("student", student), ("teacher", teacher)):
+    for role, cfg in models:
         if weights and Path(cfg.path).is_dir():
             check_model_files(Path(cfg.path), role)
-    check_end_token(tok_s, student.path, teacher.path)
+    check_end_token(tok_s, *(cfg.path for _, cfg in models))
     if tok_s.pad_token_id is None:
         tok_s.pad_token = tok_s.eos_token
     return tok_s, n_tokens

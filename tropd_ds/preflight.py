@@ -37,16 +37,18 @@ def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: b
 
     With `dry_run`, model folders may hold only config.json (no weights, no tokenizer): the
     vocabulary then comes from the configs and the tokenizer is None."""
-    if dry_run and not all(has_tokenizer(m.path) for m in (cfg.student, cfg.teacher)):
-        tokenizer, n_tokens = None, vocab_from_configs(cfg.student, cfg.teacher)
+    teacher = None if cfg.teacher.url else cfg.teacher  # a served teacher is checked against its service
+    if dry_run and not all(has_tokenizer(m.path) for m in (cfg.student, teacher) if m is not None):
+        tokenizer, n_tokens = None, vocab_from_configs(cfg.student, teacher)
     else:
-        tokenizer, n_tokens = load_tokenizers_and_check(cfg.student, cfg.teacher, weights=not dry_run)
+        tokenizer, n_tokens = load_tokenizers_and_check(cfg.student, teacher, weights=not dry_run)
     if cfg.student.lora:
         from .lora import check as check_lora
 
         check_lora(cfg.student.path, cfg.student.lora)
     check_logit_transforms(cfg.student.path, "student")
-    check_logit_transforms(cfg.teacher.path, "teacher")
+    if teacher is not None:
+        check_logit_transforms(teacher.path, "teacher")
     columns = Columns.of(cfg.data)
     train_rows = load_rows(cfg.data.path, cfg.data.split, "data.path", columns)
     eval_rows = None
@@ -131,6 +133,8 @@ def check_positions(cfg: RunConfig) -> None:
 
     longest = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
     for role, model in (("student", cfg.student), ("teacher", cfg.teacher)):
+        if not model.path:  # a served teacher: its service refuses rows longer than its positions
+            continue
         try:
             config = AutoConfig.from_pretrained(model.path)
         except Exception:  # checked (and reported) by the model-folder checks; a dry run may have only a config
@@ -185,9 +189,11 @@ def check_run_shapes(cfg: RunConfig, world: int) -> None:
             "per rank (rollout.prompts_per_step / ranks x rollout.samples_per_prompt)"
         )
     grad_accum = micro_batches_per_rank(cfg, world)
-    student_ds, teacher_ds = read_ds_config(cfg.student.ds_config), read_ds_config(cfg.teacher.ds_config)
+    student_ds = read_ds_config(cfg.student.ds_config)
     check_ds_config("student", cfg.student, student_ds, cfg.student.micro_batch_size, grad_accum, world, cfg.optim)
-    check_ds_config("teacher", cfg.teacher, teacher_ds, cfg.teacher.micro_batch_size, 1, world)
+    if not cfg.teacher.url:
+        teacher_ds = read_ds_config(cfg.teacher.ds_config)
+        check_ds_config("teacher", cfg.teacher, teacher_ds, cfg.teacher.micro_batch_size, 1, world)
 
 
 PARITY_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}  # largest |difference| of a log-prob
@@ -200,22 +206,46 @@ def logit_parity(student, teacher, input_ids, attention_mask) -> dict[str, tuple
     model's own forward computes it. `student` and `teacher` are the wrapped modules (engine.module):
     every call is a module forward, so ZeRO-3 gathers what each one uses."""
     select = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
-    targets = input_ids[:, 1:][select]
     teacher_topk = teacher(input_ids, attention_mask, select, 1, 1.0)
     ours = {
         "teacher": teacher_topk.target_logprob,
         "student": student(input_ids, attention_mask, select, teacher_topk, options=tk.KernelOptions()).logprob,
     }
+    wrapped = {"student": student, "teacher": teacher}
+    return {role: _against_own_forward(wrapped[role], ours[role], input_ids, attention_mask) for role in wrapped}
+
+
+@torch.no_grad()
+def model_parity(teacher, input_ids, attention_mask) -> tuple[float, float]:
+    """The teacher's half of `logit_parity` (the teacher service answers it for a trainer)."""
+    select = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    ours = teacher(input_ids, attention_mask, select, 1, 1.0).target_logprob
+    return _against_own_forward(teacher, ours, input_ids, attention_mask)
+
+
+@torch.no_grad()
+def served_logit_parity(student, remote, input_ids, attention_mask) -> dict[str, tuple[float, float]]:
+    """`logit_parity` with a served teacher: its top-1 from the service feeds the student's forward, and the
+    service compares the teacher's log-probs with its model's own forward."""
+    from .objectives import StepOptions
+    from .rollout import RolloutTokens
+
+    select = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    tokens = RolloutTokens(input_ids, attention_mask, select, torch.zeros_like(select))
+    (teacher_topk,) = remote.score(tokens, StepOptions(1, tk.KernelOptions()), input_ids.shape[0])
+    ours = student(input_ids, attention_mask, select, teacher_topk, options=tk.KernelOptions()).logprob
+    mine = _against_own_forward(student, ours, input_ids, attention_mask)
+    return {"student": mine, "teacher": remote.parity(input_ids)}
+
+
+def _against_own_forward(wrapped, ours, input_ids, attention_mask) -> tuple[float, float]:
+    select = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    targets = input_ids[:, 1:][select]
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = {}
-    for role, wrapped in (("student", student), ("teacher", teacher)):
-        logits = wrapped.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits[:, :-1][
-            select
-        ]
-        theirs = logits[:, : wrapped.n_tokens].float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(1)
-        diff = (ours[role].float() - theirs).abs()
-        out[role] = (float(diff.max()), float(diff.mean()))
-    return out
+    logits = wrapped.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits[:, :-1]
+    theirs = logits[select][:, : wrapped.n_tokens].float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(1)
+    diff = (ours.float() - theirs).abs()
+    return float(diff.max()), float(diff.mean())
 
 
 def check_logit_parity(cfg: RunConfig, student, teacher, rows, tokenizer, device, log) -> bool:
@@ -232,19 +262,24 @@ def check_logit_parity(cfg: RunConfig, student, teacher, rows, tokenizer, device
     if len(ids) < 2:
         return True
     input_ids = torch.tensor([ids], device=device)
-    found = logit_parity(student.module, teacher.module, input_ids, torch.ones_like(input_ids))
+    served = getattr(teacher, "served", None)  # a teacher_client.RemoteTeacher: the service checks its side
+    if served is None:
+        found = logit_parity(student.module, teacher.module, input_ids, torch.ones_like(input_ids))
+    else:
+        found = served_logit_parity(student.module, teacher, input_ids, torch.ones_like(input_ids))
     ok = True
     for role, model_cfg in (("student", cfg.student), ("teacher", cfg.teacher)):
         worst = float(collectives.all_reduce([found[role][0]], op="max")[0])
-        tolerance = PARITY_TOLERANCE[model_cfg.dtype]
+        dtype = served["dtype"] if served is not None and role == "teacher" else model_cfg.dtype
+        tolerance = PARITY_TOLERANCE[dtype]
         if worst > tolerance:
             ok = False
             log(
                 f"error: {role} log-probs from the vocabulary kernels differ from the model's own forward by up to "
-                f"{worst:.3g} (mean {found[role][1]:.3g}; accepted at {model_cfg.dtype}: {tolerance:g}) on "
+                f"{worst:.3g} (mean {found[role][1]:.3g}; accepted at {dtype}: {tolerance:g}) on "
                 f"{len(ids) - 1} "
-                f"tokens of the first training row: {model_cfg.path} transforms its logits in a way tropd-ds does not "
-                "reproduce (soft-capping, scaling, a custom head). Training would follow another distribution than the "
-                "model's; stopping before step 1."
+                f"tokens of the first training row: {model_cfg.path or served['model']} transforms its logits in a way "
+                "tropd-ds does not reproduce (soft-capping, scaling, a custom head). Training would follow another "
+                "distribution than the model's; stopping before step 1."
             )
     return ok

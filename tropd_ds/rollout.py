@@ -363,15 +363,19 @@ class Rollout:
         self.l_max = cfg.guidance_max_len or cfg.max_new_tokens
 
     @classmethod
-    def of_engines(cls, student_engine, teacher_engine, tokenizer, cfg, device) -> Rollout:
+    def of_engines(cls, student_engine, teacher_engine, tokenizer, cfg, device, served_end_ids=()) -> Rollout:
         """The run's rollout (`cfg`: the RunConfig): the student generates gathered when rollout.gather_params;
-        a teacher that may not fit on one device (teacher.gather_params false) generates layer by layer."""
-        end_ids = end_token_ids(tokenizer, student_engine.module.lm, teacher_engine.module.lm)
+        a teacher that may not fit on one device (teacher.gather_params false) generates layer by layer.
+        `teacher_engine` None: a served teacher, which generates nothing; `served_end_ids` are its end ids."""
+        models = [student_engine.module.lm] + ([teacher_engine.module.lm] if teacher_engine is not None else [])
+        end_ids = tuple(sorted({*end_token_ids(tokenizer, *models), *map(int, served_end_ids)}))
         pad, r, vocab = tokenizer.pad_token_id, cfg.rollout, len(tokenizer)
         student = GenerateRollout(student_engine, pad, end_ids, r.gather_params, r.micro_batch_size, vocab)
-        teacher = GenerateRollout(
-            teacher_engine, pad, end_ids, cfg.teacher.gather_params, cfg.teacher.micro_batch_size, vocab
-        )
+        teacher = None
+        if teacher_engine is not None:
+            teacher = GenerateRollout(
+                teacher_engine, pad, end_ids, cfg.teacher.gather_params, cfg.teacher.micro_batch_size, vocab
+            )
         return cls(student, teacher, r, device)
 
     def metrics(self, tokens: RolloutTokens) -> dict[str, float]:

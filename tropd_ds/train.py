@@ -79,7 +79,7 @@ class Trainer:
     cfg: RunConfig
     prepared: Prepared  # tokenizer, vocabulary size, data sets, objective
     student: object  # DeepSpeed engine around update.StudentTerms
-    teacher: object  # DeepSpeed engine around scoring.TeacherScorer
+    teacher: object  # DeepSpeed engine around scoring.TeacherScorer, or a teacher_client.RemoteTeacher (teacher.url)
     roll_out: rollout.Rollout
     stream: PromptStream
     keep_alive: list  # the HfDeepSpeedConfig objects, which must live as long as the engines
@@ -90,27 +90,63 @@ def set_up(cfg: RunConfig, prepared: Prepared, device: torch.device) -> Trainer:
     mb, n_tokens, tokenizer = cfg.student.micro_batch_size, prepared.n_tokens, prepared.tokenizer
     grad_accum = micro_batches_per_rank(cfg, world)
     student, keep_s = update.student_engine(cfg.student, cfg.optim, n_tokens, mb, grad_accum, cfg.logging.dir)
-    teacher, keep_t = scoring.teacher_engine(cfg.teacher, n_tokens)
+    if cfg.teacher.url:
+        teacher, keep_t = connect_teacher(cfg, prepared), None
+    else:
+        teacher, keep_t = scoring.teacher_engine(cfg.teacher, n_tokens)
     for where, section, engine in (("rollout", cfg.rollout, student), ("teacher", cfg.teacher, teacher)):
-        if section.gather_params == "auto":  # decided here, on every rank alike, and logged
+        if section.gather_params == "auto" and not (where == "teacher" and cfg.teacher.url):  # the same on every rank
             section.gather_params, why = process.gather_decision(engine, device)
             log(f"{where}.gather_params=auto: {why}")
     preflight.check_teacher_prefixes(cfg)  # teacher prefixes need a teacher that can generate as resolved
-    offload = teacher.config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
     how = {True: "with all parameters gathered", False: "layer by layer"}
+    if cfg.teacher.url:
+        scoring_how = f"by the service at {cfg.teacher.url}"
+        teacher_how = "teacher served"
+    else:
+        offload = teacher.config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
+        scoring_how = how[cfg.teacher.gather_params]
+        teacher_how = f"teacher ZeRO stage {teacher.zero_optimization_stage()} with offload_param={offload}"
     log(
-        f"{world} ranks; student ZeRO stage {student.zero_optimization_stage()}, teacher ZeRO stage "
-        f"{teacher.zero_optimization_stage()} with offload_param={offload}; generation {how[cfg.rollout.gather_params]}"
-        f"{'' if cfg.rollout.gather_params else ' (ZeRO-3 gathers per forward)'}; teacher scoring "
-        f"{how[cfg.teacher.gather_params]}"
+        f"{world} ranks; student ZeRO stage {student.zero_optimization_stage()}, {teacher_how}; generation "
+        f"{how[cfg.rollout.gather_params]}{'' if cfg.rollout.gather_params else ' (ZeRO-3 gathers per forward)'}; "
+        f"teacher scoring {scoring_how}"
     )
     d = cfg.data
     stream = PromptStream(
         prepared.train_rows, tokenizer, cfg.rollout.prompts_per_step, rank, world, d.shuffle_seed,
         d.max_prompt_tokens, d.long_prompts, d.chat_template, d.chat_template_kwargs,
     )  # fmt: skip
-    roll_out = rollout.Rollout.of_engines(student, teacher, tokenizer, cfg, device)
+    if cfg.teacher.url:
+        roll_out = rollout.Rollout.of_engines(student, None, tokenizer, cfg, device, teacher.served["end_ids"])
+    else:
+        roll_out = rollout.Rollout.of_engines(student, teacher, tokenizer, cfg, device)
     return Trainer(cfg, prepared, student, teacher, roll_out, stream, [keep_s, keep_t])
+
+
+def connect_teacher(cfg: RunConfig, prepared: Prepared):
+    """The served teacher (teacher.url), checked before step 1: its tokenizer and vocabulary are the student's."""
+    from .teacher_client import RemoteTeacher
+    from .teacher_service import read_token
+    from .teacher_wire import tokenizer_fingerprint
+
+    t = cfg.teacher
+    token = read_token(t.token_file, "teacher.token_file") if t.token_file else None
+    remote = RemoteTeacher(t.url, token, t.wait_minutes, log=log)
+    info = remote.info()
+    mine = tokenizer_fingerprint(prepared.tokenizer)
+    if info.get("tokenizer_fingerprint") != mine or info.get("n_tokens") != prepared.n_tokens:
+        raise ConfigError(
+            f"the teacher served at {t.url} ({info.get('model')}, {info.get('n_tokens')} tokens, tokenizer "
+            f"{str(info.get('tokenizer_fingerprint'))[:12]}) and the student ({cfg.student.path}, {prepared.n_tokens} "
+            f"tokens, tokenizer {mine[:12]}) have different tokenizers: token-level distillation needs one vocabulary"
+        )
+    remote.served = info
+    log(
+        f"teacher served at {t.url}: {info.get('model')} ({info.get('dtype')}, {info.get('ranks')} ranks, "
+        f"tokenizer {mine[:12]} = the student's)"
+    )
+    return remote
 
 
 def train_step(t: Trainer, step: int) -> dict:
@@ -123,7 +159,13 @@ def train_step(t: Trainer, step: int) -> dict:
     tokens = t.roll_out(t.stream.next_batch(), step, total, generator)
     t1 = time.perf_counter()
     # 2. Teacher scoring: a TeacherTopK per response token, cut as the student's micro-batches.
-    teachers = scoring.score(t.teacher, tokens, options, cfg.teacher.micro_batch_size, mb, cfg.teacher.gather_params)
+    waited = 0.0
+    if cfg.teacher.url:
+        teachers, waited = served_scores(t, tokens, options, mb)
+    else:
+        teachers = scoring.score(
+            t.teacher, tokens, options, cfg.teacher.micro_batch_size, mb, cfg.teacher.gather_params
+        )
     t2 = time.perf_counter()
     # 3. Student update: per-token terms, the objective, backward and one optimiser step.
     micro = update.update(t.student, t.prepared.objective, tokens, teachers, mb, step, total, options, generator)
@@ -131,6 +173,8 @@ def train_step(t: Trainer, step: int) -> dict:
 
     shape = t.roll_out.metrics(tokens)
     times = dict(time_rollout_s=t1 - t0, time_teacher_s=t2 - t1, time_update_s=t3 - t2)
+    if cfg.teacher.url:
+        times["time_teacher_wait_s"] = waited  # of time_teacher_s, waiting on the service's answers
     counters = dict(k=options.k, prompts_truncated=t.stream.truncated, prompts_skipped=t.stream.skipped)
     speed = float(tokens.targets.sum()) / max(t3 - t0, 1e-9)
     record = step_record([dict(m, **shape) for m in micro], t.student, dict(tokens_per_s=speed, **times, **counters))
@@ -141,13 +185,58 @@ def train_step(t: Trainer, step: int) -> dict:
     return record
 
 
+def served_scores(t: Trainer, tokens, options, mb: int):
+    """The served teacher's scores and the seconds spent waiting for them. Every rank learns whether any rank
+    lost the service (one all-reduce), so that all stop together instead of some entering the update."""
+    from .teacher_client import TeacherRefused, TeacherUnavailable
+
+    before, error, teachers = t.teacher.waited_s, None, None
+    try:
+        teachers = t.teacher.score(tokens, options, mb)
+    except (TeacherUnavailable, TeacherRefused) as exc:
+        error = exc
+    codes = {None: 0.0, TeacherUnavailable: 1.0, TeacherRefused: 2.0}
+    worst = float(collectives.all_reduce([codes[type(error) if error else None]], op="max")[0])
+    if worst == 2.0:
+        raise error if isinstance(error, TeacherRefused) else TeacherRefused("another rank's request was refused")
+    if worst == 1.0:
+        raise error if error is not None else TeacherUnavailable("another rank lost the teacher service")
+    return teachers, t.teacher.waited_s - before
+
+
+def teacher_lost(t: Trainer, step: int, saved, before, exc, progress) -> int:
+    """The served teacher stopped answering during step `step` + 1: the run stops with a checkpoint of step `step`
+    (the data position and random states as they were before the lost step, so a resume repeats it exactly)."""
+    cfg = t.cfg
+    if progress is not None:
+        progress.close()
+    where = "no step has completed in this launch"
+    if step > 0 and saved != step:
+        t.stream.load_state_dict(before[0])
+        checkpoint.restore_rng_states(before[1], log)
+        if not save(t, step, progress):
+            return ExitCode.IO
+        where = f"checkpoint of step {step} saved in {cfg.checkpoint.dir}"
+    elif step > 0:
+        where = f"the checkpoint of step {step} is in {cfg.checkpoint.dir}"
+    log(f"error: {exc}; stopped before step {step + 1} ({where}). Start the service again and relaunch the same "
+        "command to resume")  # fmt: skip
+    return ExitCode.TEACHER
+
+
 def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = None) -> int:
     # Set-up: processes and engines; then the check that our log-probs are the models' own, and resume.
     stop = stop or process.StopRequest()
     device = process.start_distributed(cfg.collective_timeout_minutes)
     rank = collectives.rank_world()[0]
     process.seed_everything(cfg.seed + rank)
-    t = set_up(cfg, prepared, device)
+    from .teacher_client import TeacherUnavailable
+
+    try:
+        t = set_up(cfg, prepared, device)
+    except TeacherUnavailable as exc:
+        log(f"error: {exc}; nothing was trained. Start the service (tropd-ds serve-teacher) and relaunch")
+        return ExitCode.TEACHER
     groups = process.set_collective_timeout(cfg.collective_timeout_minutes)  # DeepSpeed's groups too
     log(f"collectives wait at most {cfg.collective_timeout_minutes:g} min for the slowest rank "
         f"(collective_timeout_minutes; {groups} process groups)")  # fmt: skip
@@ -199,7 +288,11 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
         skipped_before = t.student.skipped_steps
         stop.phase = f"step {step + 1}"
         faults.stall(step + 1, collectives.rank_world()[0], lambda: stop.signal_name is not None)
-        record, done = train_step(t, step), step + 1
+        before = (t.stream.state_dict(), checkpoint.rng_states()) if cfg.teacher.url else None
+        try:
+            record, done = train_step(t, step), step + 1
+        except TeacherUnavailable as exc:
+            return teacher_lost(t, step, saved, before, exc, progress)
         stop.can_leave_now = False  # a completed step that no checkpoint holds yet
         # DeepSpeed skips a step whose gradient norm is not finite: the parameters stay as they were.
         message = bad_steps.observe(done, record, t.student.skipped_steps > skipped_before)

@@ -1,0 +1,156 @@
+"""A served teacher, as the trainer sees it (`teacher.url`): scoring requests to `tropd-ds serve-teacher`
+(tropd_ds/teacher_service.py), sent from a thread of their own so that they are in flight while the student
+generates the next rows, and answered as the in-job teacher's `scoring.score` is: one TeacherTopK per student
+micro-batch.
+
+A service that does not answer (down, restarting, unreachable) is retried with back-off for
+`teacher.wait_minutes`, then `TeacherUnavailable` names the URL and the last failure; the trainer stops with
+a checkpoint of its last completed step. A busy service (HTTP 503) is waited for without limit: slow is not
+an error. A request the service refuses (HTTP 4xx) raises `TeacherRefused` with its reason at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import torch
+
+from .config import ConfigError
+from .teacher_wire import API, CONTENT_TYPE, decode_answer, encode_request
+
+MAX_BACKOFF_S = 15.0
+
+
+class TeacherUnavailable(RuntimeError):
+    """The teacher service did not answer within teacher.wait_minutes."""
+
+
+class TeacherRefused(ConfigError):
+    """The teacher service refused a request (HTTP 4xx), with its reason."""
+
+
+class RemoteTeacher:
+    """A client of one teacher service. `score` is `scoring.score` against the service; `submit` sends rows and
+    returns a future of their TeacherTopK; `waited_s` adds up the time the caller spent waiting for answers."""
+
+    def __init__(self, url: str, token: str | None = None, wait_minutes: float = 30.0, log=print):
+        self.url, self.token, self.wait_s, self.log = url.rstrip("/"), token, 60.0 * wait_minutes, log
+        self.waited_s = 0.0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-client", daemon=True)
+        self._thread.start()
+        self._session = self._call(self._open()).result()
+
+    async def _open(self):
+        import aiohttp
+
+        # no read time-out: a long answer is a wait; a connection that cannot be made is a failure, retried
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+
+    def _call(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._call(self._session.close()).result(timeout=10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    async def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        """The answer's body, retrying what a restarted or busy service would answer later."""
+        import aiohttp
+
+        headers = {"Content-Type": CONTENT_TYPE}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        first_failure, delay, said = None, 0.5, False
+        while True:
+            try:
+                async with self._session.request(method, f"{self.url}/{API}/{path}", data=body, headers=headers) as r:
+                    data = await r.read()
+                    if r.status == 200:
+                        if said:
+                            self.log(f"the teacher service at {self.url} answers again")
+                        return data
+                    reason = _reason(data)
+                    if r.status == 503:  # busy: a wait, not a failure
+                        await asyncio.sleep(float(r.headers.get("Retry-After", "1") or 1))
+                        continue
+                    if 400 <= r.status < 500:
+                        where = f"the teacher service at {self.url}"
+                        raise TeacherRefused(f"{where} refused {path}: HTTP {r.status}: {reason}")
+                    failure = f"HTTP {r.status}: {reason}"
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            now = time.monotonic()
+            first_failure = first_failure if first_failure is not None else now
+            if now - first_failure >= self.wait_s:
+                raise TeacherUnavailable(
+                    f"the teacher service at {self.url} did not answer for {now - first_failure:.0f} s "
+                    f"(teacher.wait_minutes={self.wait_s / 60:g}): {failure}"
+                )
+            if not said:
+                self.log(f"the teacher service at {self.url} does not answer ({failure}); retrying for up to "
+                         f"{self.wait_s / 60:g} min")  # fmt: skip
+                said = True
+            await asyncio.sleep(min(delay, max(0.0, self.wait_s - (now - first_failure))))
+            delay = min(2 * delay, MAX_BACKOFF_S)
+
+    def _wait(self, future: concurrent.futures.Future):
+        start = time.perf_counter()
+        try:
+            return future.result()
+        finally:
+            self.waited_s += time.perf_counter() - start
+
+    def info(self) -> dict:
+        import json
+
+        return json.loads(self._wait(self._call(self._request("GET", "info"))))
+
+    def parity(self, input_ids: torch.Tensor) -> tuple[float, float]:
+        import json
+
+        from safetensors.torch import save as st_save
+
+        body = st_save({"input_ids": input_ids.to("cpu", torch.int64).contiguous()})
+        found = json.loads(self._wait(self._call(self._request("POST", "parity", body))))
+        return float(found["max"]), float(found["mean"])
+
+    def submit(self, tokens, k: int, temperature: float) -> concurrent.futures.Future:
+        """Send `tokens`' rows (a RolloutTokens) now; the future holds the TeacherTopK of every selected target,
+        in row-major order, on the rows' device."""
+        body = encode_request(tokens.input_ids, tokens.attention_mask, tokens.targets, k, temperature)
+        device = tokens.input_ids.device
+
+        async def ask():
+            return decode_answer(await self._request("POST", "score", body), device)[0]
+
+        return self._call(ask())
+
+    def score(self, tokens, options, student_micro_batch: int, pending=None):
+        """`scoring.score` against the service: a TeacherTopK per student micro-batch of `tokens`. `pending`:
+        futures already submitted for consecutive row blocks of `tokens` (in order); otherwise sent now."""
+        import tropd_kernels as tk
+
+        futures = pending if pending is not None else [self.submit(tokens, options.k, options.kernel.temperature)]
+        answers = [self._wait(f) for f in futures]
+        joined = [torch.cat(field) for field in zip(*answers)] if len(answers) > 1 else list(answers[0])
+        counts = [int(rows.targets.sum()) for rows in tokens.micro_batches(student_micro_batch, trim=False)]
+        if sum(counts) != joined[0].shape[0]:
+            raise TeacherRefused(
+                f"the teacher service at {self.url} answered {joined[0].shape[0]} targets for {sum(counts)} asked"
+            )
+        return [tk.TeacherTopK(*fields) for fields in zip(*(torch.split(t, counts) for t in joined))]
+
+
+def _reason(data: bytes) -> str:
+    import json
+
+    try:
+        return str(json.loads(data).get("error", data[:300]))
+    except (ValueError, AttributeError):
+        return data[:300].decode(errors="replace")
