@@ -272,13 +272,14 @@ def check_logit_parity(cfg: RunConfig, student, teacher, rows, tokenizer, device
         worst = float(collectives.all_reduce([found[role][0]], op="max")[0])
         dtype = served["dtype"] if served is not None and role == "teacher" else model_cfg.dtype
         tolerance = PARITY_TOLERANCE[dtype]
+        name = served["model"] if served is not None and role == "teacher" else model_cfg.path
         if worst > tolerance:
             ok = False
             log(
                 f"error: {role} log-probs from the vocabulary kernels differ from the model's own forward by up to "
                 f"{worst:.3g} (mean {found[role][1]:.3g}; accepted at {dtype}: {tolerance:g}) on "
                 f"{len(ids) - 1} "
-                f"tokens of the first training row: {served['model'] if served and role == 'teacher' else model_cfg.path} transforms its logits in a way "
+                f"tokens of the first training row: {name} transforms its logits in a way "
                 "tropd-ds does not reproduce (soft-capping, scaling, a custom head). Training would follow another "
                 "distribution than the model's; stopping before step 1."
             )
