@@ -188,11 +188,13 @@ class GenerateRollout(RolloutEngine):
 
     @torch.no_grad()
     def generate(
-        self, request: RolloutRequest, sampling: SamplingConfig, budgets: torch.Tensor | None = None
+        self, request: RolloutRequest, sampling: SamplingConfig, budgets: torch.Tensor | None = None, on_part=None
     ) -> RolloutBatch:
         """Prompt + response per row (n_samples_per_prompt rows per prompt, adjacent); `budgets` [B'] caps
         each row's new tokens below `sampling.max_new_tokens`. The attention mask marks exactly the
-        prompt tokens and the response positions of `response_keep`."""
+        prompt tokens and the response positions of `response_keep`. `on_part(rows, ids, attention_mask)` is
+        called as each micro-batch of rows (a slice) is done, with those rows as the returned batch will hold
+        them (up to right padding), so that their scoring can start while the next micro-batch decodes."""
         if sampling.top_k > 0:
             raise ValueError(
                 f"top_k={sampling.top_k}: GenerateRollout samples from the full distribution (top_k <= 0) or nucleus "
@@ -211,6 +213,11 @@ class GenerateRollout(RolloutEngine):
             for start in range(0, rows, step):
                 sl = slice(start, start + step)
                 parts.append(self._decode(ids[sl], mask[sl], budgets[sl], sampling))
+                if on_part is not None:
+                    part = parts[-1].clone()
+                    keep = response_keep(part[:, width:], self.end_ids, budgets[sl])
+                    part[:, width:] = part[:, width:].masked_fill(~keep, self.pad_id)
+                    on_part(sl, part, torch.cat([mask[sl], keep.long()], 1))
         full = max(p.shape[1] for p in parts)
         out = torch.cat([torch.nn.functional.pad(p, (0, full - p.shape[1]), value=self.pad_id) for p in parts])
         keep = response_keep(out[:, width:], self.end_ids, budgets)
@@ -291,26 +298,37 @@ class GenerateRollout(RolloutEngine):
 
 
 def sample(
-    rollout_engine: GenerateRollout, prompts: list[Prompt], prefixes: list[list[int]], sampling: SamplingConfig, device
+    rollout_engine: GenerateRollout,
+    prompts: list[Prompt],
+    prefixes: list[list[int]],
+    sampling: SamplingConfig,
+    device,
+    on_part=None,
 ) -> RolloutTokens:
     """One rollout per entry of `prompts` (already expanded to n per prompt), continuing after its prefix.
 
     Prefix plus continuation never exceed `sampling.max_new_tokens`: a row with a prefix of l tokens
     samples at most max_new_tokens - l, and a prefix that already ends with an end token samples nothing
-    (that trajectory is fully off-policy)."""
+    (that trajectory is fully off-policy). `on_part(tokens)`: called with the RolloutTokens of each
+    micro-batch of rows as it is done (rows in order; see GenerateRollout.generate)."""
     seqs = [p.ids + pre for p, pre in zip(prompts, prefixes)]
     ids, mask = left_pad(seqs, rollout_engine.pad_id, device)
     ended = [bool(pre) and pre[-1] in rollout_engine.end_ids for pre in prefixes]
     budgets = torch.tensor(
         [0 if end else max(0, sampling.max_new_tokens - len(pre)) for pre, end in zip(prefixes, ended)], device=device
     )
-    batch = rollout_engine.generate(RolloutRequest(ids, mask), sampling, budgets)
     width = ids.shape[1]
-    t = torch.arange(1, batch.seq_len, device=device).unsqueeze(0)  # position of each target
     lens = torch.tensor([len(pre) for pre in prefixes], device=device).unsqueeze(1)
-    prefix = (t >= width - lens) & (t < width)
-    sampled = batch.attention_mask[:, 1:].bool() & (t >= width)
-    return RolloutTokens(batch.input_ids, batch.attention_mask, sampled, prefix)
+
+    def tokens(out: torch.Tensor, attention: torch.Tensor, rows: slice) -> RolloutTokens:
+        t = torch.arange(1, out.shape[1], device=device).unsqueeze(0)  # position of each target
+        prefix = (t >= width - lens[rows]) & (t < width)
+        sampled = attention[:, 1:].bool() & (t >= width)
+        return RolloutTokens(out, attention, sampled, prefix)
+
+    each = None if on_part is None else (lambda rows, out, attention: on_part(tokens(out, attention, rows)))
+    batch = rollout_engine.generate(RolloutRequest(ids, mask), sampling, budgets, on_part=each)
+    return tokens(batch.input_ids, batch.attention_mask, slice(None))
 
 
 def max_prefix_len(step: int, total_steps: int, l_max: int) -> int:
@@ -381,15 +399,18 @@ class Rollout:
     def metrics(self, tokens: RolloutTokens) -> dict[str, float]:
         return rollout_metrics(tokens, self.student.end_ids, self.student.pad_id)
 
-    def __call__(self, prompts: list[Prompt], step: int, total_steps: int, generator: torch.Generator) -> RolloutTokens:
-        """samples_per_prompt rollouts per prompt (adjacent rows); the generator draws the prefix lengths."""
+    def __call__(
+        self, prompts: list[Prompt], step: int, total_steps: int, generator: torch.Generator, on_part=None
+    ) -> RolloutTokens:
+        """samples_per_prompt rollouts per prompt (adjacent rows); the generator draws the prefix lengths.
+        `on_part(tokens)`: each micro-batch of rows as it is done (rollout.micro_batch_size)."""
         expanded = [p for p in prompts for _ in range(self.cfg.samples_per_prompt)]
         if self.cfg.guidance and self.cfg.prefix_source == "teacher":
             for p, response in zip(prompts, teacher_responses(self.teacher, prompts, self.sampling, self.device)):
                 p.response_ids = response
         prefixes = choose_prefixes(expanded, step, total_steps, self.l_max, self.cfg.guidance, generator)
         self.student.engine.eval()  # generation uses the KV cache (gradient checkpointing turns it off in train mode)
-        return sample(self.student, expanded, prefixes, self.sampling, self.device)
+        return sample(self.student, expanded, prefixes, self.sampling, self.device, on_part)
 
 
 def rollout_metrics(tokens: RolloutTokens, end_ids, pad_id: int) -> dict[str, float]:

@@ -136,7 +136,7 @@ class RemoteTeacher:
         futures already submitted for consecutive row blocks of `tokens` (in order); otherwise sent now."""
         import tropd_kernels as tk
 
-        futures = pending if pending is not None else [self.submit(tokens, options.k, options.kernel.temperature)]
+        futures = pending or [self.submit(tokens, options.k, options.kernel.temperature)]
         answers = [self._wait(f) for f in futures]
         joined = [torch.cat(field) for field in zip(*answers)] if len(answers) > 1 else list(answers[0])
         counts = [int(rows.targets.sum()) for rows in tokens.micro_batches(student_micro_batch, trim=False)]

@@ -156,12 +156,16 @@ def train_step(t: Trainer, step: int) -> dict:
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + collectives.rank_world()[0])
     t0 = time.perf_counter()
     # 1. Rollout: the student samples its responses, continuing after a teacher prefix when guided.
-    tokens = t.roll_out(t.stream.next_batch(), step, total, generator)
+    # A served teacher scores each micro-batch of rollouts while the student generates the next.
+    pending = []
+    if cfg.teacher.url:
+        ask = lambda part: pending.append(t.teacher.submit(part, options.k, options.kernel.temperature))  # noqa: E731
+    tokens = t.roll_out(t.stream.next_batch(), step, total, generator, ask if cfg.teacher.url else None)
     t1 = time.perf_counter()
     # 2. Teacher scoring: a TeacherTopK per response token, cut as the student's micro-batches.
     waited = 0.0
     if cfg.teacher.url:
-        teachers, waited = served_scores(t, tokens, options, mb)
+        teachers, waited = served_scores(t, tokens, options, mb, pending)
     else:
         teachers = scoring.score(
             t.teacher, tokens, options, cfg.teacher.micro_batch_size, mb, cfg.teacher.gather_params
@@ -185,14 +189,14 @@ def train_step(t: Trainer, step: int) -> dict:
     return record
 
 
-def served_scores(t: Trainer, tokens, options, mb: int):
+def served_scores(t: Trainer, tokens, options, mb: int, pending: list):
     """The served teacher's scores and the seconds spent waiting for them. Every rank learns whether any rank
     lost the service (one all-reduce), so that all stop together instead of some entering the update."""
     from .teacher_client import TeacherRefused, TeacherUnavailable
 
     before, error, teachers = t.teacher.waited_s, None, None
     try:
-        teachers = t.teacher.score(tokens, options, mb)
+        teachers = t.teacher.score(tokens, options, mb, pending)
     except (TeacherUnavailable, TeacherRefused) as exc:
         error = exc
     codes = {None: 0.0, TeacherUnavailable: 1.0, TeacherRefused: 2.0}
