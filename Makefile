@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-faults rehearse mutation demo bench-cpu bench-step gpu-check lint
+.PHONY: setup test test-faults test-served rehearse mutation demo demo-served bench-cpu bench-step gpu-check lint
 
 setup: $(VENV)/.installed
 
@@ -17,13 +17,19 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m "not rehearsal and not faults" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m "not rehearsal and not faults and not served" $(PYTEST_ARGS) tests
 
 # Faults injected into launched 2-rank runs (tests/test_reliability.py: signals, kill -9, crashes while saving,
 # corrupt checkpoints, full disks, a lost peer), each against the uninterrupted run; about 5 minutes, CI runs
 # it after `make test`.
 test-faults: setup
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m "faults and not rehearsal" $(PYTEST_ARGS) tests
+
+# The teacher served on its own ranks (tests/test_teacher_service.py): served = in-job metrics on 1 and 2 service
+# ranks, a service killed and restarted mid-run, one gone past teacher.wait_minutes and the exact resume, bad
+# requests over HTTP; CI runs it
+test-served: setup
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m "served" $(PYTEST_ARGS) tests
 
 # The rehearsal of a first GPU run, on CPU ranks: the Llama-3.1, Qwen2.5 (padded rows; tied and untied),
 # Mistral and Gemma-2 vocabulary layouts, each 3 steps on 2 CPU ranks, evaluated and exported; a padded head
@@ -46,6 +52,14 @@ demo: setup
 	rm -rf runs/demo
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 --module tropd_ds.train --config configs/demo.yaml
 	$(PY) scripts/plot_metrics.py runs/demo/logs/metrics.jsonl --out runs/demo/plots
+
+# The demo with its teacher served on its own process (tropd-ds serve-teacher), started and stopped around the run;
+# outputs in runs/demo-served/
+demo-served: setup
+	test -f demo_assets/teacher/model.safetensors || $(PY) scripts/build_demo_models.py --out demo_assets
+	rm -rf runs/demo-served
+	$(PY) scripts/demo_served.py
+	$(PY) scripts/plot_metrics.py runs/demo-served/logs/metrics.jsonl --out runs/demo-served/plots
 
 bench-cpu: setup
 	$(PY) scripts/bench_kernels.py --preset cpu --out bench_out/cpu

@@ -12,6 +12,8 @@
    teacher (Llama-3.1-70B's width, more layers) next to Llama-3.1-8B, per GPU count, with the
    presets' workload (128 x 4 rollouts of 1,024 + 8,096 tokens, k 64, prefill over prompt + prefix).
 4. `tropd-ds plan`'s full text for the first preset.
+5. The Llama 1 x 8 preset with its teacher in the job and served on 8 or 16 GPUs of its own
+   (`tropd-ds serve-teacher`, `plan --teacher-gpus`), with and without rollout micro-batches.
 """
 
 from __future__ import annotations
@@ -99,6 +101,38 @@ def largest_rows() -> list[str]:
     return rows
 
 
+def served_rows() -> list[str]:
+    cfg = load_config(ROOT / "configs/presets/llama70b_to_llama8b_1x8.yaml")
+    s, t, wl = P.workload_from_run_config(cfg)
+    rows = [
+        "| teacher | rollout micro-batch | student side: peak GiB per GPU, host GiB per node | teacher side: GiB "
+        "per GPU, host GiB per node | step s (rollout / teacher / update) | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    layouts = [
+        ("in the job, CPU offload (the preset)", 0, "cpu"),
+        ("served, 8 GPUs, CPU offload", 0, "cpu"),
+        ("served, 8 GPUs, on the GPUs", 0, "none"),
+        ("served, 16 GPUs, on the GPUs", 0, "none"),
+    ]
+    for name, gpus, offload in layouts:
+        for size in sorted({wl.rollout_micro_batch, 16}):
+            w = dataclasses.replace(wl, teacher_gpus=gpus, teacher_offload=offload, rollout_micro_batch=size)
+            if "served" in name:
+                w = dataclasses.replace(w, teacher_gpus=int(name.split(", ")[1].split()[0]))
+            r = P.plan(P.load_arch(s), P.load_arch(t), P.Hardware(), w)
+            st, g, sv = r["step_seconds"], r["gpu_gib"], r["teacher_service"]
+            teacher_side = (
+                "(shared)" if sv is None else (f"{sv['gpu_gib']['total']:.1f}, {sv['host_gib_per_node']['total']:.0f}")
+            )
+            rows.append(
+                f"| {name} | {size or 'all 64'} | {g['total']:.1f}, {r['host_gib_per_node']['total']:.0f} | "
+                f"{teacher_side} | {st['total']:.0f} ({st['rollout']:.0f} / {st['teacher_scoring']:.0f} / "
+                f"{st['update']:.0f}){', overlapped' if st['overlapped'] else ''} | {'fits' if r['fits'] else 'no'} |"
+            )
+    return rows
+
+
 def first_preset_text() -> str:
     cfg = load_config(ROOT / "configs/presets/llama70b_to_llama8b_1x8.yaml")
     s, t, wl = P.workload_from_run_config(cfg)
@@ -113,3 +147,5 @@ if __name__ == "__main__":
     print("\n".join(largest_rows()))
     print()
     print(first_preset_text())
+    print()
+    print("\n".join(served_rows()))

@@ -18,6 +18,10 @@ def pytest_configure(config):
         "markers",
         "faults: faults injected into launched 2-rank runs (`make test-faults`, run by CI; not in `make test`)",
     )
+    config.addinivalue_line(
+        "markers",
+        "served: the teacher service under the real launchers (`make test-served`, run by CI; not in `make test`)",
+    )
 
 
 # ----------------------------------------------------------------------------- shared trainer fixtures

@@ -379,3 +379,48 @@ def test_the_gather_flags_take_auto_true_or_false_and_name_a_bad_value():
     assert off["workload"]["gather_for_generation"] is False and auto["workload"]["gather_for_generation"] is True
     assert off["step_seconds"]["rollout"] > 2 * auto["step_seconds"]["rollout"]  # layer by layer, every token
     assert runs["maybe"].returncode == 2 and "'maybe': expected auto or one of true" in runs["maybe"].stderr
+
+
+def test_a_served_teacher_leaves_the_students_gpus_and_hosts_and_overlaps_with_the_rollout():
+    """--teacher-gpus N: no teacher memory on the student's side, the teacher's own GPUs and hosts planned apart,
+    and with rollout micro-batches a step of max(rollout, first micro-batch + scoring) + update."""
+    student, teacher = P.load_arch("llama-3.1-8b"), P.load_arch("llama-3.1-70b")
+    hw = P.Hardware()
+    wl = dict(rollout_micro_batch=8, teacher_offload="cpu", teacher_gathered=False)
+    local = P.plan(student, teacher, hw, P.Workload(**wl))
+    served = P.plan(student, teacher, hw, P.Workload(teacher_gpus=8, **wl))
+    assert "teacher streaming buffers" in local["gpu_gib"]["resident"]
+    assert not any("teacher" in k for k in served["gpu_gib"]["resident"])
+    assert "teacher scoring" in local["gpu_gib"]["phases"] and "teacher scoring" not in served["gpu_gib"]["phases"]
+    assert "teacher parameters (pinned)" in local["host_gib_per_node"]
+    assert not any("teacher" in k for k in served["host_gib_per_node"])
+    service = served["teacher_service"]
+    pinned = 2 * teacher.params() / P.GiB
+    assert service["host_gib_per_node"]["teacher parameters (pinned)"] == pytest.approx(pinned, abs=0.01)
+    assert (service["gpus"], service["nodes"], service["rollouts_per_gpu"]) == (8, 1, 64)
+    assert service["gpu_gib"]["scoring"] == local["gpu_gib"]["phases"]["teacher scoring"]
+    st, lst = served["step_seconds"], local["step_seconds"]
+    assert st["teacher_scoring"] == lst["teacher_scoring"]  # the same teacher work on as many GPUs of its own
+    chunks = 64 // 8
+    rollout, scoring, update = st["rollout"], st["teacher_scoring"], st["update"]
+    expected = max(rollout, rollout / chunks + scoring + st["teacher_transfer"]) + update
+    assert st["overlapped"] and st["total"] == pytest.approx(expected, abs=0.2)
+    assert st["total"] < lst["total"] == pytest.approx(rollout + scoring + update, abs=0.2)
+    # one rollout micro-batch: nothing to overlap, the sum again; twice the service's GPUs: half the scoring
+    whole = P.plan(student, teacher, hw, P.Workload(teacher_gpus=8, **{**wl, "rollout_micro_batch": 0}))
+    assert not whole["step_seconds"]["overlapped"]
+    w = whole["step_seconds"]
+    assert w["total"] == pytest.approx(w["rollout"] + w["teacher_scoring"] + w["teacher_transfer"] + update, abs=0.2)
+    double = P.plan(student, teacher, hw, P.Workload(teacher_gpus=16, **wl))
+    assert double["teacher_service"]["nodes"] == 2 and double["teacher_service"]["rollouts_per_gpu"] == 32
+    assert double["step_seconds"]["detail"]["teacher_passes"] == 8
+
+
+def test_plan_cli_takes_teacher_gpus_and_prints_the_service():
+    out = subprocess.run(
+        [sys.executable, "-m", "tropd_ds.cli", "plan", "--config", "llama70b_to_llama8b_1x8", "--teacher-gpus", "8"],
+        capture_output=True, text=True, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "teacher service: 1 node(s), 8 GPUs, 64 rollouts per GPU" in out.stdout
+    assert "each rollout micro-batch is scored while the next decodes" in out.stdout

@@ -22,7 +22,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tropd_kernels.projection import HIDDEN_CHUNK_BYTES
@@ -234,6 +234,9 @@ class Workload:
     nvme_buffer_count: int = 5  # offload_param.buffer_count (NVMe)
     nvme_buffer_size: float = 1e9  # offload_param.buffer_size, parameters per buffer
     trainable_params: float = 0  # a LoRA student's adapter parameters; 0 = every parameter trains
+    # GPUs of a teacher served on machines of its own (tropd-ds serve-teacher, teacher.url), of the same kind
+    # as the student's; 0: the teacher shares the student's GPUs and hosts
+    teacher_gpus: int = 0
 
     def prefill_len(self) -> int:
         prefix = min(self.guidance_max_len or self.response_len, self.response_len) if self.guidance else 0
@@ -342,16 +345,26 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     if wl.k > min(student.vocab, teacher.vocab):
         raise ValueError(f"k={wl.k} exceeds the vocabulary ({min(student.vocab, teacher.vocab)})")
     G = hw.gpus
+    served = wl.teacher_gpus > 0  # the teacher on GPUs and hosts of its own: `thw`
+    thw = hw
+    if served:
+        thw = replace(
+            hw,
+            nodes=math.ceil(wl.teacher_gpus / hw.gpus_per_node),
+            gpus_per_node=min(wl.teacher_gpus, hw.gpus_per_node),
+        )
+    TG = thw.gpus
     seq = wl.prompt_len + wl.response_len
     pre_len = wl.prefill_len()
     rollouts = wl.rollouts_per_gpu(G)
+    t_rollouts = math.ceil(G * rollouts / TG)  # what each of the teacher's GPUs scores
     gen_batch = rollouts if wl.rollout_micro_batch <= 0 else min(rollouts, wl.rollout_micro_batch)
     ps, pt = student.params(), teacher.params()
     # gather_params: auto, as a run decides it (config.gather_fits): bf16 weights against a GPU's memory
     if wl.gather_for_generation == "auto":
         wl.gather_for_generation = gather_fits(2 * ps, hw.gpu_mem_gib * GiB)
     if wl.teacher_gathered == "auto":
-        wl.teacher_gathered = gather_fits(2 * pt, hw.gpu_mem_gib * GiB)
+        wl.teacher_gathered = gather_fits(2 * pt, thw.gpu_mem_gib * GiB)
 
     # ---- memory per GPU
     gpu: dict[str, float] = {}
@@ -360,19 +373,22 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     gpu["student model states"], host["student model states"] = student_model_states(
         student, hw, wl.student_offload, wl.trainable_params
     )
+    tgpu, thost = ({}, {}) if served else (gpu, host)  # the teacher's resident memory: its own, or the student's
     t_layer = max(teacher.layer_params(), teacher.largest_layer_params())
     streaming = 2 * (t_layer + wl.teacher_prefetch_params)  # one gathered layer (or lm_head) + the prefetch bucket
+    t_disk = 0.0
     if wl.teacher_offload == "none":
-        gpu["teacher parameters"] = 2 * pt / G + streaming
+        tgpu["teacher parameters"] = 2 * pt / TG + streaming
     else:
-        gpu["teacher streaming buffers"] = streaming
+        tgpu["teacher streaming buffers"] = streaming
         if wl.teacher_offload == "cpu":
-            host["teacher parameters (pinned)"] = 2 * pt / hw.nodes
+            thost["teacher parameters (pinned)"] = 2 * pt / thw.nodes
         else:
-            host["teacher NVMe read buffers (pinned)"] = (
-                wl.nvme_buffer_count * wl.nvme_buffer_size * 2 * hw.gpus_per_node
+            thost["teacher NVMe read buffers (pinned)"] = (
+                wl.nvme_buffer_count * wl.nvme_buffer_size * 2 * thw.gpus_per_node
             )
-            disk = 2 * pt / hw.nodes
+            t_disk = 2 * pt / thw.nodes
+    disk = 0.0 if served else t_disk
     # phase working sets (rollout, teacher scoring and update do not overlap)
     kv = 2 * student.layers * student.kv_dim * 2 * seq * gen_batch
     prefill = prefill_bytes(student, gen_batch, pre_len)
@@ -409,7 +425,11 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     if wl.teacher_gathered:
         teacher_ws["gathered teacher (bf16)"] = 2 * pt
     teacher_full = wl.teacher_micro_batch * wl.response_len * teacher.vocab * (2 + 4)
-    phases = {"rollout": rollout_ws, "teacher scoring": teacher_ws, "update": update_ws}
+    phases = (
+        {"rollout": rollout_ws, "update": update_ws}
+        if served
+        else {"rollout": rollout_ws, "teacher scoring": teacher_ws, "update": update_ws}
+    )
     resident = sum(gpu.values())
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
     gpu_total = resident + sum(phases[peak_phase].values())
@@ -437,15 +457,15 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
         per_token = max(per_token, 2 * ps * (G - 1) / G / coll)  # ZeRO-3 gathers every layer for every token
     decode_s = chunks * wl.response_len * per_token
     rollout_s = gather_s + prefill_s + decode_s
-    passes = math.ceil(rollouts / wl.teacher_micro_batch)
+    passes = math.ceil(t_rollouts / wl.teacher_micro_batch)
     t_compute = 2 * pt * wl.teacher_micro_batch * seq / flops
     t_gather = (
-        2 * pt * (G - 1) / G / coll / (passes if wl.teacher_gathered else 1)
+        2 * pt * (TG - 1) / TG / (thw.collective_gbs() * 1e9) / (passes if wl.teacher_gathered else 1)
     )  # gathered once per step, or per pass
     if wl.teacher_offload == "cpu":
-        t_fetch = 2 * pt / G / (hw.pcie_gbs * 1e9)
+        t_fetch = 2 * pt / TG / (thw.pcie_gbs * 1e9)
     elif wl.teacher_offload == "nvme":
-        t_fetch = 2 * pt / G / (hw.nvme_gbs * 1e9 / hw.gpus_per_node)
+        t_fetch = 2 * pt / TG / (thw.nvme_gbs * 1e9 / thw.gpus_per_node)
     else:
         t_fetch = 0.0
     if wl.teacher_gathered:
@@ -459,9 +479,37 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
     update_s = micro * max(u_compute, u_comm)
     if wl.student_offload != "none":
         update_s += 4 * ps / G / (hw.pcie_gbs * 1e9) + ps / G / hw.cpu_adam_params_per_s
-    step_s = rollout_s + teacher_s + update_s
-
     gib = lambda d: {k: round(v / GiB, 2) for k, v in d.items()}  # noqa: E731
+    transfer_s = 0.0
+    overlapped = served and chunks > 1
+    if served:
+        # each rollout's answer crosses the network: k ids (int32) and log-probs (fp32), the target's log-prob and
+        # the entropy per response token (the requests' ids are 20x smaller); a student GPU's share of the link
+        transfer_s = rollouts * wl.response_len * (8 * wl.k + 8) / (hw.inter_gbs * 1e9)
+    if overlapped:  # rollout micro-batches are scored while the next decode; the last one's scoring is waited on
+        step_s = max(rollout_s, rollout_s / chunks + teacher_s + transfer_s) + update_s
+    else:
+        step_s = rollout_s + teacher_s + transfer_s + update_s
+    service = None
+    if served:
+        t_resident, t_peak = sum(tgpu.values()), sum(teacher_ws.values())
+        t_host = {**thost, **{k: v for k, v in host_reserve(student, thw).items() if "export" not in k}}
+        service = {
+            "gpus": TG,
+            "nodes": thw.nodes,
+            "rollouts_per_gpu": t_rollouts,
+            "gpu_gib": {
+                "resident": gib(tgpu),
+                "scoring": gib(teacher_ws),
+                "total": round((t_resident + t_peak) / GiB, 2),
+            },
+            "host_gib_per_node": {**gib(t_host), "total": round(sum(t_host.values()) / GiB, 2)},
+            "nvme_gib_per_node": round(t_disk / GiB, 2),
+            "fits": t_resident + t_peak <= thw.gpu_mem_gib * GiB * GPU_RESERVE
+            and sum(t_host.values()) <= thw.host_mem_gib * GiB,
+        }
+
+    fits = gpu_total <= hw.gpu_mem_gib * GiB * GPU_RESERVE and host_total <= hw.host_mem_gib * GiB
     return {
         "student": {**asdict(student), "params": ps, "largest_layer_params": student.largest_layer_params()},
         "teacher": {**asdict(teacher), "params": pt, "largest_layer_params": teacher.largest_layer_params()},
@@ -491,10 +539,13 @@ def plan(student: Arch, teacher: Arch, hw: Hardware, wl: Workload) -> dict:
         "nvme_gib_per_node": round(disk / GiB, 2),
         "fits_gpu": gpu_total <= hw.gpu_mem_gib * GiB * GPU_RESERVE,
         "fits_host": host_total <= hw.host_mem_gib * GiB,
-        "fits": gpu_total <= hw.gpu_mem_gib * GiB * GPU_RESERVE and host_total <= hw.host_mem_gib * GiB,
+        "fits": fits and (service is None or service["fits"]),
+        "teacher_service": service,
         "step_seconds": {
             "rollout": round(rollout_s, 1),
             "teacher_scoring": round(teacher_s, 1),
+            "teacher_transfer": round(transfer_s, 1),
+            "overlapped": overlapped,
             "update": round(update_s, 1),
             "total": round(step_s, 1),
             "detail": {
@@ -554,7 +605,8 @@ def workload_from_run_config(cfg) -> tuple[str, str, Workload]:
     from .objectives import loss_fn
 
     s_ds = read_ds_config(ds_config_path(cfg.student.ds_config, "student.ds_config"))
-    t_ds = read_ds_config(ds_config_path(cfg.teacher.ds_config, "teacher.ds_config"))
+    # a served teacher's DeepSpeed config is the service's: --teacher-offload and --teacher-gpus describe it
+    t_ds = {} if cfg.teacher.url else read_ds_config(ds_config_path(cfg.teacher.ds_config, "teacher.ds_config"))
     s_zero = ds_mapping(s_ds, "zero_optimization", f"student.ds_config={cfg.student.ds_config!r}")
     t_zero = ds_mapping(t_ds, "zero_optimization", f"teacher.ds_config={cfg.teacher.ds_config!r}")
     s_where = f"student.ds_config={cfg.student.ds_config!r}: zero_optimization"
@@ -586,6 +638,8 @@ def workload_from_run_config(cfg) -> tuple[str, str, Workload]:
         from .lora import check as lora_parameters
 
         wl.trainable_params = float(lora_parameters(cfg.student.path, cfg.student.lora))
+    if cfg.teacher.url and not wl.teacher_gpus:
+        wl.teacher_gpus = 8  # a service on one node of 8 GPUs, unless --teacher-gpus says otherwise
     return cfg.student.path, cfg.teacher.path, wl
 
 
@@ -635,6 +689,19 @@ def format_plan(r: dict) -> str:
     )
     if r["nvme_gib_per_node"]:
         lines.append(f"  NVMe per node: {r['nvme_gib_per_node']:.2f} GiB of teacher parameters")
+    sv = r["teacher_service"]
+    if sv is not None:
+        lines += [
+            "",
+            f"teacher service: {sv['nodes']} node(s), {sv['gpus']} GPUs, {sv['rollouts_per_gpu']} rollouts per GPU",
+        ]
+        for k, v in {**sv["gpu_gib"]["resident"], **sv["gpu_gib"]["scoring"]}.items():
+            lines.append(f"  {k:<40} {v:>9.2f}   (per GPU)")
+        lines.append(f"  {'GPU total while scoring':<40} {sv['gpu_gib']['total']:>9.2f}")
+        lines.append(f"  {'host per node':<40} {sv['host_gib_per_node']['total']:>9.2f}   of {hw['host_mem_gib']:g}")
+        if sv["nvme_gib_per_node"]:
+            lines.append(f"  NVMe per node: {sv['nvme_gib_per_node']:.2f} GiB of teacher parameters")
+        lines.append(f"  -> {'fits' if sv['fits'] else 'DOES NOT FIT'}")
     st = r["step_seconds"]
     d = st["detail"]
     lines += [
@@ -651,6 +718,21 @@ def format_plan(r: dict) -> str:
         f"  teacher scoring  {st['teacher_scoring']:>8.1f}   ({d['teacher_passes']} passes; per pass compute "
         f"{d['teacher_pass_s']['compute']} s, "
         f"all-gather {d['teacher_pass_s']['all_gather']} s, fetch {d['teacher_pass_s']['fetch']} s)",
+        *(
+            [
+                f"  answers' transfer {st['teacher_transfer']:>7.1f}   (k ids and log-probs per response token, "
+                "over the network)",
+                "  (served teacher: "
+                + (
+                    "each rollout micro-batch is scored while the next decodes; the step waits for the larger of "
+                    "rollout and first micro-batch + scoring)"
+                    if st["overlapped"]
+                    else "scoring follows the rollout; set --rollout-micro-batch to overlap them)"
+                ),
+            ]
+            if sv is not None
+            else []
+        ),
         f"  update           {st['update']:>8.1f}   ({d['update_micro_batches']} micro-batches; compute "
         f"{d['update_micro_batch_s']['compute']} s, "
         f"communication {d['update_micro_batch_s']['communication']} s each)",
@@ -661,7 +743,15 @@ def format_plan(r: dict) -> str:
             "fits"
             if r["fits"]
             else "does NOT fit: "
-            + ", ".join(x for x, ok in (("GPU", r["fits_gpu"]), ("host", r["fits_host"])) if not ok)
+            + ", ".join(
+                x
+                for x, ok in (
+                    ("GPU", r["fits_gpu"]),
+                    ("host", r["fits_host"]),
+                    ("teacher service", (sv or {}).get("fits", True)),
+                )
+                if not ok
+            )
         ),
     ]
     return "\n".join(lines)
@@ -674,6 +764,7 @@ MAY_BE_ZERO = {
     "guidance_max_len",
     "teacher_prefetch_params",
     "trainable_params",
+    "teacher_gpus",
     "host_os_gib",
     "host_process_gib",
     "host_staging_gib",
@@ -779,7 +870,10 @@ def main(argv=None) -> int:
             if getattr(args, name) is not None:
                 setattr(wl, name, getattr(args, name))
         if not student or not teacher:
-            raise ValueError("give --student and --teacher (or --config with both models)")
+            raise ValueError(
+                "give --student and --teacher (or --config with both models; a config with teacher.url needs "
+                "--teacher, the served teacher's model, and --teacher-gpus)"
+            )
         hw = Hardware(**{name: getattr(args, name) for name in Hardware.__dataclass_fields__})
         check_figures(hw, wl)
         result = plan(load_arch(student), load_arch(teacher), hw, wl)

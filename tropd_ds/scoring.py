@@ -60,25 +60,43 @@ def score(
     per-module hooks (teacher.gather_params); otherwise ZeRO-3 gathers it layer by layer. The teacher's
     micro-batches group rollouts of like length and, with `trim`, leave out the columns that are padding in
     every row of one (`trim=False`: every micro-batch at the full width, in row order, for comparisons)."""
-    n = tokens.input_ids.shape[0]
-    # rollouts of like length share a teacher micro-batch (fewer pad columns to score); the teacher's results
-    # do not depend on the company a row keeps, so this changes nothing but the time
-    grouped = trim and micro_batch < n
-    order = torch.argsort(tokens.attention_mask.sum(1), descending=True, stable=True) if grouped else None
-    ordered = tokens.select(order) if grouped else tokens
+    order, batches = teacher_batches(tokens, micro_batch, trim)
     parts = []
-    whole = hook_free_gathered(teacher) if gather and zero3_offload(teacher) is not None else contextlib.nullcontext()
-    with whole:
-        for rows in ordered.micro_batches(micro_batch, trim):
+    with gathered(teacher, gather):
+        for rows in batches:
             parts.append(
                 teacher(rows.input_ids, rows.attention_mask, rows.targets, options.k, options.kernel.temperature)
             )
-    if micro_batch == student_micro_batch and not grouped:
+    if micro_batch == student_micro_batch and order is None:
         return parts
-    joined = [torch.cat(field) for field in zip(*parts)]
-    if grouped:  # back to the rollouts' own order, row by row
-        per_row = [torch.split(t, ordered.targets.sum(1).tolist()) for t in joined]
-        back = torch.argsort(order).tolist()
-        joined = [torch.cat([rows[i] for i in back]) for rows in per_row]
+    joined = in_row_order(parts, tokens, order)
     counts = [int(rows.targets.sum()) for rows in tokens.micro_batches(student_micro_batch, trim=False)]
     return [tk.TeacherTopK(*fields) for fields in zip(*(torch.split(t, counts) for t in joined))]
+
+
+def gathered(teacher, gather: bool):
+    """The whole teacher gathered once, ZeRO-3's per-module hooks off (teacher.gather_params), or nothing."""
+    if gather and zero3_offload(teacher) is not None:
+        return hook_free_gathered(teacher)
+    return contextlib.nullcontext()
+
+
+def teacher_batches(tokens: RolloutTokens, micro_batch: int, trim: bool = True):
+    """The teacher's micro-batches of `tokens` and the row order they follow (None: the rows' own). Rollouts of
+    like length share a micro-batch (fewer pad columns to score); the teacher's results do not depend on the
+    company a row keeps but in the last bits of float rounding, so the in-job teacher and the teacher service
+    batch alike through this one function."""
+    grouped = trim and micro_batch < tokens.input_ids.shape[0]
+    order = torch.argsort(tokens.attention_mask.sum(1), descending=True, stable=True) if grouped else None
+    ordered = tokens.select(order) if grouped else tokens
+    return order, ordered.micro_batches(micro_batch, trim)
+
+
+def in_row_order(parts: list, tokens: RolloutTokens, order) -> list[torch.Tensor]:
+    """The fields of the micro-batches' TeacherTopKs joined, in the rows' own order (row-major targets)."""
+    joined = [torch.cat(field) for field in zip(*parts)]
+    if order is None:
+        return joined
+    per_row = [torch.split(t, tokens.targets[order].sum(1).tolist()) for t in joined]
+    back = torch.argsort(order).tolist()
+    return [torch.cat([rows[i] for i in back]) for rows in per_row]

@@ -167,31 +167,35 @@ class Job:
 
 
 def score_rows(teacher, ids, mask, targets, k: int, temperature: float, micro_batch: int, gather: bool, device):
-    """The TeacherTopK of every selected target of the request, in row-major order (on rank 0; a collective:
-    every rank scores an equal share of the rows, the last rows repeated to fill the last share)."""
+    """The TeacherTopK of every selected target of the request, in row-major order (on rank 0; a collective). The
+    rows are cut into the teacher's micro-batches as a run's own teacher cuts them (`scoring.teacher_batches`),
+    and the service's ranks take turns at them: every row is scored in the company it would have in the run."""
     import tropd_kernels as tk
 
-    from .objectives import StepOptions
     from .rollout import RolloutTokens
-    from .scoring import score
+    from .scoring import gathered, in_row_order, teacher_batches
 
     rank, world = collectives.rank_world()
-    rows = ids.shape[0]
-    per = -(-rows // world)
-    if per * world > rows:
-        fill = per * world - rows
-        ids, mask, targets = (torch.cat([t, t[-1:].expand(fill, *t.shape[1:])]) for t in (ids, mask, targets))
-    mine = slice(rank * per, (rank + 1) * per)
-    share = [t[mine].to(device) for t in (ids, mask, targets)]
-    tokens = RolloutTokens(*share, torch.zeros_like(share[2]))
-    (topk,) = score(teacher, tokens, StepOptions(k, tk.KernelOptions(temperature)), micro_batch, per, gather)
-    topk = tk.TeacherTopK(*(t.cpu() for t in topk))
+    tokens = RolloutTokens(ids.to(device), mask.to(device), targets.to(device), torch.zeros_like(targets).to(device))
+    order, batches = teacher_batches(tokens, micro_batch)
+    rounds = -(-len(batches) // world)
+    mine = {}
+    with gathered(teacher, gather):
+        for i in range(rounds):
+            index = i * world + rank
+            if index < len(batches):
+                rows = batches[index]
+                found = teacher(rows.input_ids, rows.attention_mask, rows.targets, k, temperature)
+                mine[index] = tk.TeacherTopK(*(t.cpu() for t in found))
+            else:  # every forward of a ZeRO-3 engine is a collective (its start-of-forward hook, gathered or not)
+                rows = batches[0]
+                teacher(rows.input_ids, rows.attention_mask, rows.targets, k, temperature)
     if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, topk)
-        topk = tk.TeacherTopK(*(torch.cat(f) for f in zip(*parts)))
-    n = int(targets[:rows].sum())  # the repeated rows come last
-    return tk.TeacherTopK(*(t[:n] for t in topk))
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, mine)
+        mine = {index: part for share in shares for index, part in share.items()}
+    parts = [mine[index] for index in range(len(batches))]
+    return tk.TeacherTopK(*in_row_order(parts, tokens, order))
 
 
 def teacher_parity(teacher, ids, device) -> dict:
