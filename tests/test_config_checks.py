@@ -1200,3 +1200,48 @@ def test_config_list_states_each_top_level_fields_own_range(tmp_path):
     assert load_refusal(tmp_path, {"collective_timeout_minutes": 10080.5}).startswith(
         "collective_timeout_minutes=10080.5: expected a number of minutes > 0 and at most 10080 (a week)"
     )
+
+
+# a served teacher (teacher.url)
+
+
+def served(**teacher) -> RunConfig:
+    cfg = RunConfig()
+    for key, value in teacher.items():
+        setattr(cfg.teacher, key, value)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("teacher", "message"),
+    [
+        ({"url": "teacher:8471"}, "teacher.url='teacher:8471': expected http://host:port"),
+        ({"url": "http://a:1", "path": "/m"}, "teacher.url='http://a:1' with teacher.path set: a run uses a served"),
+        ({"token_file": "/t"}, "teacher.token_file='/t' without teacher.url: the secret is for a served teacher"),
+    ],
+)
+def test_teacher_url_refusals(teacher, message):
+    with pytest.raises(ConfigError) as info:
+        C.check_served_teacher(served(**teacher))
+    assert str(info.value).startswith(message)
+
+
+def test_a_served_teacher_does_not_generate_prefixes():
+    cfg = served(url="http://10.0.0.5:8471")
+    C.check_served_teacher(cfg)
+    cfg.rollout.prefix_source = "teacher"
+    with pytest.raises(ConfigError, match=r"prefix_source='teacher' with teacher.url=.*a served teacher scores"):
+        C.check_served_teacher(cfg)
+    for url in ("http://[::1]:8471", "https://teacher.example:443/", "http://teacher"):
+        C.check_served_teacher(served(url=url))
+
+
+def test_load_config_applies_the_served_teacher_rules_and_resolves_the_secrets_path(tmp_path):
+    cfg = load(tmp_path, {"teacher.path": "", "teacher.ds_config": "", "teacher.url": "http://10.0.0.5:8471",
+                          "teacher.token_file": "secret"})  # fmt: skip
+    assert cfg.teacher.token_file == str(tmp_path.resolve() / "secret") and cfg.teacher.wait_minutes == 30.0
+    local = {"teacher.path": "teacher", "teacher.ds_config": "ds.json"}
+    assert load_refusal(tmp_path, {"teacher.url": "http://10.0.0.5:8471", **local}).startswith(
+        "teacher.url='http://10.0.0.5:8471' with teacher.path and teacher.ds_config set: a run uses a served teacher"
+    )
+    assert load_refusal(tmp_path, {"teacher.wait_minutes": 0}) == "teacher.wait_minutes=0.0: expected a number > 0"

@@ -95,7 +95,12 @@ def assert_same_run(found: list[dict], expected: list[dict], rtol: float = 1e-6)
     compared = 0
     for a, b in zip(found, expected):
         for key, value in b.items():
-            if key in NOT_COMPARED or key.startswith("time_") or not isinstance(value, (int, float)):
+            if (
+                key in NOT_COMPARED
+                or key.startswith("time_")
+                or isinstance(value, bool)
+                or not isinstance(value, (int, float))
+            ):
                 continue
             assert a[key] == pytest.approx(value, rel=rtol, abs=1e-9), (a["step"], key, a[key], value)
             compared += 1

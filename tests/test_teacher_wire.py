@@ -1,6 +1,7 @@
 """The teacher service's contract without launching it: the checks every scoring request meets (each bad
 request class refused with its reason), the answer's round trip, the service config's refusals (a bind beyond
-loopback needs a secret), the run config's `teacher.url` rules, the tokenizer fingerprint, and the client's
+loopback needs a secret), the tokenizer fingerprint (the run config's `teacher.url` rules are in
+tests/test_config_checks.py), and the client's
 handling of a busy, refusing or absent service (against a small aiohttp server in this process)."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tropd_kernels as tk
 import yaml
 from safetensors.torch import save as st_save
 
-from tropd_ds.config import ConfigError, RunConfig, check_served_teacher
+from tropd_ds.config import ConfigError
 from tropd_ds.rollout import RolloutTokens
 from tropd_ds.teacher_client import RemoteTeacher, TeacherRefused, TeacherUnavailable
 from tropd_ds.teacher_service import is_loopback, load_service_config
@@ -163,40 +164,6 @@ def test_a_service_config_does_not_take_a_teacher_url(tmp_path):
         load_service_config(service_config(tmp_path), ["teacher.url=http://a:1"])
 
 
-# ----------------------------------------------------------------------------- the run config's teacher.url
-
-
-def served(**teacher) -> RunConfig:
-    cfg = RunConfig()
-    for key, value in teacher.items():
-        setattr(cfg.teacher, key, value)
-    return cfg
-
-
-@pytest.mark.parametrize(
-    ("teacher", "message"),
-    [
-        ({"url": "teacher:8471"}, "teacher.url='teacher:8471': expected http://host:port"),
-        ({"url": "http://a:1", "path": "/m"}, "teacher.url='http://a:1' with teacher.path set: a run uses a served"),
-        ({"token_file": "/t"}, "teacher.token_file='/t' without teacher.url: the secret is for a served teacher"),
-    ],
-)
-def test_teacher_url_refusals(teacher, message):
-    with pytest.raises(ConfigError) as info:
-        check_served_teacher(served(**teacher))
-    assert str(info.value).startswith(message)
-
-
-def test_a_served_teacher_does_not_generate_prefixes():
-    cfg = served(url="http://10.0.0.5:8471")
-    check_served_teacher(cfg)
-    cfg.rollout.prefix_source = "teacher"
-    with pytest.raises(ConfigError, match=r"prefix_source='teacher' with teacher.url=.*a served teacher scores"):
-        check_served_teacher(cfg)
-    for url in ("http://[::1]:8471", "https://teacher.example:443/", "http://teacher"):
-        check_served_teacher(served(url=url))
-
-
 def test_the_tokenizer_fingerprint_follows_what_ids_mean():
     from tropd_ds.demo_task import build_tokenizer
     from tropd_ds.teacher_wire import tokenizer_fingerprint
@@ -328,3 +295,17 @@ def test_a_server_error_is_retried_and_a_recovered_service_answers():
         f"the teacher service at {fake.url} does not answer (HTTP 500: scoring failed); retrying for up to 1 min",
         f"the teacher service at {fake.url} answers again",
     ]
+
+
+def test_a_served_teachers_empty_path_is_not_fingerprinted_as_the_working_folder(tmp_path, monkeypatch):
+    """teacher.path is empty with teacher.url: the run's identity must not hash the folder the run starts in
+    (Path("") is "."), or every resume from elsewhere, or after a file changed there, would be refused."""
+    from tropd_ds.config import RunConfig
+    from tropd_ds.ownership import fingerprint, run_identity
+
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig()
+    cfg.teacher.url = "http://127.0.0.1:8471"
+    before = run_identity(cfg, 2)["fingerprints"]["teacher.path"]
+    (tmp_path / "new_file").write_text("changed")
+    assert before == run_identity(cfg, 2)["fingerprints"]["teacher.path"] == fingerprint("") == "no path"

@@ -69,6 +69,8 @@ def fingerprint(path: str) -> str:
     SHA-256 of each file's content, whole up to 64 MiB and sampled beyond (its first and last MiB and 16
     blocks of 64 KiB spread over it): a model's weights replaced at the same path, or a data file edited in
     place, change it; reading a 140 GB teacher to tell does not happen."""
+    if not str(path).strip():  # a served teacher has no path here (Path("") would be the working folder)
+        return "no path"
     root = Path(path)
     if not root.exists():
         return f"not a local path: {path}"
