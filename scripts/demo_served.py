@@ -21,8 +21,9 @@ def main() -> int:
     address.unlink(missing_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
     service_log = open(OUT / "teacher_service.log", "w")
+    config = ROOT / "configs/demo_teacher_service.yaml"
     service = subprocess.Popen(
-        [sys.executable, "-m", "tropd_ds.cli", "serve-teacher", "--config", str(ROOT / "configs/demo_teacher_service.yaml")],
+        [sys.executable, "-m", "tropd_ds.cli", "serve-teacher", "--config", str(config)],
         env=env, stdout=service_log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
