@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import typing
 from pathlib import Path
 
@@ -739,6 +740,90 @@ def test_load_config_of_a_list_is_refused_as_not_a_mapping(tmp_path):
     assert refusal(load_config, write(tmp_path, text="- 1\n")) == "config is a list: expected a mapping of keys"
 
 
+def test_load_config_of_a_list_with_an_override_is_refused_before_the_override(tmp_path):
+    """Kills config.x_load_config__mutmut_22 (if isinstance(data, dict): a list is not refused before the
+    overrides, and node["seed"] = 1 on a list raises a TypeError)."""
+    assert refusal(load_config, write(tmp_path, text="- 1\n"), ["seed=1"]) == (
+        "config is a list: expected a mapping of keys"
+    )
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="needs /dev/null, a device that is not a regular file")
+def test_load_config_of_a_device_is_refused_as_not_a_regular_file():
+    """Kills config.x_load_config__mutmut_10 (message None) and 11 (str(None) for the path)."""
+    assert refusal(load_config, Path("/dev/null")) == (
+        "config file '/dev/null' is not a regular file (a pipe or a device?)"
+    )
+
+
+@pytest.mark.skipif(
+    sys.version_info >= (3, 13),
+    reason="from Python 3.13 Path.is_dir swallows ENAMETOOLONG and the refusal becomes 'does not exist'",
+)
+def test_load_config_of_a_name_over_255_bytes_says_the_system_s_reason(tmp_path):
+    """Path.is_dir re-raises ENAMETOOLONG (Python 3.11, 3.12): the OSError's strerror is the reason. Kills
+    config.x_load_config__mutmut_15 (message None), 16 (str(None) for the path) and 17 (strerror and exc: the
+    whole OSError text instead of its reason)."""
+    path = tmp_path / ("x" * 300 + ".yaml")
+    assert refusal(load_config, path) == f"config file {str(path)!r} cannot be used: File name too long"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "1: 2\n",
+            "unknown config key 1 (int) in the top level: expected a name, one of student, teacher, data, rollout, "
+            "objective, optim, checkpoint, logging, eval, seed, collective_timeout_minutes",
+        ),
+        (
+            "logging: {1: 2}\n",
+            "unknown config key 1 (int) in logging: expected a name, one of dir, samples_every, progress",
+        ),
+    ],
+    ids=["top-level", "section"],
+)
+def test_load_config_key_that_is_not_a_string_is_named_with_its_type_and_where(tmp_path, text, message):
+    """Kills config.x__build__mutmut_29 (message None), 30 (type(None)), 32 (removesuffix(None)), 37 (join(None))
+    and 38 ('XX, XX'.join) in both cases; 31 (removesuffix('.') and ...), 35 ('XXthe top levelXX') and 36
+    ('THE TOP LEVEL') at the top level; 33 (removeprefix('.')) and 34 (removesuffix('XX.XX')) in a section."""
+    assert refusal(load_config, write(tmp_path, text=text)) == message
+
+
+def test_load_config_refuses_a_key_given_twice_in_a_yaml_mapping_naming_its_line(tmp_path):
+    """Kills config.x__construct_unique_mapping__mutmut_3 (tag != merge: every plain key skipped), 17
+    (keys.add(None)), 13 (mark = None: AttributeError), 14 (message None) and 15, 16 (the line - 1, + 2); the
+    duplicate after a merge key kills 6 (continue -> break: the keys after it unchecked) and, with the merge
+    that loads, 4 and 5 (the merge tag misspelt: the << key is constructed, and has no constructor)."""
+    path = write(tmp_path, text="optim:\n  lr: 0.1\n  lr: 0.2\n")
+    assert refusal(load_config, path) == (
+        f"{path}: line 3: the key 'lr' appears twice in one mapping: the second would silently win"
+    )
+    path = write(tmp_path, text="student:\n  <<: {dtype: bfloat16}\n  micro_batch_size: 1\n  micro_batch_size: 2\n")
+    assert refusal(load_config, path) == (
+        f"{path}: line 4: the key 'micro_batch_size' appears twice in one mapping: the second would silently win"
+    )
+    path = write(tmp_path, text="student:\n  <<: {dtype: bfloat16}\n  micro_batch_size: 1\n")
+    cfg = load_config(path)
+    assert (cfg.student.dtype, cfg.student.micro_batch_size) == ("bfloat16", 1)
+
+
+def test_load_config_constructs_yaml_mappings_shallowly(tmp_path):
+    """A self-referencing alias: shallow construction (PyYAML's default) builds the recursive list, which the type
+    check then refuses. Kills config.x__construct_unique_mapping__mutmut_1 (default deep=True: "found
+    unconstructable recursive node", a YAML syntax error)."""
+    assert refusal(load_config, write(tmp_path, text="seed: &a [*a]\n")) == "seed=[[...]]: expected int"
+
+
+def test_load_config_refuses_a_key_given_twice_in_a_json_object(tmp_path):
+    """Kills config.x_parse_file__mutmut_7 and 9 (no object_pairs_hook: the last value silently wins) and
+    config.x__unique_json_keys__mutmut_3 (message None)."""
+    path = write(tmp_path, text='{"seed": 1, "seed": 2}', name="run.json")
+    assert refusal(load_config, path) == (
+        f"{path}: the key 'seed' appears twice in one object: the second would silently win"
+    )
+
+
 def test_load_config_of_a_section_that_is_not_a_mapping_names_the_section(tmp_path):
     message = refusal(load_config, write(tmp_path, text="optim: 3\n"))
     assert message == "optim is an int: expected a mapping of keys"
@@ -838,6 +923,23 @@ def test_load_config_keeps_an_absolute_path_as_written(tmp_path):
     assert cfg.student.path == "/nowhere/../model" and cfg.data.eval_path == ""
 
 
+def test_load_config_expands_a_path_that_starts_with_a_tilde_to_the_home_folder(tmp_path, monkeypatch):
+    """Kills config.x_load_config__mutmut_72 ("XX~XX": the path resolved under the config folder as '~/ckpt'),
+    73 (value = None), 74 (expanduser(None)) and 75-80 (the setattr that stores the expanded path, changed)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load(tmp_path, {"checkpoint.dir": "~/ckpt"}).checkpoint.dir == str(tmp_path / "home" / "ckpt")
+
+
+def test_load_config_accepts_a_path_part_of_255_bytes_and_refuses_one_of_256(tmp_path):
+    """Kills config.x_load_config__mutmut_100 (value = None: the check skipped), 111 (>= 255), 112 (> 256) and 114
+    (message None)."""
+    assert load(tmp_path, {"checkpoint.dir": "x" * 255}).checkpoint.dir == str(tmp_path.resolve() / ("x" * 255))
+    assert load_refusal(tmp_path, {"checkpoint.dir": "x" * 256}) == (
+        f"checkpoint.dir={str(tmp_path.resolve() / ('x' * 256))!r}: a part of the path is too long (over 255 bytes, "
+        "a file name's limit)"
+    )
+
+
 # ----------------------------------------------------------------------------- load_config: overrides
 
 
@@ -851,6 +953,17 @@ def test_load_config_override_creates_missing_sections_and_keys(tmp_path):
     assert cfg.objective.options == {"k": 3}
     assert cfg.eval.answer_pattern == "#### (\\d+)"
     assert cfg.data.eval_path == ""
+
+
+def test_load_config_override_of_a_section_with_a_mapping_merges_into_it(tmp_path):
+    """--set optim={lr: 0.002} sets that key of the file's optim section and keeps the others; --set optim=null
+    replaces the section, which is then refused. Kills config.x_load_config__mutmut_43 (... or
+    isinstance(node.get(...), dict): {**section, **None}, a TypeError), 45 (len(keys) != 1) and 46 (== 2): the
+    section replaced, steps back to 200, 47 (= None: refused), 48 and 49 (keys[1]: IndexError)."""
+    path = write(tmp_path, text="optim: {steps: 7}\n")
+    cfg = load_config(path, ["optim={lr: 0.002}"])
+    assert (cfg.optim.steps, cfg.optim.lr) == (7, 0.002)
+    assert refusal(load_config, path, ["optim=null"]) == "optim is a NoneType: expected a mapping of keys"
 
 
 def test_load_config_override_into_a_value_is_refused_as_not_a_section(tmp_path):
@@ -1113,10 +1226,11 @@ def test_gather_params_default_to_auto_and_accept_true_false_or_auto(tmp_path):
     assert cfg.teacher.gather_params == "auto" and cfg.rollout.gather_params == "auto"
     assert load(tmp_path, {"rollout.gather_params": "false"}).rollout.gather_params is False  # --set's text
     assert load(tmp_path, {"teacher.gather_params": "True"}).teacher.gather_params is True
-    for value in ("sometimes", 1, 0.5):
-        assert load_refusal(tmp_path, {"teacher.gather_params": value}) == (
-            f"teacher.gather_params={value!r}: expected true, false or auto"
-        )
+    for where in ("teacher", "rollout"):  # rollout's: kills config.x_load_config__mutmut_241, 242 (its name)
+        for value in ("sometimes", 1, 0.5):
+            assert load_refusal(tmp_path, {f"{where}.gather_params": value}) == (
+                f"{where}.gather_params={value!r}: expected true, false or auto"
+            )
 
 
 def test_the_gather_rule_and_the_runs_decision_on_a_module():

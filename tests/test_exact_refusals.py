@@ -27,6 +27,23 @@ def test_a_yaml_file_that_cannot_be_read_names_the_file_and_the_reader_problem(t
     )
 
 
+def test_a_reader_error_counts_lines_and_columns_from_the_start_of_the_text(tmp_path):
+    """The line and column of a ReaderError, counted from the text's start up to the character. Kills
+    config.x_parse_file__mutmut_52 (count("\\n", position): the newlines after it, line 2), 67 (find for rfind: the
+    first newline, column 18), 55 (count from index 1: the newline at index 0 missed, line 1) and 70 (rfind from
+    index 1: column 9). Two texts: 67 needs two newlines before the character, 55 and 70 one at index 0."""
+    tail = "YAML syntax error: unacceptable character #x0007: special characters are not allowed"
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 1\noptim:\n  steps: 3\x07\n")
+    with pytest.raises(ConfigError) as err:
+        parse_file(path)
+    assert str(err.value) == f"{path}:3:11: {tail}"
+    path.write_text("\nseed: 1\x07\n")
+    with pytest.raises(ConfigError) as err:
+        parse_file(path)
+    assert str(err.value) == f"{path}:2:8: {tail}"
+
+
 def test_counts_accept_one_and_the_coverage_schedule_and_floor_their_edges():
     assert loss_fn("tropd", k=1).options.k == 1 and loss_fn("tropd", k=4, k_end=1).options.k_end == 1
     assert loss_fn("tropd", fkl_cover=1.0).options.fkl_cover == 1.0  # (0, 1]: 1 is allowed
@@ -47,6 +64,19 @@ def test_option_refusals_list_the_accepted_options_word_for_word():
     with pytest.raises(ValueError) as err:
         loss_fn("opd", k=3)
     assert str(err.value) == "option 'k' does not apply to objective 'opd': accepted options are ppo_clip"
+
+
+def test_option_refusals_join_two_accepted_options_with_a_comma():
+    """An objective with two options: kills objectives.x_loss_fn__mutmut_20 and 24 ('XX, XX'.join(accepted), which
+    a single option, joined without a separator, does not show)."""
+    with pytest.raises(ValueError) as err:
+        loss_fn("mask_outlier", kk=3)
+    assert str(err.value) == "unknown option 'kk' for objective 'mask_outlier': accepted options are ppo_clip, tau"
+    with pytest.raises(ValueError) as err:
+        loss_fn("mask_outlier", k=3)
+    assert str(err.value) == (
+        "option 'k' does not apply to objective 'mask_outlier': accepted options are ppo_clip, tau"
+    )
 
 
 def _tokens(sampled, lp, lp_teacher):
@@ -82,6 +112,12 @@ def test_the_outliers_mean_fkl_divides_by_their_expected_mass_even_below_one_tok
 def test_step_options_default_to_the_first_step_of_a_one_step_schedule():
     objective = loss_fn("tropd", k=8, k_end=2)
     assert objective.step_options().k == 8 and objective.step_options(1, 1).k == 2
+
+
+def test_step_options_of_a_step_alone_use_a_one_step_schedule():
+    """step_options(1) with the default total of 1 steps is the end of the schedule: k_end. Kills
+    objectives.xǁObjectiveǁstep_options__mutmut_2 (default total_steps=2: frac 1/2, k = 5)."""
+    assert loss_fn("tropd", k=8, k_end=2).step_options(1).k == 2
 
 
 def test_end_ids_come_from_models_with_or_without_a_generation_config():
@@ -195,3 +231,16 @@ def test_the_teachers_from_hidden_pass_defaults_to_t1_takes_k_up_to_v_and_reads_
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     row0 = (hidden[0] @ weight.T).log_softmax(-1)[0]
     assert got.target_logprob[0].item() == pytest.approx(row0.item(), rel=1e-5)
+
+
+def test_an_entry_of_zero_teacher_mass_stays_out_of_the_fkl_under_a_coverage():
+    """A hand-built teacher whose second entry has log-prob -inf and a mass before it (0.5) below fkl_cover: the
+    entry is not kept, so the FKL is 0.5 (log 0.5 - log 0.25) and the student's kept mass 0.25. Kills
+    topk_fkl.x_kept_entries__mutmut_13 (keep &= ... -> keep = ...: q > 0 is lost, the entry is kept, its term is
+    0 * -inf = NaN and the kept mass 0.5)."""
+    teacher = tk.TeacherTopK(torch.tensor([[0, 1]]), torch.tensor([[math.log(0.5), -math.inf]]), torch.tensor([-1.0]),
+                             torch.tensor([0.0]))  # fmt: skip
+    terms = tk.token_terms(torch.zeros(1, 4), torch.tensor([0]), teacher, fkl_cover=0.9)
+    assert torch.isfinite(terms.fkl).all()
+    assert terms.fkl.item() == pytest.approx(0.5 * math.log(2), rel=1e-6)
+    assert terms.topk_mass.item() == pytest.approx(0.25, rel=1e-6)

@@ -59,7 +59,11 @@ def good():
         ),
         (lambda x, t, te: tk.token_terms(x, t, te._replace(ids=te.ids[:, [0, 0, 1, 2, 3]])), r"repeats an id"),
         (lambda x, t, te: tk.token_terms(x, t, tuple(te)), r"teacher is a tuple: expected a TeacherTopK"),
-        (lambda x, t, te: tk.token_terms(x, t, te, backend="cuda"), r"backend='cuda'.*expected one of triton, torch"),
+        pytest.param(  # an id of its own: the parameter's text holds the word the mutation run deselects
+            lambda x, t, te: tk.token_terms(x, t, te, backend="cuda"),
+            r"backend='cuda'.*expected one of triton, torch",
+            id="backend-cuda-token_terms",
+        ),
         (
             lambda x, t, te: tk.teacher_topk_from_hidden(x[:, :8], x, t, 3),
             r"weight has shape \(4, 50\): expected \[V, d\] with d=8",
@@ -72,12 +76,74 @@ def good():
             lambda x, t, te: tk.teacher_topk_from_hidden(x[:, :8], torch.randn(50, 8), t, 3, chunk_size=0),
             r"chunk_size=0",
         ),
+        # kills ops.token_terms.x_token_terms_from_hidden__mutmut_6 (check_projection(hidden, weight, None, ...): the
+        # bias is not checked, and logits.add_(bias) raises a RuntimeError instead)
+        pytest.param(
+            lambda x, t, te: tk.token_terms_from_hidden(x[:, :8], torch.randn(50, 8), t, te, bias=torch.zeros(3)),
+            r"^bias has shape \(3,\): expected \[V\] with V=50$",
+            id="from_hidden-terms-bias-shape",
+        ),
+        # kills ops.token_terms.x_token_terms_from_hidden__mutmut_32 (chunk_rows(weight.shape[0], None, ...): the chunk
+        # size is not checked, and chunk_size=0 is not refused)
+        pytest.param(
+            lambda x, t, te: tk.token_terms_from_hidden(x[:, :8], torch.randn(50, 8), t, te, chunk_size=0),
+            r"^chunk_size=0: expected None or an integer >= 1$",
+            id="from_hidden-terms-chunk_size-0",
+        ),
     ],
 )
 def test_bad_input_names_argument_and_accepted_values(call, match):
     logits, targets, teacher = good()
     with pytest.raises(ValueError, match=match):
         call(logits, targets, teacher)
+
+
+BACKEND_CUDA = "backend='cuda' (argument or TROPD_KERNELS_BACKEND): expected one of triton, torch"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda x, h, w, t, te: tk.teacher_topk(x, t, 3, backend="cuda"), id="backend-cuda-teacher_topk"),
+        pytest.param(
+            lambda x, h, w, t, te: tk.teacher_topk_from_hidden(h, w, t, 3, backend="cuda"),
+            id="backend-cuda-teacher_topk_from_hidden",
+        ),
+        pytest.param(lambda x, h, w, t, te: tk.token_terms(x, t, te, backend="cuda"), id="backend-cuda-token_terms"),
+        pytest.param(
+            lambda x, h, w, t, te: tk.token_terms_from_hidden(h, w, t, te, backend="cuda"),
+            id="backend-cuda-token_terms_from_hidden",
+        ),
+    ],
+)
+def test_every_op_refuses_an_unknown_backend_word_for_word(call):
+    """Kills ops.teacher_topk.x_teacher_topk__mutmut_14, ops.teacher_topk.x_teacher_topk_from_hidden__mutmut_18,
+    ops.token_terms.x_token_terms__mutmut_31 and ops.token_terms.x_token_terms_from_hidden__mutmut_45
+    (backend_module(None, ...): the backend asked for is ignored, and the default one runs). The ids leave out
+    the word the mutation run's -k deselects."""
+    logits, targets, teacher = good()
+    hidden, weight = logits[:, :8], torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError) as err:
+        call(logits, hidden, weight, targets, teacher)
+    assert str(err.value) == BACKEND_CUDA
+
+
+def test_targets_on_another_device_are_refused_word_for_word():
+    """A meta tensor reaches the device check on a CPU-only machine. Kills contract.x_check_targets__mutmut_17
+    (ValueError(None))."""
+    with pytest.raises(ValueError) as err:
+        tk.teacher_topk(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long, device="meta"), 1)
+    assert str(err.value) == "targets is on meta: expected the same device as the scores (cpu)"
+
+
+def test_a_teacher_tensor_on_another_device_is_refused_word_for_word():
+    """The entropy on meta passes the shape check and fails the device check. Kills contract.x_check_teacher__mutmut_51
+    (message None), 52 (getattr(None, name)), 53 (getattr(teacher, None)), 54 (getattr(name)) and 55
+    (getattr(teacher, )): the last four raise AttributeError or TypeError instead of the ValueError."""
+    logits, targets, teacher = good()
+    with pytest.raises(ValueError) as err:
+        tk.token_terms(logits, targets, teacher._replace(entropy=teacher.entropy.to("meta")))
+    assert str(err.value) == "teacher.entropy is on meta: expected cpu"
 
 
 @pytest.mark.parametrize(
@@ -95,9 +161,14 @@ def test_kernel_options_are_checked_when_made(kwargs, match):
 
 
 def test_options_and_separate_arguments_are_one_or_the_other():
+    """The whole message: kills ops.token_terms.x__options__mutmut_18 ("XXpass either ...XX", which a search for a part
+    of the message still finds)."""
     logits, targets, teacher = good()
-    with pytest.raises(ValueError, match=r"pass either options=KernelOptions\(...\) or temperature"):
+    with pytest.raises(ValueError) as err:
         tk.token_terms(logits, targets, teacher, 0.5, options=tk.KernelOptions(0.5))
+    assert str(err.value) == (
+        "pass either options=KernelOptions(...) or temperature / fkl_mode / logprob_floor / fkl_cover"
+    )
     with pytest.raises(ValueError, match=r"options is a dict: expected a tropd_kernels.KernelOptions"):
         tk.token_terms(logits, targets, teacher, options={"temperature": 0.5})
 

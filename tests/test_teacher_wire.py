@@ -16,7 +16,7 @@ import tropd_kernels as tk
 import yaml
 from safetensors.torch import save as st_save
 
-from tropd_ds.config import ConfigError
+from tropd_ds.config import ConfigError, RunConfig
 from tropd_ds.rollout import RolloutTokens
 from tropd_ds.teacher_client import RemoteTeacher, TeacherRefused, TeacherUnavailable
 from tropd_ds.teacher_service import is_loopback, load_service_config
@@ -58,7 +58,11 @@ def test_a_good_request_decodes_to_the_tensors_and_options_sent():
 
 
 BAD = {
-    "not safetensors": (b"hello, teacher", "the body is not a safetensors payload"),
+    "huge header": (b"hello, teacher", "bytes: expected at most 65536"),
+    "header not json": (
+        b"\x04\x00\x00\x00\x00\x00\x00\x00abcd",
+        "the body is not a safetensors payload (its header is",
+    ),
     "empty body": (b"", "the body is not a safetensors payload (shorter than its 8-byte header length)"),
     "missing targets": (
         request(targets=None),
@@ -88,7 +92,7 @@ BAD = {
         request(targets=torch.ones(2, 5, dtype=torch.bool)),
         "a target is selected at a padding position",
     ),
-    "k zero": (request(k=0), "k=0: expected 1 to 18 (the vocabulary)"),
+    "k zero": (request(k=0), "k=0: expected 1 to 18 (the vocabulary, at most serve.max_k)"),
     "k past the vocabulary": (request(k=19), "k=19: expected 1 to 18"),
     "k not a number": (request(k="many"), "k='many', temperature='1.0': expected numbers"),
     "temperature nan": (request(temperature=math.nan), "temperature=nan: expected a finite number > 0"),
@@ -100,6 +104,14 @@ BAD = {
 def test_each_bad_request_class_is_refused_with_its_reason(case):
     payload, reason = BAD[case]
     assert reason in refusal(payload)
+
+
+def test_a_request_is_bounded_in_tokens_and_k_besides_rows():
+    with pytest.raises(BadRequest, match=r"^2 x 6 = 12 tokens: expected at most 11 \(serve.max_tokens\)$"):
+        decode_request(request(), N_TOKENS, POSITIONS, ROWS, max_tokens=11)
+    assert decode_request(request(), N_TOKENS, POSITIONS, ROWS, max_tokens=12)[0].shape == (2, 6)
+    with pytest.raises(BadRequest, match=r"^k=5: expected 1 to 4 \(the vocabulary, at most serve.max_k\)$"):
+        decode_request(request(k=5), N_TOKENS, POSITIONS, ROWS, max_k=4)
 
 
 def test_an_answer_round_trips_as_a_teacher_topk_with_the_seconds():
@@ -188,6 +200,8 @@ class FakeService:
         async def score(request):
             self.seen.append((request.headers.get("Authorization"), await request.read()))
             status, body = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+            if status is None:  # a service gone silent: no answer, and no health route (404)
+                await asyncio.sleep(3)  # longer than the client waits; bounds the clean-up
             headers = {"Retry-After": "0.05"} if status == 503 else None
             return web.Response(status=status, body=body, headers=headers)
 
@@ -309,3 +323,61 @@ def test_a_served_teachers_empty_path_is_not_fingerprinted_as_the_working_folder
     before = run_identity(cfg, 2)["fingerprints"]["teacher.path"]
     (tmp_path / "new_file").write_text("changed")
     assert before == run_identity(cfg, 2)["fingerprints"]["teacher.path"] == fingerprint("") == "no path"
+
+
+def test_a_request_the_service_keeps_failing_is_refused_and_a_throttle_is_a_wait():
+    fake = FakeService([(429, b'{"error": "slow down"}'), (500, b'{"error": "scoring failed: OOM"}')])
+    remote = RemoteTeacher(fake.url, wait_minutes=5, log=lambda _: None)
+    try:
+        with pytest.raises(TeacherRefused) as info:
+            remote.score(rollout_tokens(), options(), 2)
+    finally:
+        remote.close()
+        fake.close()
+    assert str(info.value) == (
+        f"the teacher service at {fake.url} failed on score 3 times in a row: HTTP 500: scoring failed: OOM"
+    )
+    assert len(fake.seen) == 4  # the 429 waited, then three failures
+
+
+def test_a_service_gone_silent_during_a_request_is_a_failure_not_a_wait(monkeypatch):
+    from tropd_ds import teacher_client
+
+    monkeypatch.setattr(teacher_client, "HEALTH_EVERY_S", 0.1)
+    monkeypatch.setattr(teacher_client, "HEALTH_GRACE_S", 0.3)
+    fake = FakeService([(None, b"")])
+    remote = RemoteTeacher(fake.url, wait_minutes=0.01, log=lambda _: None)
+    try:
+        with pytest.raises(TeacherUnavailable) as info:
+            remote.score(rollout_tokens(), options(), 2)
+    finally:
+        remote.close()
+        fake.close()
+    assert "its health went unanswered for 0 s during a request" in str(info.value)
+
+
+def test_the_services_limits_are_checked_before_step_1():
+    """What the service would refuse hours into a run is refused at its start, naming the setting and the limit."""
+    from types import SimpleNamespace
+
+    from tropd_ds.objectives import loss_fn
+    from tropd_ds.train import check_service_limits
+
+    cfg = RunConfig()
+    cfg.teacher.url = "http://t:1"
+    cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens = 100, 28  # 128 positions
+    prepared = SimpleNamespace(objective=loss_fn("tropd", k=16))
+    info = {"max_positions": 128, "max_rows": 8, "max_tokens": 8 * 128, "max_k": 16}
+    check_service_limits(cfg, prepared, info, world=2)  # 8 prompts / 2 ranks x 2 samples = 8 rows
+    for change, message in (
+        ({"max_positions": 127}, "data.max_prompt_tokens + rollout.max_new_tokens is 128, more than the teacher "
+         "service at http://t:1 takes (positions 127)"),
+        ({"max_rows": 7}, "rows per request (rollout.micro_batch_size, or a rank's rollouts) is 8, more than"),
+        ({"max_tokens": 1023}, "tokens per request at the longest is 1024, more than"),
+        ({"max_k": 8}, "the objective's k is 16, more than the teacher service at http://t:1 takes (max_k 8)"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError) as refused:
+            check_service_limits(cfg, prepared, {**info, **change}, world=2)
+        assert str(refused.value).startswith(message)
+    cfg.rollout.micro_batch_size = 4  # requests of 4 rows
+    check_service_limits(cfg, prepared, {**info, "max_rows": 4, "max_tokens": 4 * 128}, world=2)

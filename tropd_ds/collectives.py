@@ -59,6 +59,24 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (pickled)."""
+    if not active() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_object(obj, dst: int = 0) -> list | None:
+    """`obj` of every rank, in rank order, on rank `dst` (None elsewhere): only `dst` holds them all."""
+    if not active() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def barrier() -> None:
     if active() and dist.get_world_size() > 1:
         dist.barrier()

@@ -22,6 +22,11 @@ from .config import ConfigError
 from .teacher_wire import API, CONTENT_TYPE, decode_answer, encode_request
 
 MAX_BACKOFF_S = 15.0
+WAIT_STATUSES = (503, 429, 408)  # busy, too many requests, a proxy's time-out: the service is there, wait
+SAME_FAILURES = 3  # a request the service fails on this many times in a row is refused, not retried again
+# While an answer is awaited the service's health is asked every HEALTH_EVERY_S: a service whose health has not
+# answered for HEALTH_GRACE_S (a frozen host, a connection gone silent) has failed that request
+HEALTH_EVERY_S, HEALTH_GRACE_S, HEALTH_TIMEOUT_S = 30.0, 120.0, 10.0
 
 
 class TeacherUnavailable(RuntimeError):
@@ -66,25 +71,29 @@ class RemoteTeacher:
         headers = {"Content-Type": CONTENT_TYPE}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        first_failure, delay, said = None, 0.5, False
+        first_failure, delay, said, errors = None, 0.5, False, 0
+        where = f"the teacher service at {self.url}"
         while True:
             try:
-                async with self._session.request(method, f"{self.url}/{API}/{path}", data=body, headers=headers) as r:
-                    data = await r.read()
-                    if r.status == 200:
-                        if said:
-                            self.log(f"the teacher service at {self.url} answers again")
-                        return data
-                    reason = _reason(data)
-                    if r.status == 503:  # busy: a wait, not a failure
-                        await asyncio.sleep(float(r.headers.get("Retry-After", "1") or 1))
-                        continue
-                    if 400 <= r.status < 500:
-                        where = f"the teacher service at {self.url}"
-                        raise TeacherRefused(f"{where} refused {path}: HTTP {r.status}: {reason}")
-                    failure = f"HTTP {r.status}: {reason}"
+                status, data, retry_after = await self._watched(self._exchange(method, path, body, headers))
+                if status == 200:
+                    if said:
+                        self.log(f"{where} answers again")
+                    return data
+                reason = _reason(data)
+                if status in WAIT_STATUSES:  # busy: a wait, not a failure
+                    first_failure = None
+                    await asyncio.sleep(min(MAX_BACKOFF_S, float(retry_after or 1)))
+                    continue
+                if 400 <= status < 500:
+                    raise TeacherRefused(f"{where} refused {path}: HTTP {status}: {reason}")
+                failure = f"HTTP {status}: {reason}"
+                errors += 1
+                if errors >= SAME_FAILURES:  # the service is up and fails on this very request
+                    raise TeacherRefused(f"{where} failed on {path} {errors} times in a row: {failure}")
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                errors = 0
             now = time.monotonic()
             first_failure = first_failure if first_failure is not None else now
             if now - first_failure >= self.wait_s:
@@ -98,6 +107,39 @@ class RemoteTeacher:
                 said = True
             await asyncio.sleep(min(delay, max(0.0, self.wait_s - (now - first_failure))))
             delay = min(2 * delay, MAX_BACKOFF_S)
+
+    async def _exchange(self, method: str, path: str, body, headers) -> tuple[int, bytes, str | None]:
+        async with self._session.request(method, f"{self.url}/{API}/{path}", data=body, headers=headers) as r:
+            return r.status, await r.read(), r.headers.get("Retry-After")
+
+    async def _watched(self, exchange):
+        """`exchange`, abandoned (asyncio.TimeoutError) when the service's health goes unanswered for HEALTH_GRACE_S
+        while its answer is awaited: a slow answer is a wait, a service that has gone silent is a failure."""
+        task = asyncio.ensure_future(exchange)
+        silent_since = None
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=HEALTH_EVERY_S)
+            if done:
+                return task.result()
+            if await self._healthy():
+                silent_since = None
+                continue
+            now = time.monotonic()
+            silent_since = silent_since if silent_since is not None else now
+            if now - silent_since >= HEALTH_GRACE_S:
+                task.cancel()
+                raise asyncio.TimeoutError(f"its health went unanswered for {HEALTH_GRACE_S:.0f} s during a request")
+
+    async def _healthy(self) -> bool:
+        import aiohttp
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
+            async with self._session.get(f"{self.url}/{API}/health", headers=headers, timeout=timeout) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            return False
 
     def _wait(self, future: concurrent.futures.Future):
         start = time.perf_counter()

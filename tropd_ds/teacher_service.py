@@ -12,11 +12,14 @@ HTTP (aiohttp) on `serve.host:serve.port`:
 - `POST /v1/parity`: the teacher's log-probs against its model's own forward on the given ids (the trainer's
   check before step 1).
 
-Requests are validated on rank 0 (size, shapes, ids within the vocabulary, lengths within the model's
-positions, k, temperature) and queued; the ranks take one request at a time, each scoring an equal share of
-its rows, and rank 0 answers. A bad request gets HTTP 400 with the reason and changes nothing; a full queue
-answers 503 (the trainer waits and retries). The service binds to loopback unless told otherwise, and any
-other address needs `serve.token_file`, a shared secret every request carries (`Authorization: Bearer`).
+Requests are validated on rank 0 (size, rows, tokens, shapes, ids within the vocabulary, lengths within the
+model's positions, k, temperature) and queued; the ranks take one request at a time, cut it into the
+teacher's micro-batches as a run's own teacher would and take turns at them, and rank 0 answers. A failure
+while scoring ends a service of several ranks (they could no longer agree on their collectives); a
+one-rank service answers HTTP 500 and goes on. A bad request gets HTTP 400 with the reason and changes
+nothing; a full queue answers 503 (the trainer waits and retries). The service binds to loopback unless
+told otherwise, and any other address needs `serve.token_file`, a shared secret every request carries
+(`Authorization: Bearer`).
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class ServeSection:
     address_file: str = ""  # written once the service listens: its URL (for scripts, and for port 0)
     max_request_mb: float = 512.0  # larger request bodies are refused (HTTP 413)
     max_rows: int = 4096  # rows per scoring request
+    max_tokens: int = 4194304  # rows x tokens per scoring request (what one request can make the teacher hold)
+    max_k: int = 1024  # the largest top-k a request may ask for
     max_queue: int = 64  # requests waiting for the teacher; more are answered 503 (clients wait and retry)
 
 
@@ -118,7 +123,7 @@ def load_service_config(path: str | Path, overrides: list[str] = ()) -> ServiceC
         raise ConfigError(f"teacher.gather_params={t.gather_params!r}: expected true, false or auto")
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"serve.port={s.port}: expected 0 (any free port) to 65535")
-    for key in ("max_rows", "max_queue"):
+    for key in ("max_rows", "max_tokens", "max_k", "max_queue"):
         if getattr(s, key) < 1:
             raise ConfigError(f"serve.{key}={getattr(s, key)}: expected a number >= 1")
     if not math.isfinite(s.max_request_mb) or s.max_request_mb <= 0:
@@ -190,9 +195,10 @@ def score_rows(teacher, ids, mask, targets, k: int, temperature: float, micro_ba
             else:  # every forward of a ZeRO-3 engine is a collective (its start-of-forward hook, gathered or not)
                 rows = batches[0]
                 teacher(rows.input_ids, rows.attention_mask, rows.targets, k, temperature)
-    if world > 1:
-        shares = [None] * world
-        torch.distributed.all_gather_object(shares, mine)
+    if world > 1:  # only rank 0 answers, so only rank 0 holds every part
+        shares = collectives.gather_object(mine)
+        if rank != 0:
+            return None
         mine = {index: part for share in shares for index, part in share.items()}
     parts = [mine[index] for index in range(len(batches))]
     return tk.TeacherTopK(*in_row_order(parts, tokens, order))
@@ -231,8 +237,8 @@ def make_app(info: dict, jobs: queue.Queue, token: str | None, limits: dict):
     @web.middleware
     async def authorise(request, handler):
         if token is not None:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, f"Bearer {token}".encode()):
                 return json_error(401, "missing or wrong shared secret (Authorization: Bearer <serve.token_file>)")
         try:
             return await handler(request)
@@ -250,12 +256,13 @@ def make_app(info: dict, jobs: queue.Queue, token: str | None, limits: dict):
         return await asyncio.wrap_future(job.future)
 
     async def score(request):
+        if jobs.full():  # before the body is read: a busy service does not hold every waiting client's request
+            return json_error(503, f"busy: {limits['max_queue']} requests are waiting", **{"Retry-After": "1"})
         body = await request.read()
         loop = asyncio.get_running_loop()
+        bounds = (info["n_tokens"], info["max_positions"], limits["max_rows"], limits["max_tokens"], limits["max_k"])
         try:
-            args = await loop.run_in_executor(
-                None, decode_request, body, info["n_tokens"], info["max_positions"], limits["max_rows"]
-            )
+            args = await loop.run_in_executor(None, decode_request, body, *bounds)
         except BadRequest as exc:
             return json_error(400, str(exc))
         start = time.perf_counter()
@@ -364,6 +371,8 @@ def serve(cfg: ServiceConfig, stop: process.StopRequest) -> int:
         "ranks": world,
         "gather_params": bool(gather),
         "max_rows": cfg.serve.max_rows,
+        "max_tokens": cfg.serve.max_tokens,
+        "max_k": cfg.serve.max_k,
         "max_request_mb": cfg.serve.max_request_mb,
     }
     jobs: queue.Queue = queue.Queue(maxsize=cfg.serve.max_queue)
@@ -393,20 +402,24 @@ def serve(cfg: ServiceConfig, stop: process.StopRequest) -> int:
                 job = jobs.get(timeout=HEARTBEAT_S)
             except queue.Empty:
                 job = None
-        message = [None if job is None else (job.kind, job.args)]
-        if world > 1:
-            torch.distributed.broadcast_object_list(message, src=0)
-        if message[0] is None:
+        message = collectives.broadcast_object(None if job is None else (job.kind, job.args))
+        if message is None:
             continue
         try:
-            result = work(message[0], teacher, cfg, gather, device)
+            result = work(message, teacher, cfg, gather, device)
         except Exception as exc:
-            if rank == 0:
+            if rank == 0 and not job.future.done():
                 job.future.set_exception(exc)
+            if world > 1:  # the ranks may now be in different collectives: end the service, loudly
+                process.leave_now(
+                    ExitCode.IO,
+                    f"scoring failed on rank {rank} ({type(exc).__name__}: {exc}); the service's ranks can no longer "
+                    "agree, so the service stops: start it again (trainers wait for it for teacher.wait_minutes)",
+                )
             log(f"a request failed: {type(exc).__name__}: {exc}")
             continue
         served += 1
-        if rank == 0:
+        if rank == 0 and not job.future.done():
             job.future.set_result(result)
 
 

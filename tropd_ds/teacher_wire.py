@@ -17,6 +17,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 API = "v1"
+MAX_HEADER_BYTES = 64 << 10  # three tensors and two numbers take a few hundred bytes
 CONTENT_TYPE = "application/octet-stream"
 REQUEST_KEYS = ("input_ids", "attention_mask", "targets")
 ANSWER_KEYS = ("ids", "logprobs", "target_logprob", "entropy")
@@ -42,6 +43,8 @@ def _metadata(payload: bytes) -> dict:
     if len(payload) < 8:
         raise BadRequest("the body is not a safetensors payload (shorter than its 8-byte header length)")
     size = int.from_bytes(payload[:8], "little")
+    if size > MAX_HEADER_BYTES:
+        raise BadRequest(f"the body's safetensors header has {size} bytes: expected at most {MAX_HEADER_BYTES}")
     if size > len(payload) - 8:
         raise BadRequest(f"the body is not a safetensors payload (a header of {size} bytes in {len(payload)} bytes)")
     try:
@@ -53,11 +56,12 @@ def _metadata(payload: bytes) -> dict:
 
 
 def decode_request(
-    payload: bytes, n_tokens: int, max_positions: int, max_rows: int
+    payload: bytes, n_tokens: int, max_positions: int, max_rows: int, max_tokens: int = 1 << 22, max_k: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float]:
     """The request's (input_ids int64, attention_mask int64, targets bool, k, temperature), or BadRequest naming
-    what is wrong: ids outside [0, n_tokens), more than `max_positions` columns or `max_rows` rows, shapes that
-    disagree, a target at a padding position, k outside [1, n_tokens], a temperature that is not a number > 0."""
+    what is wrong: ids outside [0, n_tokens), more than `max_positions` columns, `max_rows` rows or `max_tokens`
+    tokens in all, shapes that disagree, a target at a padding position, k outside [1, min(n_tokens, max_k)], a
+    temperature that is not a number > 0. The limits bound what one request can make the teacher hold."""
     meta = _metadata(payload)
     try:
         tensors = st_load(payload)
@@ -81,6 +85,8 @@ def decode_request(
         raise BadRequest(f"{rows} rows: expected 1 to {max_rows} per request (serve.max_rows)")
     if not 2 <= width <= max_positions:
         raise BadRequest(f"{width} tokens per row: expected 2 to {max_positions} (the teacher's positions)")
+    if rows * width > max_tokens:
+        raise BadRequest(f"{rows} x {width} = {rows * width} tokens: expected at most {max_tokens} (serve.max_tokens)")
     if list(mask.shape) != [rows, width] or mask.dtype.is_floating_point or mask.dtype == torch.bool:
         raise BadRequest(f"attention_mask is {mask.dtype} {list(mask.shape)}: expected uint8 [{rows}, {width}]")
     if list(targets.shape) != [rows, width - 1] or targets.dtype != torch.bool:
@@ -99,8 +105,8 @@ def decode_request(
         temperature = float(meta.get("temperature", ""))
     except ValueError as exc:
         raise BadRequest(f"k={meta.get('k')!r}, temperature={meta.get('temperature')!r}: expected numbers") from exc
-    if not 1 <= k <= n_tokens:
-        raise BadRequest(f"k={k}: expected 1 to {n_tokens} (the vocabulary)")
+    if not 1 <= k <= min(n_tokens, max_k):
+        raise BadRequest(f"k={k}: expected 1 to {min(n_tokens, max_k)} (the vocabulary, at most serve.max_k)")
     if not math.isfinite(temperature) or temperature <= 0:
         raise BadRequest(f"temperature={temperature!r}: expected a finite number > 0")
     return ids.long(), mask, targets, k, temperature

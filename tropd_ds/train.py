@@ -126,14 +126,21 @@ def set_up(cfg: RunConfig, prepared: Prepared, device: torch.device) -> Trainer:
 
 def connect_teacher(cfg: RunConfig, prepared: Prepared):
     """The served teacher (teacher.url), checked before step 1: its tokenizer and vocabulary are the student's."""
-    from .teacher_client import RemoteTeacher
+    from .teacher_client import RemoteTeacher, TeacherUnavailable
     from .teacher_service import read_token
     from .teacher_wire import tokenizer_fingerprint
 
     t = cfg.teacher
     token = read_token(t.token_file, "teacher.token_file") if t.token_file else None
     remote = RemoteTeacher(t.url, token, t.wait_minutes, log=log)
-    info = remote.info()
+    info, failure = None, None
+    try:
+        info = remote.info()
+    except TeacherUnavailable as exc:
+        failure = exc
+    # every rank goes on, or none: a rank turned away alone would leave the others in a collective
+    if float(collectives.all_reduce([1.0 if failure else 0.0], op="max")[0]) > 0:
+        raise failure or TeacherUnavailable(f"another rank could not reach the teacher service at {t.url}")
     mine = tokenizer_fingerprint(prepared.tokenizer)
     if info.get("tokenizer_fingerprint") != mine or info.get("n_tokens") != prepared.n_tokens:
         raise ConfigError(
@@ -141,6 +148,7 @@ def connect_teacher(cfg: RunConfig, prepared: Prepared):
             f"{str(info.get('tokenizer_fingerprint'))[:12]}) and the student ({cfg.student.path}, {prepared.n_tokens} "
             f"tokens, tokenizer {mine[:12]}) have different tokenizers: token-level distillation needs one vocabulary"
         )
+    check_service_limits(cfg, prepared, info, collectives.rank_world()[1])
     remote.served = info
     log(
         f"teacher served at {t.url}: {info.get('model')} ({info.get('dtype')}, {info.get('ranks')} ranks, "
@@ -189,6 +197,26 @@ def train_step(t: Trainer, step: int) -> dict:
     return record
 
 
+def check_service_limits(cfg: RunConfig, prepared: Prepared, info: dict, world: int) -> None:
+    """What the service will refuse, found before step 1: rows longer than its teacher's positions, requests with
+    more rows or tokens than it takes, a k larger than it serves."""
+    longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    rows = cfg.rollout.micro_batch_size or cfg.rollout.prompts_per_step // world * cfg.rollout.samples_per_prompt
+    k = prepared.objective.max_k()
+    where = f"the teacher service at {cfg.teacher.url}"
+    limits = [
+        (longest, info.get("max_positions"), "data.max_prompt_tokens + rollout.max_new_tokens", "positions"),
+        (rows, info.get("max_rows"), "rows per request (rollout.micro_batch_size, or a rank's rollouts)", "max_rows"),
+        (rows * longest, info.get("max_tokens"), "tokens per request at the longest", "max_tokens"),
+        (k, info.get("max_k"), "the objective's k", "max_k"),
+    ]
+    for value, limit, what, name in limits:
+        if limit is not None and value > limit:
+            raise ConfigError(
+                f"{what} is {value}, more than {where} takes ({name} {limit}): lower it, or raise the service's limit"
+            )
+
+
 def served_scores(t: Trainer, tokens, options, mb: int, pending: list):
     """The served teacher's scores and the seconds spent waiting for them. Every rank learns whether any rank
     lost the service (one all-reduce), so that all stop together instead of some entering the update."""
@@ -209,8 +237,9 @@ def served_scores(t: Trainer, tokens, options, mb: int, pending: list):
 
 
 def teacher_lost(t: Trainer, step: int, saved, before, exc, progress) -> int:
-    """The served teacher stopped answering during step `step` + 1: the run stops with a checkpoint of step `step`
-    (the data position and random states as they were before the lost step, so a resume repeats it exactly)."""
+    """The served teacher stopped answering (or refused a request) during step `step` + 1: the run stops with a
+    checkpoint of step `step` (the data position and random states as they were before the lost step, so a
+    resume repeats it exactly); exit status 6, or 2 for a refusal."""
     cfg = t.cfg
     if progress is not None:
         progress.close()
@@ -223,6 +252,12 @@ def teacher_lost(t: Trainer, step: int, saved, before, exc, progress) -> int:
         where = f"checkpoint of step {step} saved in {cfg.checkpoint.dir}"
     elif step > 0:
         where = f"the checkpoint of step {step} is in {cfg.checkpoint.dir}"
+    from .teacher_client import TeacherRefused
+
+    if isinstance(exc, TeacherRefused):  # the request itself: relaunching as it is would meet the same refusal
+        log(f"error: {exc}; stopped before step {step + 1} ({where}). Fix what the service names and relaunch "
+            "to resume")  # fmt: skip
+        return ExitCode.CONFIG
     log(f"error: {exc}; stopped before step {step + 1} ({where}). Start the service again and relaunch the same "
         "command to resume")  # fmt: skip
     return ExitCode.TEACHER
@@ -234,7 +269,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
     device = process.start_distributed(cfg.collective_timeout_minutes)
     rank = collectives.rank_world()[0]
     process.seed_everything(cfg.seed + rank)
-    from .teacher_client import TeacherUnavailable
+    from .teacher_client import TeacherRefused, TeacherUnavailable
 
     try:
         t = set_up(cfg, prepared, device)
@@ -244,8 +279,11 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
     groups = process.set_collective_timeout(cfg.collective_timeout_minutes)  # DeepSpeed's groups too
     log(f"collectives wait at most {cfg.collective_timeout_minutes:g} min for the slowest rank "
         f"(collective_timeout_minutes; {groups} process groups)")  # fmt: skip
-    if not check_logit_parity(cfg, t.student, t.teacher, prepared.train_rows, prepared.tokenizer, device, log):
-        return ExitCode.CONFIG
+    try:
+        if not check_logit_parity(cfg, t.student, t.teacher, prepared.train_rows, prepared.tokenizer, device, log):
+            return ExitCode.CONFIG
+    except TeacherUnavailable as exc:  # this rank alone may know: it leaves, the launcher stops the others
+        process.leave_now(ExitCode.TEACHER, f"{exc} (during the logit-parity check; nothing was trained)")
     metrics = MetricsWriter(cfg.logging.dir, rank, getattr(t.student, "monitor", None))
     start_step = 0
     if cfg.checkpoint.resume:
@@ -295,7 +333,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
         before = (t.stream.state_dict(), checkpoint.rng_states()) if cfg.teacher.url else None
         try:
             record, done = train_step(t, step), step + 1
-        except TeacherUnavailable as exc:
+        except (TeacherUnavailable, TeacherRefused) as exc:
             return teacher_lost(t, step, saved, before, exc, progress)
         stop.can_leave_now = False  # a completed step that no checkpoint holds yet
         # DeepSpeed skips a step whose gradient norm is not finite: the parameters stay as they were.
