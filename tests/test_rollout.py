@@ -166,6 +166,32 @@ def test_generation_in_micro_batches_equals_one_batch(tmp_path):
     assert whole.prefix.sum() == 3
 
 
+def test_each_micro_batch_is_handed_on_as_the_batch_will_hold_it(tmp_path):
+    """`on_part` (a served teacher scores each micro-batch while the next decodes) gets every micro-batch's rows in
+    order, with the ids, attention and sampled / prefix masks of the returned batch up to its right padding."""
+    build_llama(tmp_path / "m", TOK, hidden=32, layers=1, heads=2, mlp=64, seed=5)
+    lm = load(tmp_path / "m")
+    ps = prompts(5)
+    prefixes = [[], TOK("3")["input_ids"], [], TOK("7;4;1")["input_ids"], TOK("5;")["input_ids"]]
+    torch.manual_seed(3)
+    parts = []
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)
+    whole = rollout.sample(engine_for(lm, micro_batch=2), ps, prefixes, sampling, "cpu", on_part=parts.append)
+    assert [p.input_ids.shape[0] for p in parts] == [2, 2, 1]
+    start = 0
+    for part in parts:
+        rows = slice(start, start + part.input_ids.shape[0])
+        width = part.input_ids.shape[1]
+        for field in ("input_ids", "attention_mask"):
+            assert torch.equal(getattr(part, field), getattr(whole, field)[rows, :width]), field
+            assert not getattr(whole, field)[rows, width:].ne(PAD if field == "input_ids" else 0).any()
+        for field in ("sampled", "prefix", "targets"):
+            assert torch.equal(getattr(part, field), getattr(whole, field)[rows, : width - 1]), field
+            assert not getattr(whole, field)[rows, width - 1 :].any()
+        start = rows.stop
+    assert int(sum(p.targets.sum() for p in parts)) == int(whole.targets.sum()) > 0
+
+
 def test_teacher_responses_end_at_the_first_end_token(tmp_path):
     lm = build_biased_llama(tmp_path / "m", TOK, {EOS: 1.5, PAD: 1.0})
     torch.manual_seed(3)
