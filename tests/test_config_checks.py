@@ -1330,7 +1330,11 @@ def served(**teacher) -> RunConfig:
     ("teacher", "message"),
     [
         ({"url": "teacher:8471"}, "teacher.url='teacher:8471': expected http://host:port"),
-        ({"url": "http://a:1", "path": "/m"}, "teacher.url='http://a:1' with teacher.path set: a run uses a served"),
+        (
+            {"url": "http://a:1", "path": "/m"},
+            "teacher.url='http://a:1' with teacher.path set: a run uses a served teacher (url) or one in this job "
+            "(path and ds_config), not both; remove one",
+        ),
         ({"token_file": "/t"}, "teacher.token_file='/t' without teacher.url: the secret is for a served teacher"),
     ],
 )
@@ -1338,14 +1342,20 @@ def test_teacher_url_refusals(teacher, message):
     with pytest.raises(ConfigError) as info:
         C.check_served_teacher(served(**teacher))
     assert str(info.value).startswith(message)
+    if "path" in teacher:  # the whole refusal (kills config.check_served_teacher 20, 21)
+        assert str(info.value) == message
 
 
 def test_a_served_teacher_does_not_generate_prefixes():
     cfg = served(url="http://10.0.0.5:8471")
     C.check_served_teacher(cfg)
     cfg.rollout.prefix_source = "teacher"
-    with pytest.raises(ConfigError, match=r"prefix_source='teacher' with teacher.url=.*a served teacher scores"):
+    with pytest.raises(ConfigError) as info:
         C.check_served_teacher(cfg)
+    assert str(info.value) == (
+        "rollout.prefix_source='teacher' with teacher.url='http://10.0.0.5:8471': a served teacher scores, it does "
+        "not generate prefixes; use rollout.prefix_source=data (a teacher_response column)"
+    )  # whole (kills config.check_served_teacher 27, 28)
     for url in ("http://[::1]:8471", "https://teacher.example:443/", "http://teacher"):
         C.check_served_teacher(served(url=url))
 

@@ -1116,7 +1116,7 @@ CASES: dict[str, Case] = {
         lambda c: ["trian"],
         2,
         "'trian'",
-        "train, plan, eval, export, config",
+        "train, serve-teacher, plan, eval, export, config",
     ),
     "--help": C("cli", lambda c: ["--help"], 0, "train   the distillation run"),
     # ------------------------------------------------------------------ answer and label types in data

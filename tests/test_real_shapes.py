@@ -145,3 +145,13 @@ def test_targets_and_k_are_checked_against_the_real_rows_not_the_heads():
         tk.teacher_topk_from_hidden(hidden, weight, torch.tensor([3, 50]), 4, vocab=40)
     with pytest.raises(ValueError, match=r"k=41: expected an integer in \[1, V=40\]"):
         tk.teacher_topk_from_hidden(hidden, weight, torch.tensor([3, 5]), 41, vocab=40)
+
+
+def test_a_vocab_of_one_real_row_is_accepted_and_scores_that_row_alone():
+    """The range's low edge (kills projection.check_vocab 6 and 7, which refuse vocab = 1): one real row of a
+    head of 8, so every target is token 0 with log-prob 0, whatever the padding rows say."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 4), torch.randn(8, 4)
+    got = tk.teacher_topk_from_hidden(hidden, weight, torch.zeros(3, dtype=torch.long), 1, vocab=1)
+    assert got.ids.tolist() == [[0], [0], [0]]
+    assert got.logprobs.abs().max() == 0 and got.target_logprob.abs().max() == 0 and got.entropy.abs().max() == 0
