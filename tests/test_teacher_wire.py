@@ -238,15 +238,26 @@ def options(k=2):
     return StepOptions(k, tk.KernelOptions(1.0))
 
 
-def test_a_busy_service_is_waited_for_and_the_answer_is_cut_per_student_micro_batch():
-    body = answer(4)
-    fake = FakeService([(503, b'{"error": "busy"}'), (503, b'{"error": "busy"}'), (200, body)])
-    remote = RemoteTeacher(fake.url, token="s" * 20, wait_minutes=0.001)  # a busy service is not a failure
+def score_with(script, raises=None, micro_batch: int = 2, **client):
+    """`rollout_tokens()` scored by a RemoteTeacher against a FakeService answering `script`; both closed after.
+    Returns the fake and the answer per student micro-batch, or (with `raises`) the exception of that type."""
+    fake = FakeService(script)
+    remote = RemoteTeacher(fake.url, **client)
     try:
-        parts = remote.score(rollout_tokens(), options(), student_micro_batch=1)
+        if raises is None:
+            return fake, remote.score(rollout_tokens(), options(), micro_batch)
+        with pytest.raises(raises) as info:
+            remote.score(rollout_tokens(), options(), micro_batch)
+        return fake, info.value
     finally:
         remote.close()
         fake.close()
+
+
+def test_a_busy_service_is_waited_for_and_the_answer_is_cut_per_student_micro_batch():
+    body = answer(4)
+    script = [(503, b'{"error": "busy"}'), (503, b'{"error": "busy"}'), (200, body)]
+    fake, parts = score_with(script, micro_batch=1, token="s" * 20, wait_minutes=0.001)  # busy is not a failure
     expected, _ = decode_answer(body)
     assert [p.ids.shape[0] for p in parts] == [2, 2]  # two targets per row, one row per micro-batch
     assert torch.equal(torch.cat([p.logprobs for p in parts]), expected.logprobs)
@@ -256,15 +267,9 @@ def test_a_busy_service_is_waited_for_and_the_answer_is_cut_per_student_micro_ba
 
 
 def test_a_refusal_is_raised_at_once_with_the_services_reason():
-    fake = FakeService([(400, b'{"error": "token id 99 is outside the teacher\'s vocabulary [0, 18)"}')])
-    remote = RemoteTeacher(fake.url, wait_minutes=5)
-    try:
-        with pytest.raises(TeacherRefused) as info:
-            remote.score(rollout_tokens(), options(), 2)
-    finally:
-        remote.close()
-        fake.close()
-    assert str(info.value) == (
+    script = [(400, b'{"error": "token id 99 is outside the teacher\'s vocabulary [0, 18)"}')]
+    fake, refused = score_with(script, TeacherRefused, wait_minutes=5)
+    assert str(refused) == (
         f"the teacher service at {fake.url} refused score: HTTP 400: token id 99 is outside the teacher's "
         "vocabulary [0, 18)"
     )
@@ -296,14 +301,8 @@ def test_a_service_that_does_not_answer_is_retried_for_wait_minutes_then_named()
 
 def test_a_server_error_is_retried_and_a_recovered_service_answers():
     body = answer(4)
-    fake = FakeService([(500, b'{"error": "scoring failed"}'), (200, body)])
     logged = []
-    remote = RemoteTeacher(fake.url, wait_minutes=1, log=logged.append)
-    try:
-        parts = remote.score(rollout_tokens(), options(), 2)
-    finally:
-        remote.close()
-        fake.close()
+    fake, parts = score_with([(500, b'{"error": "scoring failed"}'), (200, body)], wait_minutes=1, log=logged.append)
     assert len(parts) == 1 and parts[0].ids.shape == (4, 2) and len(fake.seen) == 2
     assert logged == [
         f"the teacher service at {fake.url} does not answer (HTTP 500: scoring failed); retrying for up to 1 min",
@@ -326,15 +325,9 @@ def test_a_served_teachers_empty_path_is_not_fingerprinted_as_the_working_folder
 
 
 def test_a_request_the_service_keeps_failing_is_refused_and_a_throttle_is_a_wait():
-    fake = FakeService([(429, b'{"error": "slow down"}'), (500, b'{"error": "scoring failed: OOM"}')])
-    remote = RemoteTeacher(fake.url, wait_minutes=5, log=lambda _: None)
-    try:
-        with pytest.raises(TeacherRefused) as info:
-            remote.score(rollout_tokens(), options(), 2)
-    finally:
-        remote.close()
-        fake.close()
-    assert str(info.value) == (
+    script = [(429, b'{"error": "slow down"}'), (500, b'{"error": "scoring failed: OOM"}')]
+    fake, refused = score_with(script, TeacherRefused, wait_minutes=5, log=lambda _: None)
+    assert str(refused) == (
         f"the teacher service at {fake.url} failed on score 3 times in a row: HTTP 500: scoring failed: OOM"
     )
     assert len(fake.seen) == 4  # the 429 waited, then three failures
@@ -345,15 +338,8 @@ def test_a_service_gone_silent_during_a_request_is_a_failure_not_a_wait(monkeypa
 
     monkeypatch.setattr(teacher_client, "HEALTH_EVERY_S", 0.1)
     monkeypatch.setattr(teacher_client, "HEALTH_GRACE_S", 0.3)
-    fake = FakeService([(None, b"")])
-    remote = RemoteTeacher(fake.url, wait_minutes=0.01, log=lambda _: None)
-    try:
-        with pytest.raises(TeacherUnavailable) as info:
-            remote.score(rollout_tokens(), options(), 2)
-    finally:
-        remote.close()
-        fake.close()
-    assert "its health went unanswered for 0 s during a request" in str(info.value)
+    _, gone = score_with([(None, b"")], TeacherUnavailable, wait_minutes=0.01, log=lambda _: None)
+    assert "its health went unanswered for 0 s during a request" in str(gone)
 
 
 def test_the_services_limits_are_checked_before_step_1():
