@@ -773,8 +773,8 @@ def test_load_config_of_a_name_over_255_bytes_says_the_system_s_reason(tmp_path)
     [
         (
             "1: 2\n",
-            "unknown config key 1 (int) in the top level: expected a name, one of student, teacher, data, rollout, "
-            "objective, optim, checkpoint, logging, eval, seed, collective_timeout_minutes",
+            "unknown config key 1 (int) in the top level: expected a name, one of student, teacher, teachers, data, "
+            "rollout, objective, optim, checkpoint, logging, eval, seed, collective_timeout_minutes",
         ),
         (
             "logging: {1: 2}\n",
@@ -837,8 +837,8 @@ def test_load_config_of_a_section_that_is_not_a_mapping_names_the_section(tmp_pa
         ("rollout: {max_new_token: 3}\n", "unknown config key 'rollout.max_new_token'; did you mean 'max_new_tokens'?"),
         (
             "zzzz: 1\n",
-            "unknown config key 'zzzz'; valid keys: student, teacher, data, rollout, objective, optim, checkpoint, "
-            "logging, eval, seed, collective_timeout_minutes",
+            "unknown config key 'zzzz'; valid keys: student, teacher, teachers, data, rollout, objective, optim, "
+            "checkpoint, logging, eval, seed, collective_timeout_minutes",
         ),
         (
             "logging: {qqq: 1}\n",

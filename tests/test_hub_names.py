@@ -74,7 +74,7 @@ def test_hub_ids_resolve_from_an_offline_cache(tmp_path):
     code = f"""
 from tropd_ds.config import ConfigError, load_config
 from tropd_ds.preflight import validate_before_engines
-tok, n, rows, ev, obj = validate_before_engines(load_config({str(config)!r}), world=1)
+tok, n, rows, ev, obj, _ = validate_before_engines(load_config({str(config)!r}), world=1)
 print(n, len(rows), rows.column_names)
 try:
     validate_before_engines(load_config({str(missing)!r}), world=1)

@@ -94,6 +94,7 @@ class DataConfig:
     answer_column: str = "answer"  # held-out rows: the reference answer
     teacher_response_column: str = "teacher_response"  # the teacher's worked response (guidance prefixes)
     messages_column: str = "messages"  # used without a prompt column: a chat whose last assistant turn is the response
+    teacher_column: str = "teacher"  # with several teachers (teachers:), the column naming each row's teacher
 
 
 @dataclass
@@ -166,6 +167,9 @@ class EvalConfig:
 class RunConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # several teachers instead of one: {name: a teacher section (path and ds_config, or url)}, each row of the data
+    # scored by the teacher its data.teacher_column names; every teacher shares the student's tokenizer
+    teachers: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -280,6 +284,62 @@ CHOICES = {
 }
 
 
+def check_range(key: str, value, lo, lo_in, hi, hi_in) -> None:
+    """`key`'s value within RANGES' limits, or a ConfigError naming it and what is accepted."""
+    bad = (
+        not math.isfinite(value)
+        or (value < lo if lo_in else value <= lo)
+        or (hi is not None and (value > hi if hi_in else value >= hi))
+    )
+    if bad:
+        hint = " (0 is greedy decoding, which on-policy sampling cannot use)" if key == "rollout.temperature" else ""
+        raise ConfigError(f"{key}={value!r}: expected {_range_text(lo, lo_in, hi, hi_in)}{hint}")
+
+
+def teacher_sections(cfg: RunConfig) -> list[tuple[str, TeacherConfig]]:
+    """Each teacher of the run with its config key: `teacher`, or `teachers.<name>` for each of several."""
+    if cfg.teachers:
+        return [(f"teachers.{name}", t) for name, t in cfg.teachers.items()]
+    return [("teacher", cfg.teacher)]
+
+
+def sections(cfg: RunConfig, section: str) -> list[tuple[str, object]]:
+    """The config objects a per-section rule applies to, with their keys: a teacher rule applies to each teacher."""
+    return teacher_sections(cfg) if section == "teacher" else [(section, getattr(cfg, section))]
+
+
+TEACHER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+
+
+def build_teachers(cfg: RunConfig) -> dict[str, TeacherConfig]:
+    """`teachers:` as {name: TeacherConfig}, checked: two or more, each named as a metric key can hold, and no
+    `teacher:` section beside them."""
+    given = cfg.teachers
+    if not given:
+        return {}
+    if len(given) < 2:
+        raise ConfigError(
+            f"teachers has one entry ({', '.join(map(str, given))}): several teachers means two or more; a single "
+            "teacher goes in the teacher section"
+        )
+    out = {}
+    for name, section in given.items():
+        if not isinstance(name, str) or not TEACHER_NAME.match(name):
+            raise ConfigError(
+                f"teachers: the name {name!r} is not accepted: expected a letter, then letters, digits or _ (at most "
+                f"64; it names the teacher's metrics, teacher_<name>_trust_fraction)"
+            )
+        out[name] = _build(TeacherConfig, section if section is not None else {}, f"teachers.{name}.")
+    default = TeacherConfig()
+    changed = [f.name for f in dataclasses.fields(default) if getattr(cfg.teacher, f.name) != getattr(default, f.name)]
+    if changed:
+        raise ConfigError(
+            f"teacher.{changed[0]} is set beside teachers ({', '.join(out)}): a run has one teacher (the teacher "
+            "section) or several (teachers, one section each); move its settings into the teachers' sections"
+        )
+    return out
+
+
 def _suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
@@ -335,7 +395,8 @@ def _build(cls, data: dict, prefix: str):
                 f"expected a name, one of {', '.join(names)}"
             )
         if key not in names:
-            hint = f": {MOVED[where]}" if where in MOVED else _suggest(key, names)
+            moved = re.sub(r"^teachers\.[^.]+\.", "teacher.", where)  # each of several teachers is a teacher section
+            hint = f": {MOVED[moved]}" if moved in MOVED else _suggest(key, names)
             raise ConfigError(f"unknown config key {where!r}{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -454,41 +515,35 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         else:
             node[keys[-1]] = value
     cfg = _build(RunConfig, data, "")
+    cfg.teachers = build_teachers(cfg)
     for section, name in PATH_FIELDS:
-        sub = getattr(cfg, section)
-        value = getattr(sub, name)
-        if value.startswith("~"):  # the user's home folder, as a shell would read it
-            value = os.path.expanduser(value)
-            setattr(sub, name, value)
-        if value and not Path(value).is_absolute() and not ((section, name) in HUB_FIELDS and is_hub_id(value, base)):
-            setattr(sub, name, str((base / value).resolve()))
+        for _, sub in sections(cfg, section):
+            value = getattr(sub, name)
+            if value.startswith("~"):  # the user's home folder, as a shell would read it
+                value = os.path.expanduser(value)
+                setattr(sub, name, value)
+            hub = (section, name) in HUB_FIELDS and is_hub_id(value, base)
+            if value and not Path(value).is_absolute() and not hub:
+                setattr(sub, name, str((base / value).resolve()))
     for section, name in PATH_FIELDS:
-        value = getattr(getattr(cfg, section), name)
-        if value and any(len(part.encode()) > 255 for part in Path(value).parts):
-            raise ConfigError(
-                f"{section}.{name}={value!r}: a part of the path is too long (over 255 bytes, a file name's limit)"
-            )
-    for (section, name), (lo, lo_in, hi, hi_in) in RANGES.items():
-        value = getattr(getattr(cfg, section), name)
-        bad = (
-            not math.isfinite(value)
-            or (value < lo if lo_in else value <= lo)
-            or (hi is not None and (value > hi if hi_in else value >= hi))
-        )
-        if bad:
-            hint = (
-                " (0 is greedy decoding, which on-policy sampling cannot use)"
-                if (section, name) == ("rollout", "temperature")
-                else ""
-            )
-            raise ConfigError(f"{section}.{name}={value!r}: expected {_range_text(lo, lo_in, hi, hi_in)}{hint}")
+        for label, sub in sections(cfg, section):
+            value = getattr(sub, name)
+            if value and any(len(part.encode()) > 255 for part in Path(value).parts):
+                raise ConfigError(
+                    f"{label}.{name}={value!r}: a part of the path is too long (over 255 bytes, a file name's limit)"
+                )
+    for (section, name), limits in RANGES.items():
+        for label, sub in sections(cfg, section):
+            check_range(f"{label}.{name}", getattr(sub, name), *limits)
     for (section, name), allowed in CHOICES.items():
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{section}.{name}={value!r}: expected one of {', '.join(allowed)}")
-    for key in ("prompt_column", "answer_column", "teacher_response_column", "messages_column"):
+        for label, sub in sections(cfg, section):
+            value = getattr(sub, name)
+            if value not in allowed:
+                raise ConfigError(f"{label}.{name}={value!r}: expected one of {', '.join(allowed)}")
+    for key in ("prompt_column", "answer_column", "teacher_response_column", "messages_column", "teacher_column"):
         if not getattr(cfg.data, key).strip():
             raise ConfigError(f"data.{key} is empty: expected the name of a column of the data set")
+
     for name, value in (("seed", cfg.seed), ("data.shuffle_seed", cfg.data.shuffle_seed)):
         if not 0 <= value < 2**32:
             raise ConfigError(f"{name}={value}: expected an integer in [0, 2**32)")
@@ -515,7 +570,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     answer_pattern(cfg.eval.answer_pattern)
     check_sampling(cfg)
     check_outputs(cfg)
-    for where, section in (("teacher", cfg.teacher), ("rollout", cfg.rollout)):
+    for where, section in [*teacher_sections(cfg), ("rollout", cfg.rollout)]:
         value = section.gather_params
         if isinstance(value, str) and value.lower() in ("true", "false"):
             section.gather_params = value = value.lower() == "true"
@@ -531,25 +586,51 @@ _URL = re.compile(r"^https?://[^/\s:]+(:[0-9]{1,5})?/?$|^https?://\[[0-9a-fA-F:.
 
 
 def check_served_teacher(cfg: RunConfig) -> None:
-    """teacher.url names a teacher service: then no local teacher settings, and no prefixes the teacher generates."""
-    t = cfg.teacher
+    """teacher.url names a teacher service: then no local teacher settings, and no prefixes the teacher generates.
+    Several teachers (teachers:): each checked so, no generated prefixes, and a routing column of its own."""
+    for key, t in teacher_sections(cfg):
+        check_one_served_teacher(cfg, key, t)
+    if not cfg.teachers:
+        return
+    if cfg.rollout.guidance and cfg.rollout.prefix_source == "teacher":
+        raise ConfigError(
+            f"rollout.prefix_source='teacher' with several teachers ({', '.join(cfg.teachers)}): prefixes are "
+            "generated by one teacher; use rollout.prefix_source=data (a teacher_response column written by each "
+            "row's teacher) or rollout.guidance=false"
+        )
+    d = cfg.data
+    taken = {
+        "data.prompt_column": d.prompt_column,
+        "data.answer_column": d.answer_column,
+        "data.teacher_response_column": d.teacher_response_column,
+        "data.messages_column": d.messages_column,
+    }
+    for key, column in taken.items():
+        if d.teacher_column in (column, key.removeprefix("data.").removesuffix("_column")):
+            raise ConfigError(
+                f"data.teacher_column={d.teacher_column!r} is also {key}={column!r} or its canonical name: the column "
+                "naming each row's teacher must be a column of its own"
+            )
+
+
+def check_one_served_teacher(cfg: RunConfig, key: str, t: TeacherConfig) -> None:
     if not t.url:
         if t.token_file:
             raise ConfigError(
-                f"teacher.token_file={t.token_file!r} without teacher.url: the secret is for a served teacher"
+                f"{key}.token_file={t.token_file!r} without {key}.url: the secret is for a served teacher"
             )
         return
     if not _URL.match(t.url):
-        raise ConfigError(f"teacher.url={t.url!r}: expected http://host:port (the address serve-teacher logs)")
-    local = [key for key in ("path", "ds_config") if getattr(t, key)]
+        raise ConfigError(f"{key}.url={t.url!r}: expected http://host:port (the address serve-teacher logs)")
+    local = [name for name in ("path", "ds_config") if getattr(t, name)]
     if local:
         raise ConfigError(
-            f"teacher.url={t.url!r} with teacher.{' and teacher.'.join(local)} set: a run uses a served teacher "
+            f"{key}.url={t.url!r} with {key}.{f' and {key}.'.join(local)} set: a run uses a served teacher "
             "(url) or one in this job (path and ds_config), not both; remove one"
         )
     if cfg.rollout.guidance and cfg.rollout.prefix_source == "teacher":
         raise ConfigError(
-            f"rollout.prefix_source='teacher' with teacher.url={t.url!r}: a served teacher scores, it does not "
+            f"rollout.prefix_source='teacher' with {key}.url={t.url!r}: a served teacher scores, it does not "
             "generate prefixes; use rollout.prefix_source=data (a teacher_response column)"
         )
 
@@ -602,7 +683,7 @@ def _is_fraction(value) -> bool:
 
 
 OUTPUT_FIELDS = (("checkpoint", "dir"), ("checkpoint", "export_dir"), ("logging", "dir"))
-INPUT_FIELDS = (("student", "path"), ("teacher", "path"))
+INPUT_FIELDS = (("student", "path"), ("teacher", "path"))  # a teacher's is each teacher's (teachers:)
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -613,13 +694,14 @@ def check_outside_models(cfg: RunConfig, key: str, value: str) -> None:
     """The output folder `value` (named `key` in errors) is neither a model folder of `cfg` nor inside one."""
     out = Path(os.path.realpath(value))
     for section, name in INPUT_FIELDS:
-        model = getattr(getattr(cfg, section), name)
-        if model and Path(model).exists() and _inside(out, Path(os.path.realpath(model))):
-            raise ConfigError(
-                f"{key}={value!r} is {'the' if out == Path(os.path.realpath(model)) else 'inside the'} "
-                f"{section}'s model folder ({section}.{name}={model!r}): it would write over the model it "
-                "reads; expected a folder outside it"
-            )
+        for label, sub in sections(cfg, section):
+            model = getattr(sub, name)
+            if model and Path(model).exists() and _inside(out, Path(os.path.realpath(model))):
+                raise ConfigError(
+                    f"{key}={value!r} is {'the' if out == Path(os.path.realpath(model)) else 'inside the'} "
+                    f"{label}'s model folder ({label}.{name}={model!r}): it would write over the model it "
+                    "reads; expected a folder outside it"
+                )
 
 
 def check_outputs(cfg: RunConfig) -> None:
@@ -698,8 +780,10 @@ def describe_fields() -> list[dict]:
             accepted = {
                 "seed": "an integer in [0, 2**32)",
                 "collective_timeout_minutes": f"a number > 0, at most {MAX_TIMEOUT_MINUTES} (a week)",
+                "teachers": "a mapping of two or more names (a letter, then letters, digits or _) to teacher sections",
             }
-            out.append({"key": section.name, "type": cls.__name__, "default": section.default,
+            default = section.default_factory() if section.default is dataclasses.MISSING else section.default
+            out.append({"key": section.name, "type": cls.__name__, "default": default,
                         "accepted": accepted[section.name], "meaning": meaning})  # fmt: skip
             continue
         comments, hints, defaults = _field_comments(cls), typing.get_type_hints(cls), cls()

@@ -431,6 +431,7 @@ class Prompt:
     response_ids: list[int] | None  # the teacher's response, ending with EOS, when the data has one
     answer: str | None
     truncated: bool = False  # longer than max_prompt_tokens: only its last tokens are kept
+    teacher: int = 0  # the teacher that scores its rollouts (an index into the run's teachers)
 
 
 def encode_prompt(
@@ -475,6 +476,7 @@ class PromptStream:
         long_prompts: str,
         chat_template: bool = False,
         template_kwargs: dict | None = None,
+        routes: list[int] | None = None,
     ):
         if per_step % world:
             raise ConfigError(
@@ -484,6 +486,7 @@ class PromptStream:
         self.per_step, self.rank, self.world, self.seed = per_step, rank, world, seed
         self.max_prompt_tokens, self.long_prompts, self.chat_template = max_prompt_tokens, long_prompts, chat_template
         self.template_kwargs = template_kwargs
+        self.routes = routes  # each row's teacher (`teacher_routes`); None: one teacher
         self.epoch, self.cursor = 0, 0
         self.truncated = self.skipped = 0
         self._order = self._permutation(0)
@@ -517,6 +520,8 @@ class PromptStream:
         )  # fmt: skip
         self.skipped += prompt is None
         self.truncated += prompt is not None and prompt.truncated
+        if prompt is not None and self.routes is not None:
+            prompt.teacher = self.routes[index]
         return prompt
 
     def next_batch(self) -> list[Prompt]:
@@ -539,6 +544,26 @@ class PromptStream:
                 )
         share = self.per_step // self.world
         return chosen[self.rank * share : (self.rank + 1) * share]
+
+
+def teacher_routes(ds, column: str, names: list[str], what: str = "data.path") -> list[int]:
+    """Each row's teacher, an index into `names`, read from the column that names it (data.teacher_column): every
+    row must name one of them, or the run is refused before any engine starts, naming the first row that does not."""
+    if column not in ds.column_names:
+        raise ConfigError(
+            f"{what} has columns {ds.column_names}: several teachers ({', '.join(names)}) need a column naming each "
+            f"row's teacher, {column!r} (data.teacher_column)"
+        )
+    index = {name: i for i, name in enumerate(names)}
+    values = ds[column]
+    bad = [i for i, value in enumerate(values) if not isinstance(value, str) or value not in index]
+    if bad:
+        first = values[bad[0]]
+        raise ConfigError(
+            f"{what} row {bad[0]}: {column}={first!r} names no teacher of this run: expected one of "
+            f"{', '.join(names)} ({len(bad)} of {len(values)} rows name none)"
+        )
+    return [index[value] for value in values]
 
 
 def unknown_token(tokenizer) -> tuple[int | None, str | None]:

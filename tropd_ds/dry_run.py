@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .config import ConfigError, RunConfig, micro_batches_per_rank, read_ds_config
+from .config import ConfigError, RunConfig, micro_batches_per_rank, read_ds_config, teacher_sections
 
 
 def _parse_ds_config(role: str, path: str, ds: dict) -> None:
@@ -78,7 +78,7 @@ def dry_run(cfg: RunConfig, world: int, gpu_mem_gib: float = 80.0, gpus_per_node
 
     t0 = time.perf_counter()
     out = []
-    tokenizer, n_tokens, train_rows, eval_rows, objective = validate_before_engines(cfg, world=world, dry_run=True)
+    tokenizer, n_tokens, train_rows, eval_rows, objective, _ = validate_before_engines(cfg, world=world, dry_run=True)
     out.append(
         f"ok  config, files and data: {len(train_rows)} training prompts"
         + (f", {len(eval_rows)} held-out" if eval_rows is not None else "")
@@ -110,7 +110,8 @@ def dry_run(cfg: RunConfig, world: int, gpu_mem_gib: float = 80.0, gpus_per_node
     out.append(
         f"ok  {world} ranks: {rollouts} rollouts per rank, student micro-batch {cfg.student.micro_batch_size} x "
         f"{grad_accum} accumulation steps, "
-        f"teacher micro-batch {cfg.teacher.micro_batch_size}; DeepSpeed configs agree with the run config"
+        + ", ".join(f"{key} micro-batch {t.micro_batch_size}" for key, t in teacher_sections(cfg))
+        + "; DeepSpeed configs agree with the run config"
     )
     _parse_ds_config(
         "student",
@@ -118,23 +119,23 @@ def dry_run(cfg: RunConfig, world: int, gpu_mem_gib: float = 80.0, gpus_per_node
         student_ds_config(cfg.student, cfg.optim, cfg.student.micro_batch_size, grad_accum),
     )
     served = bool(cfg.teacher.url)
-    if served:
-        out.append(f"ok  DeepSpeed parses the student's engine config; the teacher is served at {cfg.teacher.url}")
-    else:
-        _parse_ds_config("teacher", cfg.teacher.ds_config, teacher_ds_config(cfg.teacher))
-        t_zero = read_ds_config(cfg.teacher.ds_config).get("zero_optimization", {})
-        out.append(
-            "ok  DeepSpeed parses both engine configs (teacher "
-            f"offload_param={t_zero.get('offload_param', {}).get('device', 'none')})"
-        )
+    for key, t in teacher_sections(cfg):
+        if t.url:
+            out.append(f"ok  DeepSpeed parses the student's engine config; the {key} is served at {t.url}")
+        else:
+            _parse_ds_config(key, t.ds_config, teacher_ds_config(t))
+            t_zero = read_ds_config(t.ds_config).get("zero_optimization", {})
+            out.append(
+                f"ok  DeepSpeed parses the student's and the {key}'s engine configs ({key} "
+                f"offload_param={t_zero.get('offload_param', {}).get('device', 'none')})"
+            )
 
     seq = (
         cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
     )  # exact: a teacher prefix counts towards max_new_tokens
     k = objective.max_k()
     models = [("student", cfg.student, cfg.student.micro_batch_size)]
-    if not served:
-        models.append(("teacher", cfg.teacher, cfg.teacher.micro_batch_size))
+    models += [(key, t, t.micro_batch_size) for key, t in teacher_sections(cfg) if not t.url]
     for role, model_cfg, batch in models:
         lm = _meta_model(role, model_cfg, seq)
         shapes = _shape_step(role, lm, batch, seq, n_tokens, k)
@@ -145,6 +146,13 @@ def dry_run(cfg: RunConfig, world: int, gpu_mem_gib: float = 80.0, gpus_per_node
             f"logits blocks, top-{k}"
         )
         del lm
+    if cfg.teachers:
+        out.append(
+            "--  memory plan: not made here for several teachers; `tropd-ds plan --config <this> --teacher <name>` "
+            "plans the run with each one"
+        )
+        out.append(f"dry run finished in {time.perf_counter() - t0:.1f} s: no weights loaded, no engine started")
+        return out
     if served:
         out.append(
             "--  memory plan: not made here for a served teacher (its service has hardware of its own); "

@@ -116,38 +116,48 @@ def check_hub_model(cfg: ModelConfig, role: str) -> None:
         ) from exc
 
 
-def vocab_from_configs(student: ModelConfig, teacher: ModelConfig | None) -> int:
+def teacher_roles(teacher) -> list[tuple[str, ModelConfig]]:
+    """The teachers to check as (role, config): one ModelConfig is "teacher"; a list is given as (role, config)
+    pairs (several teachers, teachers.<name>); None (a served teacher) is none."""
+    if teacher is None:
+        return []
+    return list(teacher) if isinstance(teacher, (list, tuple)) else [("teacher", teacher)]
+
+
+def vocab_from_configs(student: ModelConfig, teacher) -> int:
     """Without tokenizers (a dry run on config-only folders): the smaller embedding table. `teacher` None: a
-    served teacher (its service checks its own side)."""
+    served teacher (its service checks its own side); a list: several teachers as (role, config)."""
     from transformers import AutoConfig
 
-    models = [(student, "student")] + ([(teacher, "teacher")] if teacher is not None else [])
+    models = [(student, "student")] + [(cfg, role) for role, cfg in teacher_roles(teacher)]
     for cfg, role in models:
         check_model_folder(cfg, role, weights=False)
     return min(AutoConfig.from_pretrained(cfg.path).vocab_size for cfg, _ in models)
 
 
-def load_tokenizers_and_check(student: ModelConfig, teacher: ModelConfig | None, weights: bool = True):
-    """One vocabulary for both models, checked before anything is put on a device. `teacher` None: a served
-    teacher, whose tokenizer the trainer compares with the student's once the service answers.
+def load_tokenizers_and_check(student: ModelConfig, teacher, weights: bool = True):
+    """One vocabulary for the student and every teacher, checked before anything is put on a device. `teacher`
+    None: a served teacher, whose tokenizer the trainer compares with the student's once the service answers;
+    a list: several teachers, as (role, config) pairs.
 
     Returns the shared tokenizer and the number of real vocabulary rows; rows past it (padding
     of an embedding table) are masked out by the caller."""
     from transformers import AutoConfig
 
-    models = [("student", student)] + ([("teacher", teacher)] if teacher is not None else [])
+    models = [("student", student)] + teacher_roles(teacher)
     for role, cfg in models:
         check_model_folder(cfg, role, weights)
     tok_s = load_tokenizer(student.path, "student")
-    tok_t = load_tokenizer(teacher.path, "teacher") if teacher is not None else tok_s
-    if tok_s.get_vocab() != tok_t.get_vocab():
-        only_s = len(set(tok_s.get_vocab()) - set(tok_t.get_vocab()))
-        only_t = len(set(tok_t.get_vocab()) - set(tok_s.get_vocab()))
-        raise ConfigError(
-            f"student tokenizer ({student.path}, {len(tok_s)} tokens) and teacher tokenizer ({teacher.path}, "
-            f"{len(tok_t)} tokens) differ ({only_s} tokens only in the student's, {only_t} only in the teacher's): "
-            "token-level distillation needs one vocabulary"
-        )
+    for role, cfg in models[1:]:
+        tok_t = load_tokenizer(cfg.path, role)
+        if tok_s.get_vocab() != tok_t.get_vocab():
+            only_s = len(set(tok_s.get_vocab()) - set(tok_t.get_vocab()))
+            only_t = len(set(tok_t.get_vocab()) - set(tok_s.get_vocab()))
+            raise ConfigError(
+                f"student tokenizer ({student.path}, {len(tok_s)} tokens) and {role} tokenizer ({cfg.path}, "
+                f"{len(tok_t)} tokens) differ ({only_s} tokens only in the student's, {only_t} only in the {role}'s): "
+                "token-level distillation needs one vocabulary"
+            )
     n_tokens = len(tok_s)
     for role, cfg in models:
         rows = AutoConfig.from_pretrained(cfg.path).vocab_size

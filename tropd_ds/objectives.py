@@ -208,6 +208,7 @@ class Loss:
 class LossOutput:
     loss: torch.Tensor  # scalar; already divided by the (global) token count
     metrics: dict[str, float] = field(default_factory=dict)
+    trust: torch.Tensor | None = None  # [N] TrOPD's trust mask, as the loss drew it (per-teacher metrics read it)
 
 
 # ----------------------------------------------------------------------------- the objectives
@@ -464,7 +465,7 @@ class Objective:
         loss = out.per_token.sum() / max(out.count, 1.0) if out.count is not None else out.per_token.sum() / denom
         metrics = self.spec.metrics(out, x, denom)
         metrics.update(common_metrics(x, loss))
-        return LossOutput(loss=loss, metrics=metrics)
+        return LossOutput(loss=loss, metrics=metrics, trust=out.parts.get("trust"))
 
 
 def loss_fn(name: str, **options) -> Objective:

@@ -830,7 +830,7 @@ def main(argv=None) -> int:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a run-config field"
     )
     ap.add_argument("--student", help=f"student: {', '.join(SHIPPED)}, a model folder or a config.json")
-    ap.add_argument("--teacher", help="teacher, as --student")
+    ap.add_argument("--teacher", help="teacher, as --student; with a --config of several teachers, the name of one")
     for f in Workload.__dataclass_fields__.values():
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
@@ -864,7 +864,15 @@ def main(argv=None) -> int:
                     f"--config {args.config!r}: no such file, nor a shipped preset's name (presets: "
                     f"{', '.join(preset_names())})"
                 )
-            s_path, t_path, wl = workload_from_run_config(load_config(config_path, args.overrides))
+            cfg = load_config(config_path, args.overrides)
+            if cfg.teachers:  # several teachers: each planned in turn, named by --teacher
+                if teacher not in cfg.teachers:
+                    raise ValueError(
+                        f"--config {args.config!r} has several teachers ({', '.join(cfg.teachers)}): plan the run with "
+                        f"one of them at a time, --teacher NAME (given: {teacher!r})"
+                    )
+                cfg.teacher, cfg.teachers, teacher = cfg.teachers[teacher], {}, None
+            s_path, t_path, wl = workload_from_run_config(cfg)
             student, teacher = student or s_path, teacher or t_path
         for name in Workload.__dataclass_fields__:
             if getattr(args, name) is not None:

@@ -13,8 +13,8 @@ import torch
 import tropd_kernels as tk
 
 from . import collectives, process
-from .config import ConfigError, RunConfig, micro_batches_per_rank, read_ds_config
-from .data import Columns, check_rows, check_template_kwargs, encode_prompt, load_rows, shared_prompts
+from .config import ConfigError, RunConfig, micro_batches_per_rank, read_ds_config, teacher_sections
+from .data import Columns, check_rows, check_template_kwargs, encode_prompt, load_rows, shared_prompts, teacher_routes
 from .engines import check_ds_config, check_lr_schedule
 from .extras import require
 from .models import check_logit_transforms, load_tokenizers_and_check, vocab_from_configs
@@ -30,6 +30,7 @@ class Prepared(NamedTuple):
     train_rows: object
     eval_rows: object
     objective: Objective
+    routes: list | None = None  # each training row's teacher (an index into the run's teachers); None: one teacher
 
 
 def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: bool = False) -> Prepared:
@@ -37,20 +38,21 @@ def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: b
 
     With `dry_run`, model folders may hold only config.json (no weights, no tokenizer): the
     vocabulary then comes from the configs and the tokenizer is None."""
-    teacher = None if cfg.teacher.url else cfg.teacher  # a served teacher is checked against its service
-    if dry_run and not all(has_tokenizer(m.path) for m in (cfg.student, teacher) if m is not None):
-        tokenizer, n_tokens = None, vocab_from_configs(cfg.student, teacher)
+    local = [(role, t) for role, t in teacher_sections(cfg) if not t.url]  # served ones: checked against the service
+    if dry_run and not all(has_tokenizer(m.path) for m in [cfg.student] + [t for _, t in local]):
+        tokenizer, n_tokens = None, vocab_from_configs(cfg.student, local)
     else:
-        tokenizer, n_tokens = load_tokenizers_and_check(cfg.student, teacher, weights=not dry_run)
+        tokenizer, n_tokens = load_tokenizers_and_check(cfg.student, local, weights=not dry_run)
     if cfg.student.lora:
         from .lora import check as check_lora
 
         check_lora(cfg.student.path, cfg.student.lora)
     check_logit_transforms(cfg.student.path, "student")
-    if teacher is not None:
-        check_logit_transforms(teacher.path, "teacher")
+    for role, t in local:
+        check_logit_transforms(t.path, role)
     columns = Columns.of(cfg.data)
     train_rows = load_rows(cfg.data.path, cfg.data.split, "data.path", columns)
+    routes = teacher_routes(train_rows, cfg.data.teacher_column, list(cfg.teachers)) if cfg.teachers else None
     eval_rows = None
     if cfg.data.eval_path:
         eval_rows = load_rows(
@@ -99,7 +101,7 @@ def validate_before_engines(cfg: RunConfig, world: int | None = None, dry_run: b
         for line in warnings:
             process.log(line)
     check_positions(cfg)
-    return Prepared(tokenizer, n_tokens, train_rows, eval_rows, objective)
+    return Prepared(tokenizer, n_tokens, train_rows, eval_rows, objective, routes)
 
 
 def check_teacher_prefixes(cfg: RunConfig) -> None:
@@ -132,7 +134,7 @@ def check_positions(cfg: RunConfig) -> None:
     from transformers import AutoConfig
 
     longest = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
-    for role, model in (("student", cfg.student), ("teacher", cfg.teacher)):
+    for role, model in [("student", cfg.student), *teacher_sections(cfg)]:
         if not model.path:  # a served teacher: its service refuses rows longer than its positions
             continue
         try:
@@ -191,9 +193,9 @@ def check_run_shapes(cfg: RunConfig, world: int) -> None:
     grad_accum = micro_batches_per_rank(cfg, world)
     student_ds = read_ds_config(cfg.student.ds_config)
     check_ds_config("student", cfg.student, student_ds, cfg.student.micro_batch_size, grad_accum, world, cfg.optim)
-    if not cfg.teacher.url:
-        teacher_ds = read_ds_config(cfg.teacher.ds_config)
-        check_ds_config("teacher", cfg.teacher, teacher_ds, cfg.teacher.micro_batch_size, 1, world)
+    for role, t in teacher_sections(cfg):
+        if not t.url:
+            check_ds_config(role, t, read_ds_config(t.ds_config), t.micro_batch_size, 1, world)
 
 
 PARITY_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}  # largest |difference| of a log-prob
@@ -248,11 +250,24 @@ def _against_own_forward(wrapped, ours, input_ids, attention_mask) -> tuple[floa
     return float(diff.max()), float(diff.mean())
 
 
-def check_logit_parity(cfg: RunConfig, student, teacher, rows, tokenizer, device, log) -> bool:
+def check_logit_parity(
+    cfg: RunConfig,
+    student,
+    teacher,
+    rows,
+    tokenizer,
+    device,
+    log,
+    role: str = "teacher",
+    teacher_cfg=None,
+    student_too: bool = True,
+) -> bool:
     """Before the first step: on the first training row (its prompt and teacher response, at most 64
     tokens, the same on every rank), tropd-ds's log-probs must equal each model's own forward's. A
     model whose logits the package does not reproduce (an unhandled logit transform) stops the run here
-    with the figures, instead of training against the wrong distribution."""
+    with the figures, instead of training against the wrong distribution. With several teachers it runs once
+    per teacher (`role`, `teacher_cfg`: its key and section), the student's side judged the first time only."""
+    teacher_cfg = teacher_cfg if teacher_cfg is not None else cfg.teacher
     encode = lambda i: encode_prompt(
         tokenizer, rows[i], i, cfg.data.max_prompt_tokens, cfg.data.long_prompts, cfg.data.chat_template,
         cfg.data.chat_template_kwargs,
@@ -268,16 +283,18 @@ def check_logit_parity(cfg: RunConfig, student, teacher, rows, tokenizer, device
     else:
         found = served_logit_parity(student.module, teacher, input_ids, torch.ones_like(input_ids))
     ok = True
-    for role, model_cfg in (("student", cfg.student), ("teacher", cfg.teacher)):
-        worst = float(collectives.all_reduce([found[role][0]], op="max")[0])
-        dtype = served["dtype"] if served is not None and role == "teacher" else model_cfg.dtype
+    for side, key, model_cfg in (("student", "student", cfg.student), ("teacher", role, teacher_cfg)):
+        worst = float(collectives.all_reduce([found[side][0]], op="max")[0])
+        if side == "student" and not student_too:
+            continue
+        dtype = served["dtype"] if served is not None and side == "teacher" else model_cfg.dtype
         tolerance = PARITY_TOLERANCE[dtype]
-        name = served["model"] if served is not None and role == "teacher" else model_cfg.path
+        name = served["model"] if served is not None and side == "teacher" else model_cfg.path
         if worst > tolerance:
             ok = False
             log(
-                f"error: {role} log-probs from the vocabulary kernels differ from the model's own forward by up to "
-                f"{worst:.3g} (mean {found[role][1]:.3g}; accepted at {dtype}: {tolerance:g}) on "
+                f"error: {key} log-probs from the vocabulary kernels differ from the model's own forward by up to "
+                f"{worst:.3g} (mean {found[side][1]:.3g}; accepted at {dtype}: {tolerance:g}) on "
                 f"{len(ids) - 1} "
                 f"tokens of the first training row: {name} transforms its logits in a way "
                 "tropd-ds does not reproduce (soft-capping, scaling, a custom head). Training would follow another "

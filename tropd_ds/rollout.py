@@ -384,13 +384,16 @@ class Rollout:
     def of_engines(cls, student_engine, teacher_engine, tokenizer, cfg, device, served_end_ids=()) -> Rollout:
         """The run's rollout (`cfg`: the RunConfig): the student generates gathered when rollout.gather_params;
         a teacher that may not fit on one device (teacher.gather_params false) generates layer by layer.
-        `teacher_engine` None: a served teacher, which generates nothing; `served_end_ids` are its end ids."""
-        models = [student_engine.module.lm] + ([teacher_engine.module.lm] if teacher_engine is not None else [])
+        `teacher_engine` None: a served teacher, which generates nothing; `served_end_ids` are its end ids. A list:
+        several teachers (teachers:), whose end ids all end a response; none of them generates prefixes."""
+        several = isinstance(teacher_engine, (list, tuple))
+        engines = list(teacher_engine) if several else [] if teacher_engine is None else [teacher_engine]
+        models = [student_engine.module.lm] + [engine.module.lm for engine in engines]
         end_ids = tuple(sorted({*end_token_ids(tokenizer, *models), *map(int, served_end_ids)}))
         pad, r, vocab = tokenizer.pad_token_id, cfg.rollout, len(tokenizer)
         student = GenerateRollout(student_engine, pad, end_ids, r.gather_params, r.micro_batch_size, vocab)
         teacher = None
-        if teacher_engine is not None:
+        if teacher_engine is not None and not several:
             teacher = GenerateRollout(
                 teacher_engine, pad, end_ids, cfg.teacher.gather_params, cfg.teacher.micro_batch_size, vocab
             )

@@ -11,6 +11,7 @@ import contextlib
 import torch
 import tropd_kernels as tk
 
+from . import collectives
 from .config import TeacherConfig
 from .engines import initialize, teacher_ds_config
 from .models import VocabHeadModel, load_causal_lm
@@ -100,3 +101,62 @@ def in_row_order(parts: list, tokens: RolloutTokens, order) -> list[torch.Tensor
     per_row = [torch.split(t, tokens.targets[order].sum(1).tolist()) for t in joined]
     back = torch.argsort(order).tolist()
     return [torch.cat([rows[i] for i in back]) for rows in per_row]
+
+
+# ----------------------------------------------------------------------------- several teachers (teachers:)
+
+
+def empty_topk(k: int, device) -> tk.TeacherTopK:
+    """The TeacherTopK of no targets (a rank none of whose rows a teacher scores)."""
+    return tk.TeacherTopK(
+        torch.zeros((0, k), dtype=torch.long, device=device),
+        torch.zeros((0, k), dtype=torch.float32, device=device),
+        torch.zeros(0, dtype=torch.float32, device=device),
+        torch.zeros(0, dtype=torch.float32, device=device),
+    )
+
+
+@torch.no_grad()
+def score_rows(
+    teacher, tokens: RolloutTokens, rows: torch.Tensor, options: StepOptions, micro_batch: int, gather: bool
+) -> tk.TeacherTopK:
+    """An in-job teacher's TeacherTopK of the targets of `rows` (row indices, ascending), row-major, batched as
+    `score` batches. Every rank runs the same number of the teacher's forwards (a ZeRO-3 forward is a
+    collective): the ranks agree on the most micro-batches any of them has, and a rank with fewer runs its first
+    row again for each one it lacks, its answer dropped. A collective: every rank calls it for every teacher."""
+    mine = tokens.select(rows.to(tokens.input_ids.device)) if len(rows) else None
+    order, batches = teacher_batches(mine, micro_batch) if mine is not None else (None, [])
+    needed = len(batches)
+    if collectives.rank_world()[1] > 1:
+        needed = int(collectives.all_reduce([float(needed)], op="max")[0])
+    parts = []
+    if needed:
+        with gathered(teacher, gather):
+            for i in range(needed):
+                batch = batches[i] if i < len(batches) else tokens.rows(0, 1)
+                found = teacher(
+                    batch.input_ids, batch.attention_mask, batch.targets, options.k, options.kernel.temperature
+                )
+                if i < len(batches):
+                    parts.append(found)
+    if not parts:
+        return empty_topk(options.k, tokens.input_ids.device)
+    return tk.TeacherTopK(*in_row_order(parts, mine, order))
+
+
+def merge_routed(answers: dict, tokens: RolloutTokens, route: torch.Tensor, student_micro_batch: int):
+    """One TeacherTopK per student micro-batch from each teacher's answer for its own rows: `answers[j]` holds the
+    targets of the rows with route == j (ascending rows, row-major), `route` [B] each row's teacher."""
+    per_row_counts = tokens.targets.sum(1).cpu()
+    pieces = {}
+    for j, answer in answers.items():
+        counts = per_row_counts[route == j].tolist()
+        pieces[j] = [torch.split(field, counts) for field in answer]
+    taken = dict.fromkeys(answers, 0)
+    rows = []
+    for j in route.tolist():
+        rows.append([field[taken[j]] for field in pieces[j]])
+        taken[j] += 1
+    joined = [torch.cat(field) for field in zip(*rows)]
+    counts = [int(r.targets.sum()) for r in tokens.micro_batches(student_micro_batch, trim=False)]
+    return [tk.TeacherTopK(*fields) for fields in zip(*(torch.split(t, counts) for t in joined))]

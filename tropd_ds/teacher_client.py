@@ -179,14 +179,28 @@ class RemoteTeacher:
         import tropd_kernels as tk
 
         futures = pending or [self.submit(tokens, options.k, options.kernel.temperature)]
-        answers = [self._wait(f) for f in futures]
-        joined = [torch.cat(field) for field in zip(*answers)] if len(answers) > 1 else list(answers[0])
         counts = [int(rows.targets.sum()) for rows in tokens.micro_batches(student_micro_batch, trim=False)]
-        if sum(counts) != joined[0].shape[0]:
-            raise TeacherRefused(
-                f"the teacher service at {self.url} answered {joined[0].shape[0]} targets for {sum(counts)} asked"
-            )
+        joined = self.joined(futures, sum(counts))
         return [tk.TeacherTopK(*fields) for fields in zip(*(torch.split(t, counts) for t in joined))]
+
+    def joined(self, futures: list, expected: int, k: int = 0, device=None):
+        """The answers of `futures` (submitted for consecutive rows) waited for and joined: a TeacherTopK of every
+        target, row-major; `expected` targets, or TeacherRefused. No futures: the TeacherTopK of no targets."""
+        import tropd_kernels as tk
+
+        if not futures:
+            from .scoring import empty_topk
+
+            answer = empty_topk(k, device)
+        else:
+            answers = [self._wait(f) for f in futures]
+            answer = tk.TeacherTopK(*(torch.cat(f) for f in zip(*answers))) if len(answers) > 1 else answers[0]
+        if answer.target_logprob.shape[0] != expected:
+            raise TeacherRefused(
+                f"the teacher service at {self.url} answered {answer.target_logprob.shape[0]} targets for {expected} "
+                "asked"
+            )
+        return answer
 
 
 def _reason(data: bytes) -> str:

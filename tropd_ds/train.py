@@ -29,7 +29,7 @@ from . import (
     scoring,
     update,
 )
-from .config import ConfigError, RunConfig, micro_batches_per_rank, to_dict
+from .config import ConfigError, RunConfig, TeacherConfig, micro_batches_per_rank, teacher_sections, to_dict
 from .data import PromptStream
 from .metrics import MetricsWriter, NonFiniteSteps, code_version, step_record
 from .preflight import Prepared, check_logit_parity
@@ -73,16 +73,41 @@ log = process.log  # rank 0's voice
 
 
 @dataclass
+class Teacher:
+    """One teacher of the run: its name (its metrics are teacher_<name>_...; "teacher" when it is the only one),
+    its config key (teacher, or teachers.<name>), its section, and a DeepSpeed engine around scoring.TeacherScorer
+    or a teacher_client.RemoteTeacher (a served teacher, `url`)."""
+
+    name: str
+    key: str
+    cfg: TeacherConfig
+    engine: object
+
+    @property
+    def served(self) -> bool:
+        return bool(self.cfg.url)
+
+
+@dataclass
 class Trainer:
     """What set-up makes and every step uses."""
 
     cfg: RunConfig
-    prepared: Prepared  # tokenizer, vocabulary size, data sets, objective
+    prepared: Prepared  # tokenizer, vocabulary size, data sets, objective, each row's teacher
     student: object  # DeepSpeed engine around update.StudentTerms
-    teacher: object  # DeepSpeed engine around scoring.TeacherScorer, or a teacher_client.RemoteTeacher (teacher.url)
+    teachers: list[Teacher]  # one, or several (teachers:), each scoring the rows routed to it
     roll_out: rollout.Rollout
     stream: PromptStream
     keep_alive: list  # the HfDeepSpeedConfig objects, which must live as long as the engines
+
+    @property
+    def teacher(self):
+        """The engine (or client) of the run's first teacher, its only one unless teachers: names several."""
+        return self.teachers[0].engine
+
+    @property
+    def served(self) -> bool:
+        return any(te.served for te in self.teachers)
 
 
 def set_up(cfg: RunConfig, prepared: Prepared, device: torch.device) -> Trainer:
@@ -90,48 +115,59 @@ def set_up(cfg: RunConfig, prepared: Prepared, device: torch.device) -> Trainer:
     mb, n_tokens, tokenizer = cfg.student.micro_batch_size, prepared.n_tokens, prepared.tokenizer
     grad_accum = micro_batches_per_rank(cfg, world)
     student, keep_s = update.student_engine(cfg.student, cfg.optim, n_tokens, mb, grad_accum, cfg.logging.dir)
-    if cfg.teacher.url:
-        teacher, keep_t = connect_teacher(cfg, prepared), None
-    else:
-        teacher, keep_t = scoring.teacher_engine(cfg.teacher, n_tokens)
-    for where, section, engine in (("rollout", cfg.rollout, student), ("teacher", cfg.teacher, teacher)):
-        if section.gather_params == "auto" and not (where == "teacher" and cfg.teacher.url):  # the same on every rank
+    teachers, keep = [], [keep_s]
+    for key, section in teacher_sections(cfg):
+        if section.url:
+            engine, kept = connect_teacher(cfg, prepared, key, section), None
+        else:
+            engine, kept = scoring.teacher_engine(section, n_tokens)
+        teachers.append(Teacher(key.removeprefix("teachers."), key, section, engine))
+        keep.append(kept)
+    for where, section, engine in [
+        ("rollout", cfg.rollout, student),
+        *((te.key, te.cfg, te.engine) for te in teachers),
+    ]:
+        if section.gather_params == "auto" and not getattr(section, "url", ""):  # the same on every rank
             section.gather_params, why = process.gather_decision(engine, device)
             log(f"{where}.gather_params=auto: {why}")
     preflight.check_teacher_prefixes(cfg)  # teacher prefixes need a teacher that can generate as resolved
     how = {True: "with all parameters gathered", False: "layer by layer"}
-    if cfg.teacher.url:
-        scoring_how = f"by the service at {cfg.teacher.url}"
-        teacher_how = "teacher served"
-    else:
-        offload = teacher.config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
-        scoring_how = how[cfg.teacher.gather_params]
-        teacher_how = f"teacher ZeRO stage {teacher.zero_optimization_stage()} with offload_param={offload}"
+    described = []
+    for te in teachers:
+        label = "teacher" if len(teachers) == 1 else f"teacher {te.name}"
+        if te.served:
+            described.append(f"{label} served at {te.cfg.url}")
+        else:
+            offload = te.engine.config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
+            described.append(
+                f"{label} ZeRO stage {te.engine.zero_optimization_stage()} with offload_param={offload}, scoring "
+                f"{how[te.cfg.gather_params]}"
+            )
     log(
-        f"{world} ranks; student ZeRO stage {student.zero_optimization_stage()}, {teacher_how}; generation "
+        f"{world} ranks; student ZeRO stage {student.zero_optimization_stage()}; generation "
         f"{how[cfg.rollout.gather_params]}{'' if cfg.rollout.gather_params else ' (ZeRO-3 gathers per forward)'}; "
-        f"teacher scoring {scoring_how}"
+        + "; ".join(described)
     )
     d = cfg.data
     stream = PromptStream(
         prepared.train_rows, tokenizer, cfg.rollout.prompts_per_step, rank, world, d.shuffle_seed,
-        d.max_prompt_tokens, d.long_prompts, d.chat_template, d.chat_template_kwargs,
+        d.max_prompt_tokens, d.long_prompts, d.chat_template, d.chat_template_kwargs, prepared.routes,
     )  # fmt: skip
-    if cfg.teacher.url:
-        roll_out = rollout.Rollout.of_engines(student, None, tokenizer, cfg, device, teacher.served["end_ids"])
-    else:
-        roll_out = rollout.Rollout.of_engines(student, teacher, tokenizer, cfg, device)
-    return Trainer(cfg, prepared, student, teacher, roll_out, stream, [keep_s, keep_t])
+    local = [te.engine for te in teachers if not te.served]
+    served_end_ids = [i for te in teachers if te.served for i in te.engine.served["end_ids"]]
+    engines = local if cfg.teachers else (local[0] if local else None)
+    roll_out = rollout.Rollout.of_engines(student, engines, tokenizer, cfg, device, served_end_ids)
+    return Trainer(cfg, prepared, student, teachers, roll_out, stream, keep)
 
 
-def connect_teacher(cfg: RunConfig, prepared: Prepared):
-    """The served teacher (teacher.url), checked before step 1: its tokenizer and vocabulary are the student's."""
+def connect_teacher(cfg: RunConfig, prepared: Prepared, key: str = "teacher", t: TeacherConfig | None = None):
+    """A served teacher (`key`.url), checked before step 1: its tokenizer and vocabulary are the student's."""
     from .teacher_client import RemoteTeacher, TeacherUnavailable
     from .teacher_service import read_token
     from .teacher_wire import tokenizer_fingerprint
 
-    t = cfg.teacher
-    token = read_token(t.token_file, "teacher.token_file") if t.token_file else None
+    t = t if t is not None else cfg.teacher
+    token = read_token(t.token_file, f"{key}.token_file") if t.token_file else None
     remote = RemoteTeacher(t.url, token, t.wait_minutes, log=log)
     info, failure = None, None
     try:
@@ -144,14 +180,14 @@ def connect_teacher(cfg: RunConfig, prepared: Prepared):
     mine = tokenizer_fingerprint(prepared.tokenizer)
     if info.get("tokenizer_fingerprint") != mine or info.get("n_tokens") != prepared.n_tokens:
         raise ConfigError(
-            f"the teacher served at {t.url} ({info.get('model')}, {info.get('n_tokens')} tokens, tokenizer "
+            f"the {key} served at {t.url} ({info.get('model')}, {info.get('n_tokens')} tokens, tokenizer "
             f"{str(info.get('tokenizer_fingerprint'))[:12]}) and the student ({cfg.student.path}, {prepared.n_tokens} "
             f"tokens, tokenizer {mine[:12]}) have different tokenizers: token-level distillation needs one vocabulary"
         )
-    check_service_limits(cfg, prepared, info, collectives.rank_world()[1])
+    check_service_limits(cfg, prepared, info, collectives.rank_world()[1], t.url)
     remote.served = info
     log(
-        f"teacher served at {t.url}: {info.get('model')} ({info.get('dtype')}, {info.get('ranks')} ranks, "
+        f"{key} served at {t.url}: {info.get('model')} ({info.get('dtype')}, {info.get('ranks')} ranks, "
         f"tokenizer {mine[:12]} = the student's)"
     )
     return remote
@@ -165,28 +201,37 @@ def train_step(t: Trainer, step: int) -> dict:
     t0 = time.perf_counter()
     # 1. Rollout: the student samples its responses, continuing after a teacher prefix when guided.
     # A served teacher scores each micro-batch of rollouts while the student generates the next.
-    pending = []
-    if cfg.teacher.url:
-        ask = lambda part: pending.append(t.teacher.submit(part, options.k, options.kernel.temperature))  # noqa: E731
-    tokens = t.roll_out(t.stream.next_batch(), step, total, generator, ask if cfg.teacher.url else None)
+    prompts = t.stream.next_batch()
+    route = None  # each row's teacher (rows: samples_per_prompt per prompt, adjacent), with several
+    if len(t.teachers) > 1:
+        route = torch.tensor([p.teacher for p in prompts for _ in range(cfg.rollout.samples_per_prompt)])
+    pending = {j: [] for j, te in enumerate(t.teachers) if te.served}
+    ask = send_to_served(t, route, options, pending) if pending else None
+    tokens = t.roll_out(prompts, step, total, generator, ask)
     t1 = time.perf_counter()
     # 2. Teacher scoring: a TeacherTopK per response token, cut as the student's micro-batches.
-    waited = 0.0
-    if cfg.teacher.url:
-        teachers, waited = served_scores(t, tokens, options, mb, pending)
+    waited, times = 0.0, {}
+    if route is not None:
+        teachers, waited, times = routed_scores(t, tokens, route, options, mb, pending)
+    elif t.served:
+        before = t.teacher.waited_s
+        teachers = agreed(lambda: t.teacher.score(tokens, options, mb, pending[0]))
+        waited = t.teacher.waited_s - before
     else:
-        teachers = scoring.score(
-            t.teacher, tokens, options, cfg.teacher.micro_batch_size, mb, cfg.teacher.gather_params
-        )
+        te = t.teachers[0]
+        teachers = scoring.score(te.engine, tokens, options, te.cfg.micro_batch_size, mb, te.cfg.gather_params)
     t2 = time.perf_counter()
     # 3. Student update: per-token terms, the objective, backward and one optimiser step.
-    micro = update.update(t.student, t.prepared.objective, tokens, teachers, mb, step, total, options, generator)
+    names = tuple(te.name for te in t.teachers)
+    micro = update.update(
+        t.student, t.prepared.objective, tokens, teachers, mb, step, total, options, generator, route, names
+    )
     t3 = time.perf_counter()
 
     shape = t.roll_out.metrics(tokens)
-    times = dict(time_rollout_s=t1 - t0, time_teacher_s=t2 - t1, time_update_s=t3 - t2)
-    if cfg.teacher.url:
-        times["time_teacher_wait_s"] = waited  # of time_teacher_s, waiting on the service's answers
+    times = dict(time_rollout_s=t1 - t0, time_teacher_s=t2 - t1, time_update_s=t3 - t2, **times)
+    if t.served:
+        times["time_teacher_wait_s"] = waited  # of time_teacher_s, waiting on the services' answers
     counters = dict(k=options.k, prompts_truncated=t.stream.truncated, prompts_skipped=t.stream.skipped)
     speed = float(tokens.targets.sum()) / max(t3 - t0, 1e-9)
     record = step_record([dict(m, **shape) for m in micro], t.student, dict(tokens_per_s=speed, **times, **counters))
@@ -197,13 +242,61 @@ def train_step(t: Trainer, step: int) -> dict:
     return record
 
 
-def check_service_limits(cfg: RunConfig, prepared: Prepared, info: dict, world: int) -> None:
+def send_to_served(t: Trainer, route, options, pending: dict):
+    """The rollout's `on_part`: each micro-batch of rows, as it is decoded, sent to the served teacher of its rows
+    (`pending[j]` collects teacher j's futures, rows in order)."""
+    done = [0]  # rows already sent: the parts come in row order
+
+    def ask(part) -> None:
+        n = part.input_ids.shape[0]
+        for j in pending:
+            remote = t.teachers[j].engine
+            if route is None:
+                pending[j].append(remote.submit(part, options.k, options.kernel.temperature))
+                continue
+            rows = (route[done[0] : done[0] + n] == j).nonzero().flatten()
+            if len(rows):
+                pending[j].append(remote.submit(part.select(rows), options.k, options.kernel.temperature))
+        done[0] += n
+
+    return ask
+
+
+def routed_scores(t: Trainer, tokens, route, options, mb: int, pending: dict):
+    """Several teachers: each row scored by its own (`route`), joined into one TeacherTopK per student micro-batch.
+    The served teachers' answers are collected first (every rank learns whether any lost a service before the
+    in-job teachers' collectives start), then each in-job teacher scores its rows. Returns the scores, the time
+    spent waiting on services and each teacher's seconds (time_teacher_<name>_s: scoring, or waiting)."""
+    answers, times, device = {}, {}, tokens.input_ids.device
+    counts = tokens.targets.sum(1).cpu()
+
+    def collect():
+        for j in pending:
+            remote, start = t.teachers[j].engine, time.perf_counter()
+            expected = int(counts[route == j].sum())
+            answers[j] = remote.joined(pending[j], expected, options.k, device)
+            times[f"time_teacher_{t.teachers[j].name}_s"] = time.perf_counter() - start
+
+    before = sum(t.teachers[j].engine.waited_s for j in pending)
+    agreed(collect)
+    waited = sum(t.teachers[j].engine.waited_s for j in pending) - before
+    for j, te in enumerate(t.teachers):
+        if te.served:
+            continue
+        start = time.perf_counter()
+        rows = (route == j).nonzero().flatten()
+        answers[j] = scoring.score_rows(te.engine, tokens, rows, options, te.cfg.micro_batch_size, te.cfg.gather_params)
+        times[f"time_teacher_{te.name}_s"] = time.perf_counter() - start
+    return scoring.merge_routed(answers, tokens, route, mb), waited, times
+
+
+def check_service_limits(cfg: RunConfig, prepared: Prepared, info: dict, world: int, url: str = "") -> None:
     """What the service will refuse, found before step 1: rows longer than its teacher's positions, requests with
     more rows or tokens than it takes, a k larger than it serves."""
     longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
     rows = cfg.rollout.micro_batch_size or cfg.rollout.prompts_per_step // world * cfg.rollout.samples_per_prompt
     k = prepared.objective.max_k()
-    where = f"the teacher service at {cfg.teacher.url}"
+    where = f"the teacher service at {url or cfg.teacher.url}"
     limits = [
         (longest, info.get("max_positions"), "data.max_prompt_tokens + rollout.max_new_tokens", "positions"),
         (rows, info.get("max_rows"), "rows per request (rollout.micro_batch_size, or a rank's rollouts)", "max_rows"),
@@ -217,14 +310,14 @@ def check_service_limits(cfg: RunConfig, prepared: Prepared, info: dict, world: 
             )
 
 
-def served_scores(t: Trainer, tokens, options, mb: int, pending: list):
-    """The served teacher's scores and the seconds spent waiting for them. Every rank learns whether any rank
-    lost the service (one all-reduce), so that all stop together instead of some entering the update."""
+def agreed(fetch):
+    """`fetch()` (answers from teacher services), with every rank learning whether any rank lost a service or had a
+    request refused (one all-reduce), so that all stop together instead of some entering the update."""
     from .teacher_client import TeacherRefused, TeacherUnavailable
 
-    before, error, teachers = t.teacher.waited_s, None, None
+    error, result = None, None
     try:
-        teachers = t.teacher.score(tokens, options, mb, pending)
+        result = fetch()
     except (TeacherUnavailable, TeacherRefused) as exc:
         error = exc
     codes = {None: 0.0, TeacherUnavailable: 1.0, TeacherRefused: 2.0}
@@ -233,7 +326,7 @@ def served_scores(t: Trainer, tokens, options, mb: int, pending: list):
         raise error if isinstance(error, TeacherRefused) else TeacherRefused("another rank's request was refused")
     if worst == 1.0:
         raise error if error is not None else TeacherUnavailable("another rank lost the teacher service")
-    return teachers, t.teacher.waited_s - before
+    return result
 
 
 def teacher_lost(t: Trainer, step: int, saved, before, exc, progress) -> int:
@@ -280,7 +373,13 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
     log(f"collectives wait at most {cfg.collective_timeout_minutes:g} min for the slowest rank "
         f"(collective_timeout_minutes; {groups} process groups)")  # fmt: skip
     try:
-        if not check_logit_parity(cfg, t.student, t.teacher, prepared.train_rows, prepared.tokenizer, device, log):
+        agree = [
+            check_logit_parity(
+                cfg, t.student, te.engine, prepared.train_rows, prepared.tokenizer, device, log, te.key, te.cfg, i == 0
+            )
+            for i, te in enumerate(t.teachers)
+        ]  # every teacher checked on every rank (each check is a collective), then judged
+        if not all(agree):
             return ExitCode.CONFIG
     except TeacherUnavailable as exc:  # this rank alone may know: it leaves, the launcher stops the others
         process.leave_now(ExitCode.TEACHER, f"{exc} (during the logit-parity check; nothing was trained)")
@@ -330,7 +429,7 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
         skipped_before = t.student.skipped_steps
         stop.phase = f"step {step + 1}"
         faults.stall(step + 1, collectives.rank_world()[0], lambda: stop.signal_name is not None)
-        before = (t.stream.state_dict(), checkpoint.rng_states()) if cfg.teacher.url else None
+        before = (t.stream.state_dict(), checkpoint.rng_states()) if t.served else None
         try:
             record, done = train_step(t, step), step + 1
         except (TeacherUnavailable, TeacherRefused) as exc:

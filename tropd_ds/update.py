@@ -75,9 +75,12 @@ def update(
     total_steps: int,
     options: StepOptions,
     generator: torch.Generator,
+    route: torch.Tensor | None = None,
+    names: tuple = (),
 ) -> list[dict]:
     """One optimiser step over this rank's rollouts, `micro_batch` rows at a time (`teachers`: one per
-    micro-batch, from `scoring.score`); returns each micro-batch's metrics."""
+    micro-batch, from `scoring.score`); returns each micro-batch's metrics. With several teachers, `route` [B]
+    is each row's teacher (an index into `names`) and the metrics gain each teacher's (`teacher_metrics`)."""
     engine.train()
     batches = tokens.micro_batches(micro_batch)
     token_count = per_micro_batch(float(collectives.all_reduce([float(tokens.targets.sum())])[0]), len(batches))
@@ -85,7 +88,7 @@ def update(
     metrics = []
     trace = nonfinite.tracer(engine, collectives.rank_world()[0])  # None unless TROPD_DS_TRACE_NONFINITE is set
     with trace.watching(step + 1) if trace else contextlib.nullcontext():
-        for rows, teacher in zip(batches, teachers):
+        for i, (rows, teacher) in enumerate(zip(batches, teachers)):
             terms = engine(rows.input_ids, rows.attention_mask, rows.targets, teacher, options=options.kernel)
             sampled, prefix = rows.sampled[rows.targets], rows.prefix[rows.targets]
             out = objective(
@@ -98,8 +101,40 @@ def update(
             if trace:
                 trace.after_backward(engine)
             engine.step()
+            if route is not None:
+                rows_route = route[i * micro_batch : (i + 1) * micro_batch].to(rows.targets.device)
+                target_route = rows_route[:, None].expand_as(rows.targets)[rows.targets]
+                out.metrics.update(teacher_metrics(terms, teacher, sampled, out.trust, target_route, names))
             metrics.append(out.metrics)
     return metrics
+
+
+@torch.no_grad()
+def teacher_metrics(terms, teacher, sampled, trust, target_route, names) -> dict[str, float]:
+    """Each teacher's share of one micro-batch's metrics, over the sampled tokens of the rows it scored:
+    teacher_<name>_ + trust_fraction (TrOPD's mask as the loss drew it), log_ratio_mean / _p1 / _p10 (r_t =
+    teacher - student log-prob), fkl_mean, sampled_tokens. A teacher without tokens here has no entry (the step's
+    record averages over the micro-batches that have one, as for the run's own metrics)."""
+    out = {}
+    sampled = sampled.bool()
+    for j, name in enumerate(names):
+        mine = sampled & (target_route == j)
+        count = int(mine.sum())
+        if not count:
+            continue
+        r = (teacher.target_logprob[mine] - terms.logprob.detach()[mine]).float()
+        q = torch.quantile(r, torch.tensor([0.01, 0.10], device=r.device)) if count > 1 else r.repeat(2)
+        key = f"teacher_{name}_"
+        out.update({
+            key + "sampled_tokens": float(count),
+            key + "log_ratio_mean": float(r.mean()),
+            key + "log_ratio_p1": float(q[0]),
+            key + "log_ratio_p10": float(q[1]),
+            key + "fkl_mean": float(terms.fkl.detach()[mine].mean()),
+        })  # fmt: skip
+        if trust is not None:
+            out[key + "trust_fraction"] = float(trust.detach()[mine].float().mean())
+    return out
 
 
 BATCH_STATISTICS = ("entropy_opd", "reopold")  # objectives that select or normalise by a statistic of the whole batch
