@@ -258,6 +258,38 @@ def test_each_teachers_metrics_are_over_its_own_sampled_tokens():
     assert not any(key.startswith("teacher_y_") for key in quiet)  # a teacher with no sampled tokens: no entry
 
 
+# ----------------------------------------------------------------------------- the checks before any engine
+
+
+def several(workspace: Path, tmp_path: Path, b: dict) -> Path:
+    from launch import run_config
+
+    cfg = run_config(workspace, tmp_path / "out")
+    cfg["teachers"] = {"a": cfg.pop("teacher"), "b": b}
+    cfg["data"]["path"] = str(routed_data(workspace))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def test_every_teacher_is_checked_and_every_row_routed_before_any_engine(workspace, tmp_path):
+    from tropd_ds.demo_models import build_llama
+    from tropd_ds.preflight import validate_before_engines
+
+    ds_config = str(Path(__file__).resolve().parents[1] / "ds_configs/cpu_teacher_zero3_offload.json")
+    prepared = validate_before_engines(load_config(several(workspace, tmp_path, {"url": "http://127.0.0.1:9"})), 2)
+    lines = (workspace / "data/train.jsonl").read_text().splitlines()
+    assert prepared.routes == [i % 2 for i in range(len(lines))]  # rows a, b, a, b... as routed_data names them
+    other = build_tokenizer()
+    other.add_tokens(["%"])  # one token more than the student's
+    build_llama(tmp_path / "other", other, hidden=16, layers=1, heads=2, mlp=32)
+    config = load_config(several(workspace, tmp_path, {"path": str(tmp_path / "other"), "ds_config": ds_config}))
+    message = refusal(validate_before_engines, config, 2)
+    assert message.startswith(f"student tokenizer ({workspace / 'student'}, 18 tokens) and teachers.b tokenizer (")
+    assert message.endswith("(0 tokens only in the student's, 1 only in the teachers.b's): token-level distillation "
+                            "needs one vocabulary")  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- planning
 
 

@@ -78,12 +78,17 @@ def dry_run(cfg: RunConfig, world: int, gpu_mem_gib: float = 80.0, gpus_per_node
 
     t0 = time.perf_counter()
     out = []
-    tokenizer, n_tokens, train_rows, eval_rows, objective, _ = validate_before_engines(cfg, world=world, dry_run=True)
+    tokenizer, n_tokens, train_rows, eval_rows, objective, routes = validate_before_engines(
+        cfg, world=world, dry_run=True
+    )
     out.append(
         f"ok  config, files and data: {len(train_rows)} training prompts"
         + (f", {len(eval_rows)} held-out" if eval_rows is not None else "")
         + f"; columns {train_rows.column_names}"
     )
+    if routes is not None:
+        shares = ", ".join(f"{name} {routes.count(j)}" for j, name in enumerate(cfg.teachers))
+        out.append(f"ok  every training prompt names its teacher ({cfg.data.teacher_column}): {shares}")
     if tokenizer is None:
         out.append(
             f"--  tokenizer: none in the model folders; vocabulary taken from the configs ({n_tokens} rows); prompts "
@@ -99,7 +104,8 @@ def dry_run(cfg: RunConfig, world: int, gpu_mem_gib: float = 80.0, gpus_per_node
         ]
         longer = sum(n > cfg.data.max_prompt_tokens for n in lens)
         out.append(
-            f"ok  tokenizer shared by both models ({n_tokens} tokens); first {len(lens)} prompts: up to {max(lens)} "
+            f"ok  tokenizer shared by {'the student and every teacher' if cfg.teachers else 'both models'} "
+            f"({n_tokens} tokens); first {len(lens)} prompts: up to {max(lens)} "
             "tokens, "
             f"{longer} longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens} ({cfg.data.long_prompts})"
         )
