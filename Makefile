@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-faults test-served rehearse mutation demo demo-served bench-cpu bench-step gpu-check lint
+.PHONY: setup test test-faults test-served test-launches rehearse mutation demo demo-served bench-cpu bench-step gpu-check lint
 
 setup: $(VENV)/.installed
 
@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m "not rehearsal and not faults and not served" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m "not rehearsal and not faults and not served and not launches" $(PYTEST_ARGS) tests
 
 # Faults injected into launched 2-rank runs (tests/test_reliability.py: signals, kill -9, crashes while saving,
 # corrupt checkpoints, full disks, a lost peer), each against the uninterrupted run; about 5 minutes, CI runs
@@ -30,6 +30,12 @@ test-faults: setup
 # requests over HTTP; CI runs it
 test-served: setup
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m "served" $(PYTEST_ARGS) tests
+
+# More launched runs, each whole in itself (tests marked `launches`): torchrun and accelerate start the training the
+# deepspeed launcher starts, plain OPD on the demo does not learn to emit pad; out of `make test` to keep it under 10
+# minutes on 2 cores; CI runs it
+test-launches: setup
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m "launches" $(PYTEST_ARGS) tests
 
 # The rehearsal of a first GPU run, on CPU ranks: the Llama-3.1, Qwen2.5 (padded rows; tied and untied),
 # Mistral and Gemma-2 vocabulary layouts, each 3 steps on 2 CPU ranks, evaluated and exported; a padded head

@@ -22,6 +22,11 @@ def pytest_configure(config):
         "markers",
         "served: the teacher service under the real launchers (`make test-served`, run by CI; not in `make test`)",
     )
+    config.addinivalue_line(
+        "markers",
+        "launches: more launched runs, each whole in itself: torchrun and accelerate, the plain-OPD demo "
+        "(`make test-launches`, run by CI; not in `make test`, which must stay under 10 minutes)",
+    )
 
 
 # ----------------------------------------------------------------------------- shared trainer fixtures

@@ -119,6 +119,7 @@ def test_shortened_demo_runs_end_to_end_and_plots(tmp_path):
     assert names == ["accuracy.png", "grad_norm.png", "log_ratio.png", "trust_fraction.png"], plots.stdout
 
 
+@pytest.mark.launches
 def test_plain_opd_on_the_demo_does_not_learn_to_emit_pad(tmp_path):
     """With the response mask taken by id (DeepSpeed's), sampled pad tokens left the loss and plain OPD
     drove the student to ~99% pad in 60 steps. By position, every sampled pad is scored like any token.

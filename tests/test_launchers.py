@@ -33,6 +33,7 @@ def run(launcher: str, config: Path, nproc: int = 2) -> subprocess.CompletedProc
         release_shm(port)
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_a_launcher_starts_the_same_training_as_deepspeed(workspace, full_run, launcher):
     # the full run's 6 steps (the guidance schedule depends on them), stopped after 2 with a checkpoint
