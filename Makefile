@@ -27,7 +27,7 @@ test-faults: setup
 
 # The teacher served on its own ranks (tests/test_teacher_service.py): served = in-job metrics on 1 and 2 service
 # ranks, a service killed and restarted mid-run, one gone past teacher.wait_minutes and the exact resume, bad
-# requests over HTTP; CI runs it
+# requests over HTTP; several teachers routed by a data column (tests/test_several_teachers.py); CI runs it
 test-served: setup
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m "served" $(PYTEST_ARGS) tests
 
