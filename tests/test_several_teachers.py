@@ -128,12 +128,13 @@ def test_teachers_needs_two_named_teachers(tmp_path):
     assert refusal(load_config, one) == (
         "teachers has one entry (a): several teachers means two or more; a single teacher goes in the teacher section"
     )
-    for bad in ("1a", "a-b", "x" * 65):
+    for bad in ("1a", "a-b", "x" * 65, "wait"):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({"teachers": {bad: {"path": "ta"}, "b": {"path": "tb"}}}))
         assert refusal(load_config, path) == (
             f"teachers: the name {bad!r} is not accepted: expected a letter, then letters, digits or _ (at most 64; "
-            "it names the teacher's metrics, teacher_<name>_trust_fraction)"
+            "it names the teacher's metrics, teacher_<name>_trust_fraction), other than wait (a metric of the run's "
+            "own)"
         )
     path = tmp_path / "ok.yaml"
     path.write_text(yaml.safe_dump({"teachers": {"x" * 64: {"path": "ta"}, "b_2": {"path": "tb"}}}, sort_keys=False))
@@ -290,6 +291,28 @@ def test_every_teacher_is_checked_and_every_row_routed_before_any_engine(workspa
                             "needs one vocabulary")  # fmt: skip
 
 
+# ----------------------------------------------------------------------------- resume
+
+
+def test_each_teachers_settings_and_weights_are_the_runs_identity_as_the_teachers_are(workspace, tmp_path):
+    """On resume each of several teachers follows the teacher section's rules: url, micro-batch and the like may
+    change, dtype may not; each in-job teacher's weights are fingerprinted; a teacher added or left out is refused."""
+    from tropd_ds.ownership import identity_changes, run_identity
+
+    def identity(*overrides):
+        return run_identity(
+            load_config(several(workspace, tmp_path, {"url": "http://127.0.0.1:9"}), list(overrides)), 2
+        )
+
+    old = identity()
+    assert old["fingerprints"]["teachers.a.path"] not in ("no path", None)
+    assert old["fingerprints"]["teachers.b.path"] == "no path" and "teacher.path" not in old["fingerprints"]
+    assert identity_changes(old, identity("teachers.b.url=http://127.0.0.1:10", "teachers.a.micro_batch_size=2")) == []
+    assert identity_changes(old, identity("teachers.a.dtype=bfloat16")) == ["teachers.a.dtype: 'float32' -> 'bfloat16'"]
+    third = identity("teachers.c.url=http://127.0.0.1:11")
+    assert identity_changes(old, third) == ["teachers: ['a', 'b'] -> ['a', 'b', 'c']"]
+
+
 # ----------------------------------------------------------------------------- planning
 
 
@@ -321,6 +344,17 @@ def test_plan_plans_a_run_of_several_teachers_with_the_one_named(tmp_path, capsy
         plans[name] = json.loads(capsys.readouterr().out)
     assert plans["big"]["teacher"]["params"] > plans["small"]["teacher"]["params"] > 0
     assert math.isfinite(plans["big"]["step_seconds"]["total"])
+    # a served teacher among them: its model is named with it, and the plan is the served layout's
+    served = {**cfg, "teachers": {"big": {"url": "http://10.0.0.7:8471"}, "small": student}}
+    path.write_text(yaml.safe_dump(served))
+    assert plan(["--config", str(path), "--teacher", "big", "--json"]) == 2
+    assert capsys.readouterr().err == (
+        "tropd-ds plan: teachers.big is served at http://10.0.0.7:8471: the plan needs its model, --teacher big:MODEL "
+        "(a model folder, a config.json or a shipped name), and --teacher-gpus for its service\n"
+    )
+    assert plan(["--config", str(path), "--teacher", f"big:{section['path']}", "--teacher-gpus", "8", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["teacher"]["params"] == plans["big"]["teacher"]["params"] and found["teacher_service"]
 
 
 # ----------------------------------------------------------------------------- under the launchers (make test-served)

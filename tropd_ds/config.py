@@ -309,6 +309,7 @@ def sections(cfg: RunConfig, section: str) -> list[tuple[str, object]]:
 
 
 TEACHER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+RESERVED_TEACHER_NAMES = ("wait",)  # time_teacher_<name>_s would be the run's time_teacher_wait_s
 
 
 def build_teachers(cfg: RunConfig) -> dict[str, TeacherConfig]:
@@ -324,10 +325,11 @@ def build_teachers(cfg: RunConfig) -> dict[str, TeacherConfig]:
         )
     out = {}
     for name, section in given.items():
-        if not isinstance(name, str) or not TEACHER_NAME.match(name):
+        if not isinstance(name, str) or not TEACHER_NAME.match(name) or name in RESERVED_TEACHER_NAMES:
             raise ConfigError(
                 f"teachers: the name {name!r} is not accepted: expected a letter, then letters, digits or _ (at most "
-                f"64; it names the teacher's metrics, teacher_<name>_trust_fraction)"
+                f"64; it names the teacher's metrics, teacher_<name>_trust_fraction), other than "
+                f"{', '.join(RESERVED_TEACHER_NAMES)} (a metric of the run's own)"
             )
         out[name] = _build(TeacherConfig, section if section is not None else {}, f"teachers.{name}.")
     default = TeacherConfig()

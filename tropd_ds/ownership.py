@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -53,7 +54,9 @@ def _settings(cfg: RunConfig) -> dict:
 
     out = {}
     for section, value in to_dict(cfg).items():
-        if isinstance(value, dict) and section not in ("seed", "collective_timeout_minutes"):
+        if section == "teachers":  # several teachers: each teacher's every field, teachers.<name>.<field>
+            out |= {f"teachers.{name}.{key}": v for name, fields in value.items() for key, v in fields.items()}
+        elif isinstance(value, dict) and section not in ("seed", "collective_timeout_minutes"):
             out |= {f"{section}.{name}": v for name, v in value.items()}
         else:
             out[section] = value
@@ -61,7 +64,14 @@ def _settings(cfg: RunConfig) -> dict:
 
 
 def _safe(key: str) -> bool:
+    key = re.sub(r"^teachers\.[^.]+\.", "teacher.", key)  # each of several teachers as the teacher section
     return any(key == s or key.startswith(s + ".") for s in SAFE_ON_RESUME)
+
+
+def _fingerprinted(cfg: RunConfig) -> list[str]:
+    """The settings whose files' content is part of the run's identity: the student's, each teacher's, the data."""
+    teachers = [f"teachers.{name}.path" for name in cfg.teachers] if cfg.teachers else ["teacher.path"]
+    return [t for key in FINGERPRINTED for t in (teachers if key == "teacher.path" else [key])]
 
 
 def fingerprint(path: str) -> str:
@@ -97,7 +107,9 @@ def run_identity(cfg: RunConfig, world: int) -> dict:
     settings = _settings(cfg)
     identity = {key: value for key, value in settings.items() if not _safe(key)}
     identity["ranks"] = world
-    identity["fingerprints"] = {key: fingerprint(settings[key]) for key in FINGERPRINTED}
+    if cfg.teachers:  # a teacher added or left out on resume changes which rows learn from whom
+        identity["teachers"] = list(cfg.teachers)
+    identity["fingerprints"] = {key: fingerprint(settings[key]) for key in _fingerprinted(cfg)}
     identity["safe"] = {key: value for key, value in settings.items() if _safe(key)}
     return identity
 

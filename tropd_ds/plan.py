@@ -830,7 +830,10 @@ def main(argv=None) -> int:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a run-config field"
     )
     ap.add_argument("--student", help=f"student: {', '.join(SHIPPED)}, a model folder or a config.json")
-    ap.add_argument("--teacher", help="teacher, as --student; with a --config of several teachers, the name of one")
+    ap.add_argument(
+        "--teacher",
+        help="teacher, as --student; with a --config of several teachers, one's name (NAME:MODEL for a served one)",
+    )
     for f in Workload.__dataclass_fields__.values():
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
@@ -865,13 +868,20 @@ def main(argv=None) -> int:
                     f"{', '.join(preset_names())})"
                 )
             cfg = load_config(config_path, args.overrides)
-            if cfg.teachers:  # several teachers: each planned in turn, named by --teacher
-                if teacher not in cfg.teachers:
+            if cfg.teachers:  # several teachers: each planned in turn, named by --teacher NAME (NAME:MODEL if served)
+                name, _, model = (teacher or "").partition(":")
+                if name not in cfg.teachers:
                     raise ValueError(
                         f"--config {args.config!r} has several teachers ({', '.join(cfg.teachers)}): plan the run with "
                         f"one of them at a time, --teacher NAME (given: {teacher!r})"
                     )
-                cfg.teacher, cfg.teachers, teacher = cfg.teachers[teacher], {}, None
+                chosen = cfg.teachers[name]
+                if chosen.url and not model:
+                    raise ValueError(
+                        f"teachers.{name} is served at {chosen.url}: the plan needs its model, --teacher {name}:MODEL "
+                        "(a model folder, a config.json or a shipped name), and --teacher-gpus for its service"
+                    )
+                cfg.teacher, cfg.teachers, teacher = chosen, {}, model or None
             s_path, t_path, wl = workload_from_run_config(cfg)
             student, teacher = student or s_path, teacher or t_path
         for name in Workload.__dataclass_fields__:

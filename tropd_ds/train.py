@@ -132,22 +132,23 @@ def set_up(cfg: RunConfig, prepared: Prepared, device: torch.device) -> Trainer:
             log(f"{where}.gather_params=auto: {why}")
     preflight.check_teacher_prefixes(cfg)  # teacher prefixes need a teacher that can generate as resolved
     how = {True: "with all parameters gathered", False: "layer by layer"}
-    described = []
+    placed, scored = [], []  # per teacher: where it runs, how it scores
     for te in teachers:
-        label = "teacher" if len(teachers) == 1 else f"teacher {te.name}"
         if te.served:
-            described.append(f"{label} served at {te.cfg.url}")
+            placed.append("served")
+            scored.append(f"by the service at {te.cfg.url}")
         else:
             offload = te.engine.config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
-            described.append(
-                f"{label} ZeRO stage {te.engine.zero_optimization_stage()} with offload_param={offload}, scoring "
-                f"{how[te.cfg.gather_params]}"
-            )
-    log(
-        f"{world} ranks; student ZeRO stage {student.zero_optimization_stage()}; generation "
-        f"{how[cfg.rollout.gather_params]}{'' if cfg.rollout.gather_params else ' (ZeRO-3 gathers per forward)'}; "
-        + "; ".join(described)
-    )
+            placed.append(f"ZeRO stage {te.engine.zero_optimization_stage()} with offload_param={offload}")
+            scored.append(how[te.cfg.gather_params])
+    gathers = "" if cfg.rollout.gather_params else " (ZeRO-3 gathers per forward)"
+    start = f"{world} ranks; student ZeRO stage {student.zero_optimization_stage()}"
+    if len(teachers) == 1:
+        log(f"{start}, teacher {placed[0]}; generation {how[cfg.rollout.gather_params]}{gathers}; teacher scoring "
+            f"{scored[0]}")  # fmt: skip
+    else:
+        each = "; ".join(f"teacher {te.name} {p}, scoring {h}" for te, p, h in zip(teachers, placed, scored))
+        log(f"{start}; generation {how[cfg.rollout.gather_params]}{gathers}; {each}")
     d = cfg.data
     stream = PromptStream(
         prepared.train_rows, tokenizer, cfg.rollout.prompts_per_step, rank, world, d.shuffle_seed,
@@ -383,6 +384,8 @@ def run(cfg: RunConfig, prepared: Prepared, stop: process.StopRequest | None = N
             return ExitCode.CONFIG
     except TeacherUnavailable as exc:  # this rank alone may know: it leaves, the launcher stops the others
         process.leave_now(ExitCode.TEACHER, f"{exc} (during the logit-parity check; nothing was trained)")
+    except TeacherRefused as exc:  # likewise, for a request the service refused (or failed on three times)
+        process.leave_now(ExitCode.CONFIG, f"{exc} (during the logit-parity check; nothing was trained)")
     metrics = MetricsWriter(cfg.logging.dir, rank, getattr(t.student, "monitor", None))
     start_step = 0
     if cfg.checkpoint.resume:
