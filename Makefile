@@ -46,7 +46,7 @@ rehearse: setup
 
 # Mutation testing (mutmut) of tropd_kernels' torch paths and checks, the objectives, the rollout's masks and
 # the config checks against their fast tests; report in build/mutation/report.md, survivors argued in
-# docs/TESTING.md. Not part of `make test` (about 2 hours on 2 cores); re-running continues where it stopped.
+# docs/TESTING.md. Not part of `make test` (a complete run: about 3 hours on 2 cores); re-running continues where it stopped.
 mutation: setup
 	$(PY) -m pip install -q -e ".[mutation]"
 	$(PY) scripts/mutation_test.py $(MUTATION_ARGS)
