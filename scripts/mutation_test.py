@@ -37,7 +37,11 @@ SCOPE: dict[str, list[str] | None] = {
     "tropd_kernels/ops/token_terms.py": None,
     "tropd_kernels/ops/teacher_topk.py": None,
     "tropd_ds/objectives.py": None,
-    "tropd_ds/data.py": ["left_pad"],  # the padding of token rows (the rest of data.py is file reading)
+    # the padding of token rows and each row's teacher (the rest of data.py is file reading)
+    "tropd_ds/data.py": ["left_pad", "teacher_routes"],
+    # several teachers: each row's scores put back in its place, and each teacher's metrics
+    "tropd_ds/scoring.py": ["score_rows", "merge_routed", "empty_topk"],
+    "tropd_ds/update.py": ["teacher_metrics"],
     "tropd_ds/rollout.py": [  # the masks, the sampler and the guidance prefixes; not the engines' plumbing
         "end_token_ids",
         "response_keep",
@@ -70,10 +74,11 @@ TESTS = [
     "tests/test_config_checks.py",
     "tests/test_config_docs.py",
     "tests/test_exact_refusals.py",
+    "tests/test_several_teachers.py",
 ]
 # Left out: the Triton interpreter's cases (minutes per mutant; the torch backend's cases check the same
 # contract code) and the rehearsals (launches, whose child processes mutmut cannot see into).
-SELECT = ["-m", "not rehearsal", "-k", "not triton and not config_list_documents"]
+SELECT = ["-m", "not rehearsal and not served", "-k", "not triton and not config_list_documents"]
 
 
 def stage(dest: Path, fresh: bool) -> None:
