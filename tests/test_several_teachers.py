@@ -122,6 +122,22 @@ def test_a_bad_teachers_section_is_refused_naming_the_teacher(tmp_path, extra, a
     assert found.startswith(message) if message.endswith("=") else found == message
 
 
+@pytest.mark.parametrize("key", ["prompt", "answer", "teacher_response", "messages"])
+@pytest.mark.parametrize("form", ["configured", "canonical"])
+def test_the_routing_column_must_be_no_other_column(tmp_path, key, form):
+    """data.teacher_column may be neither another configured column (data.<key>_column) nor the canonical name the
+    loader renames that column to."""
+    column = f"my_{key}"
+    extra = f"data: {{{key}_column: {column}, teacher_column: {column if form == 'configured' else key}}}\n"
+    taken = column if form == "configured" else key
+    assert refusal(load_config, two_teachers(tmp_path, extra)) == (
+        f"data.teacher_column={taken!r} is also data.{key}_column={column!r} or its canonical name: the column naming "
+        "each row's teacher must be a column of its own"
+    )
+    fine = f"data: {{{key}_column: {column}, teacher_column: domain}}\n"
+    assert load_config(two_teachers(tmp_path, fine)).data.teacher_column == "domain"
+
+
 def test_teachers_needs_two_named_teachers(tmp_path):
     one = tmp_path / "one.yaml"
     one.write_text("teachers: {a: {path: ta}}\n")
@@ -218,9 +234,25 @@ def test_each_rows_scores_come_from_its_own_teacher_in_its_own_place():
         expected = [torch.cat(fields) for fields in zip(*alone[2 * m : 2 * m + 2])]
         for found, want in zip(part, expected):
             assert torch.equal(found, want)
-    # a teacher that none of the rows names is asked nothing and answers no targets
+    # a teacher that none of the rows names is asked nothing and answers no targets, in the fields' own types
     nobody = score_rows(teachers[0], tokens, torch.tensor([], dtype=torch.long), OPTIONS, 4, False)
-    assert nobody.ids.shape == (0, 4) and nobody.target_logprob.shape == (0,)
+    assert [(f.shape, f.dtype) for f in nobody] == [
+        ((0, 4), torch.long),
+        ((0, 4), torch.float32),
+        ((0,), torch.float32),
+        ((0,), torch.float32),
+    ]
+
+
+def test_the_answer_of_no_targets_has_each_fields_shape_type_and_device():
+    from tropd_ds.scoring import empty_topk
+
+    found = empty_topk(5, torch.device("meta"))
+    assert [(tuple(f.shape), f.dtype, f.device.type) for f in found] == [
+        ((0, 5), torch.long, "meta"), ((0, 5), torch.float32, "meta"), ((0,), torch.float32, "meta"),
+        ((0,), torch.float32, "meta"),
+    ]  # fmt: skip
+    assert found._fields == tk.TeacherTopK._fields
 
 
 def test_a_teacher_with_every_row_gives_the_single_teacher_scores():
@@ -233,6 +265,28 @@ def test_a_teacher_with_every_row_gives_the_single_teacher_scores():
 
 
 # ----------------------------------------------------------------------------- metrics
+
+
+def test_the_objective_hands_back_the_trust_mask_its_loss_drew():
+    """TrOPD's trust mask, as its loss drew it, comes back with the loss (the per-teacher trust fractions read it);
+    objectives without one hand back None."""
+    from tropd_ds.objectives import loss_fn
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 12, 3
+    terms = tk.TokenTerms(
+        -torch.rand(n, generator=gen) * 3, torch.rand(n, generator=gen), torch.zeros(n), torch.ones(n)
+    )
+    teacher = tk.TeacherTopK(
+        torch.zeros(n, k, dtype=torch.long), torch.zeros(n, k), -torch.rand(n, generator=gen) * 3, torch.zeros(n)
+    )
+    sampled = torch.tensor([True] * 9 + [False] * 3)
+    prefix = ~sampled
+    out = loss_fn("tropd")(terms, teacher, sampled, prefix, 0, 10, torch.Generator().manual_seed(1))
+    assert out.trust is not None and out.trust.shape == (n,)
+    assert float(out.trust[sampled].float().mean()) == pytest.approx(out.metrics["trust_fraction"])
+    assert 0 < out.metrics["trust_fraction"] < 1  # the draw kept some tokens and not others: the mask is read
+    assert loss_fn("opd")(terms, teacher, sampled, prefix, 0, 10).trust is None
 
 
 def test_each_teachers_metrics_are_over_its_own_sampled_tokens():
