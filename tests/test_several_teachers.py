@@ -152,6 +152,9 @@ def test_teachers_needs_two_named_teachers(tmp_path):
             "it names the teacher's metrics, teacher_<name>_trust_fraction), other than wait (a metric of the run's "
             "own)"
         )
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("teachers: {a: , b: {path: tb}}\n")
+    assert refusal(load_config, empty) == "teachers.a is a NoneType: expected a mapping of keys"
     path = tmp_path / "ok.yaml"
     path.write_text(yaml.safe_dump({"teachers": {"x" * 64: {"path": "ta"}, "b_2": {"path": "tb"}}}, sort_keys=False))
     assert list(load_config(path).teachers) == ["x" * 64, "b_2"]

@@ -331,7 +331,7 @@ def build_teachers(cfg: RunConfig) -> dict[str, TeacherConfig]:
                 f"64; it names the teacher's metrics, teacher_<name>_trust_fraction), other than "
                 f"{', '.join(RESERVED_TEACHER_NAMES)} (a metric of the run's own)"
             )
-        out[name] = _build(TeacherConfig, section if section is not None else {}, f"teachers.{name}.")
+        out[name] = _build(TeacherConfig, section, f"teachers.{name}.")  # `name:` alone is refused: not a mapping
     default = TeacherConfig()
     changed = [f.name for f in dataclasses.fields(default) if getattr(cfg.teacher, f.name) != getattr(default, f.name)]
     if changed:
