@@ -256,6 +256,12 @@ def test_the_answer_of_no_targets_has_each_fields_shape_type_and_device():
         ((0,), torch.float32, "meta"),
     ]  # fmt: skip
     assert found._fields == tk.TeacherTopK._fields
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # a caller's default dtype changes nothing: the contract's types are fixed
+    try:
+        assert [f.dtype for f in empty_topk(2, "cpu")] == [torch.long, torch.float32, torch.float32, torch.float32]
+    finally:
+        torch.set_default_dtype(before)
 
 
 def test_a_teacher_with_every_row_gives_the_single_teacher_scores():
